@@ -1,0 +1,1 @@
+"""Ziggurat's control plane: configuration, the command line, job entrypoints and (soon) the controller."""

