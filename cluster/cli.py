@@ -53,29 +53,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ziggurat", description="Serve, record and train LLM agents on Ray."
-    )
+    parser = argparse.ArgumentParser(prog="ziggurat", description="Serve, record and train LLM agents on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)"
-        )
+        sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
         return sub
 
     models = commands.add_parser("models", help="fetch and build base models").add_subparsers(
         dest="models_command", required=True, metavar="ACTION"
     )
-    fetch = with_config(
-        models.add_parser("fetch", help="fetch the config's base model (offline SmolLM2 by default)")
-    )
+    fetch = with_config(models.add_parser("fetch", help="fetch the config's base model (offline SmolLM2 by default)"))
     fetch.add_argument("--no-check", action="store_true", help="skip the quick generation check")
     fetch.set_defaults(handler=_models_fetch)
-    tiny = with_config(
-        models.add_parser("tiny", help="write a tiny random Llama with the base model's tokenizer")
-    )
+    tiny = with_config(models.add_parser("tiny", help="write a tiny random Llama with the base model's tokenizer"))
     tiny.add_argument("out", type=Path, help="output folder")
     tiny.set_defaults(handler=_models_tiny)
 

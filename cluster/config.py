@@ -121,9 +121,7 @@ def load_config(path: str | Path | None = None) -> ZigguratConfig:
     """Read and validate a YAML config file (configs/local.yaml when `path` is None)."""
     config_path = Path(path) if path is not None else DEFAULT_CONFIG
     if not config_path.is_file():
-        raise ConfigError(
-            f"{config_path}: config file not found; pass an existing file such as configs/local.yaml"
-        )
+        raise ConfigError(f"{config_path}: config file not found; pass an existing file such as configs/local.yaml")
     try:
         data = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError as exc:

@@ -81,9 +81,7 @@ def _download_gguf(workdir: Path) -> Path:
     gguf = workdir / SMOLLM2_GGUF
     actual = _sha256(gguf)
     if actual != SMOLLM2_GGUF_SHA256:
-        raise ModelFetchError(
-            f"{SMOLLM2_GGUF} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256}; refusing it"
-        )
+        raise ModelFetchError(f"{SMOLLM2_GGUF} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256}; refusing it")
     return gguf
 
 
@@ -185,8 +183,8 @@ def build_tiny_llama(tokenizer_source: str | Path, out_dir: str | Path, seed: in
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... only
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

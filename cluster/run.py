@@ -57,9 +57,7 @@ def run(config: ZigguratConfig, group_size: int = 4, max_tokens: int = 48) -> di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.run", description=__doc__)
-    parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)"
-    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     parser.add_argument("--group-size", type=int, default=4, help="samples per prompt (the GRPO group)")
     parser.add_argument("--max-tokens", type=int, default=48, help="completion length limit")
     args = parser.parse_args(argv)

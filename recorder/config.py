@@ -43,9 +43,7 @@ class DatabaseConfig(BaseModel):
                 "named by database.password_env (ZIGGURAT_DB_PASSWORD by default)"
             )
         if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError(
-                f"backend {parsed.get_backend_name()!r} is not supported; use sqlite or postgresql"
-            )
+            raise ValueError(f"backend {parsed.get_backend_name()!r} is not supported; use sqlite or postgresql")
         return value
 
     def resolved_url(self) -> URL:

@@ -28,9 +28,7 @@ def find_pg_bindir() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         candidates.append(str(Path(on_path).parent))
-    candidates += sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
-    )
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
     for folder in candidates:
         if folder and (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
             return Path(folder)
@@ -47,11 +45,12 @@ def free_port() -> int:
 
 
 class ThrowawayPostgres:
-    """Start with `start()`, connect with `url`, stop with `stop()`; `start()` again reuses the data."""
+    """Start with `start()`, connect with `url`, stop with `stop()`; `start()` again reuses the data.
 
-    def __init__(
-        self, base_dir: str | Path | None = None, port: int | None = None, timeout_s: float = 60
-    ) -> None:
+    `base_dir` (default: the system temp dir) must be reachable by the `postgres` user when running as root.
+    """
+
+    def __init__(self, base_dir: str | Path | None = None, port: int | None = None, timeout_s: float = 60) -> None:
         self.bindir = find_pg_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="ziggurat-pg-", dir=base_dir))
         self.data_dir = self.root / "data"
@@ -60,9 +59,7 @@ class ThrowawayPostgres:
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, user="postgres", group="postgres")
-        self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale"
-        )
+        self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale")
         self.running = False
 
     def _run(self, tool: str, *args: str) -> None:
@@ -71,9 +68,7 @@ class ThrowawayPostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s + 30)
         if result.returncode != 0:
-            tail = (
-                (self.root / "server.log").read_text()[-1500:] if (self.root / "server.log").exists() else ""
-            )
+            tail = (self.root / "server.log").read_text()[-1500:] if (self.root / "server.log").exists() else ""
             raise PostgresUnavailable(
                 f"`{tool} {' '.join(args)}` failed (exit {result.returncode}): "
                 f"{(result.stderr or result.stdout).strip()[-1500:]}\n{tail}"
@@ -94,9 +89,7 @@ class ThrowawayPostgres:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         log_file = str(self.root / "server.log")
-        self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-l", log_file, "-o", options, "-w", "-t", self._wait, "start"
-        )
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", log_file, "-o", options, "-w", "-t", self._wait, "start")
         self.running = True
         log.info("throwaway PostgreSQL on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
 

@@ -211,9 +211,7 @@ class EngineThread:
             future.cancel()
             raise EngineError(f"the vLLM engine did not answer within {deadline:.0f} s") from None
 
-    def generate(
-        self, prompt_token_ids: list[int], timeout_s: float | None = None, **sampling: Any
-    ) -> Generation:
+    def generate(self, prompt_token_ids: list[int], timeout_s: float | None = None, **sampling: Any) -> Generation:
         return self._call(self.engine.generate(prompt_token_ids, **sampling), timeout_s)
 
     def generate_many(
