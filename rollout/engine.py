@@ -139,6 +139,7 @@ class PolicyEngine:
         *,
         n: int = 1,
         max_tokens: int = 64,
+        min_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
@@ -153,6 +154,7 @@ class PolicyEngine:
         params = SamplingParams(
             n=n,
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             temperature=temperature,
             top_p=top_p,
             logprobs=0,  # 0 = only the sampled token's log-prob
