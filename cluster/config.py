@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from recorder.config import DatabaseConfig
+from recorder.config import DatabaseConfig, RecorderConfig
 from rollout.config import EngineConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -77,6 +77,9 @@ class ZigguratConfig(_Section):
 
     database: DatabaseConfig = DatabaseConfig()
     """The trajectory store."""
+
+    recorder: RecorderConfig = RecorderConfig()
+    """The recorder actor and its producers."""
 
 
 def _key_path(location: tuple[Any, ...]) -> str:

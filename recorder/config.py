@@ -53,3 +53,32 @@ class DatabaseConfig(BaseModel):
         if password and parsed.get_backend_name() == "postgresql" and not parsed.password:
             parsed = parsed.set(password=password)
         return parsed
+
+
+class RecorderConfig(BaseModel):
+    """How the recorder actor buffers and how producers talk to it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    actor_name: str = "recorder"
+    """Name of the recorder actor in the Ray namespace (what producers look up)."""
+
+    max_buffer_records: int = Field(20_000, ge=100)
+    """Records the actor holds waiting for the database; calls beyond it wait, then fail with RecorderBusy."""
+
+    buffer_wait_s: float = Field(10.0, ge=0)
+    """How long a call waits for buffer space before failing (the producer then retries later)."""
+
+    max_call_bytes: int = Field(100_000, ge=1_000)
+    """Producers keep each call under this many bytes: larger Ray arguments go through the object store
+    and throughput drops 2-4x."""
+
+    call_timeout_s: float = Field(60.0, gt=0)
+    """Deadline for one producer call (the database commit included)."""
+
+    retry_deadline_s: float = Field(300.0, gt=0)
+    """How long a producer keeps retrying unacknowledged records before it reports them as not stored
+    (they stay in the client; a later flush tries again)."""
+
+    detached: bool = False
+    """Keep the recorder alive after the driver that started it exits (for long-running clusters)."""

@@ -1,0 +1,164 @@
+"""The recorder as a Ray actor: producers' batches are group-committed, and acknowledged only once stored.
+
+Calls that arrive while a write is in flight are merged into the next transaction, so many small calls
+cost one commit. The buffer is bounded; a full buffer makes callers wait, then fail with RecorderBusy.
+A database error fails exactly the calls whose records were in that transaction (RecorderUnavailable):
+nothing they sent was stored, and the producer, which still holds them, retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from recorder.config import DatabaseConfig, RecorderConfig
+from recorder.migrate import check_schema
+from recorder.records import Record
+from recorder.store import TrajectoryStore, WriteResult, create_db_engine
+
+log = logging.getLogger(__name__)
+
+
+class RecorderUnavailable(RuntimeError):
+    """The database write failed; nothing from the call was stored. Retry later."""
+
+
+class RecorderBusy(RuntimeError):
+    """The recorder's buffer stayed full for `buffer_wait_s`; nothing from the call was stored. Retry later."""
+
+
+class Recorder:
+    """Create with `start_recorder`; producers use `recorder.client.RecorderClient`."""
+
+    def __init__(self, database: DatabaseConfig, settings: RecorderConfig) -> None:
+        self._settings = settings
+        # Refuses to start (with a message saying to run `ziggurat db upgrade`) on a stale schema.
+        self._store = TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
+        self._pending: list[tuple[list[Record], asyncio.Future[WriteResult]]] = []
+        self._pending_records = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stats = {"calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0}
+        self._started = time.time()
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def write(self, records: list[Record]) -> WriteResult:
+        """Store `records`; returns once they are committed, with the positions of rejected ones."""
+        self._ensure_writer()
+        self._stats["calls"] += 1
+        if len(records) > self._settings.max_buffer_records:
+            raise ValueError(f"one call sent {len(records)} records; send at most {self._settings.max_buffer_records}")
+        deadline = time.monotonic() + self._settings.buffer_wait_s
+        while self._pending_records + len(records) > self._settings.max_buffer_records:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._stats["busy"] += 1
+                raise RecorderBusy(
+                    f"the recorder buffer is full ({self._pending_records} records waiting for the database); "
+                    "nothing from this call was stored; retry later"
+                )
+            self._space.clear()
+            try:
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except TimeoutError:
+                pass
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((records, future))
+        self._pending_records += len(records)
+        self._idle.clear()
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                records = [record for call_records, _ in batch for record in call_records]
+                try:
+                    result = await asyncio.to_thread(self._store.write, records)
+                except Exception as exc:
+                    self._stats["db_errors"] += 1
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    log.warning("database write of %d records failed: %s: %s", len(records), type(exc).__name__, reason)
+                    error = RecorderUnavailable(
+                        f"the database write failed ({type(exc).__name__}: {reason}); nothing from this call was "
+                        "stored; keep the records and retry"
+                    )
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                else:
+                    self._stats["transactions"] += 1
+                    self._stats["written"] += result.written
+                    self._stats["rejected"] += len(result.rejected)
+                    self._resolve(batch, result)
+                finally:
+                    self._pending_records -= len(records)
+                    self._space.set()
+            self._idle.set()
+
+    @staticmethod
+    def _resolve(batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], result: WriteResult) -> None:
+        """Hand each caller the part of the merged result that concerns its own records."""
+        rejected = dict(result.rejected)
+        offset = 0
+        for call_records, future in batch:
+            mine = [(p - offset, rejected[p]) for p in range(offset, offset + len(call_records)) if p in rejected]
+            offset += len(call_records)
+            if not future.done():
+                future.set_result(WriteResult(written=len(call_records) - len(mine), rejected=mine))
+
+    async def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until everything received so far is committed (or failed back to its producer)."""
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            **self._stats,
+            "pending_records": self._pending_records,
+            "uptime_s": round(time.time() - self._started, 1),
+            "dialect": self._store.dialect,
+        }
+
+    async def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Flush, close the database connections, and exit the actor (no restart)."""
+        await self.flush(timeout_s)
+        self._store.dispose()
+        ray.actor.exit_actor()
+
+
+def start_recorder(database: DatabaseConfig, settings: RecorderConfig = RecorderConfig()) -> Any:
+    """Get or create the named recorder actor; restarts after a crash, its callers retry.
+
+    Raises SchemaOutOfDate here, in the caller, rather than letting the actor restart in a loop.
+    """
+    engine = create_db_engine(database.resolved_url(), database.connect_timeout_s)
+    try:
+        check_schema(engine)
+    finally:
+        engine.dispose()
+    options: dict[str, Any] = {
+        "name": settings.actor_name,
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_task_retries": 0,  # the producer decides when to retry; writes are idempotent
+        "max_concurrency": 1000,
+        "num_cpus": 0,
+    }
+    if settings.detached:
+        options["lifetime"] = "detached"
+    actor = ray.remote(Recorder).options(**options).remote(database, settings)
+    ray.get(actor.stats.remote(), timeout=settings.call_timeout_s)  # surfaces a failed start (e.g. stale schema)
+    return actor

@@ -1,0 +1,261 @@
+"""The database side of the recorder: validate, then write a batch of records in one transaction.
+
+Writes are idempotent on natural keys (trajectory id; trajectory + step; trajectory + step + call;
+trajectory + judge), so a producer may resend anything it was not sure about. On PostgreSQL the bulk
+tables go through COPY into a temporary staging table and one INSERT ... ON CONFLICT DO NOTHING; on
+SQLite through executemany with INSERT OR IGNORE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine
+
+from recorder.migrate import check_schema
+from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate
+from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
+
+log = logging.getLogger(__name__)
+
+_KNOWN_IDS_CAPACITY = 100_000
+
+
+@dataclass
+class WriteResult:
+    """What happened to a batch: positions of rejected records with the reason; the rest is committed."""
+
+    written: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+def create_db_engine(url: str | URL, connect_timeout_s: float = 10.0, pool_size: int = 5) -> Engine:
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(parsed, connect_args={"timeout": connect_timeout_s})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the recorder's writes
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(
+        parsed,
+        pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
+        pool_size=pool_size,
+        connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
+    )
+
+
+def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[TrajectoryRecord]:
+    """One row per id; a terminal status beats `running` (a replayed start never reopens an episode)."""
+    chosen: dict[str, TrajectoryRecord] = {}
+    for record in records:
+        previous = chosen.get(record.id)
+        if previous is None or record.status != "running" or previous.status == "running":
+            chosen[record.id] = record
+    return list(chosen.values())
+
+
+class TrajectoryStore:
+    """Owns a SQLAlchemy engine; `write` is the recorder's only path into the database."""
+
+    def __init__(self, url: str | URL, connect_timeout_s: float = 10.0, pool_size: int = 5) -> None:
+        self.engine = create_db_engine(url, connect_timeout_s, pool_size)
+        self.dialect = self.engine.dialect.name
+        check_schema(self.engine)
+        self._known_ids: OrderedDict[str, None] = OrderedDict()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def write(self, records: Sequence[Record]) -> WriteResult:
+        """Validate every record, store the valid ones in one transaction, report the rest by position.
+
+        Raises (and stores nothing) if the database cannot be reached or the transaction fails.
+        """
+        result = WriteResult()
+        valid: list[tuple[int, Record]] = []
+        for position, record in enumerate(records):
+            problem = validate(record)
+            if problem:
+                result.rejected.append((position, problem))
+            else:
+                valid.append((position, record))
+
+        with self.engine.begin() as conn:
+            new_ids = {r.id for _, r in valid if isinstance(r, TrajectoryRecord)}
+            referenced = {r.trajectory_id for _, r in valid if not isinstance(r, TrajectoryRecord)}
+            unknown = self._unknown_trajectories(conn, referenced - new_ids)
+            if unknown:
+                kept = []
+                for position, record in valid:
+                    if not isinstance(record, TrajectoryRecord) and record.trajectory_id in unknown:
+                        problem = f"trajectory_id {record.trajectory_id!r} is unknown: send its TrajectoryRecord first"
+                        result.rejected.append((position, problem))
+                    else:
+                        kept.append((position, record))
+                valid = kept
+            by_type: dict[type, list[Any]] = {kind: [] for kind in (TrajectoryRecord, StepRecord, LlmCallRecord)}
+            by_type[JudgmentRecord] = []
+            for _, record in valid:
+                by_type[type(record)].append(record)
+            now = utcnow()
+            self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)
+            self._insert_ignore(conn, Step, [self._step_row(r, now) for r in by_type[StepRecord]])
+            self._insert_ignore(conn, LlmCall, [self._call_row(r, now) for r in by_type[LlmCallRecord]])
+            self._insert_ignore(conn, RewardJudgment, [self._judgment_row(r, now) for r in by_type[JudgmentRecord]])
+        for trajectory_id in new_ids:
+            self._remember(trajectory_id)
+        result.written = len(valid)
+        result.rejected.sort()
+        return result
+
+    def _remember(self, trajectory_id: str) -> None:
+        self._known_ids[trajectory_id] = None
+        self._known_ids.move_to_end(trajectory_id)
+        if len(self._known_ids) > _KNOWN_IDS_CAPACITY:
+            self._known_ids.popitem(last=False)
+
+    def _unknown_trajectories(self, conn: Connection, ids: set[str]) -> set[str]:
+        missing = {i for i in ids if i not in self._known_ids}
+        if not missing:
+            return set()
+        table = Trajectory.__table__
+        found = set(conn.execute(sa.select(table.c.id).where(table.c.id.in_(missing))).scalars())
+        for trajectory_id in found:
+            self._remember(trajectory_id)
+        return missing - found
+
+    def _write_trajectories(self, conn: Connection, records: list[TrajectoryRecord], now: datetime) -> None:
+        if not records:
+            return
+        table = Trajectory.__table__
+        rows = [
+            {
+                "id": r.id,
+                "environment": r.environment,
+                "scenario_id": r.scenario_id,
+                "group_id": r.group_id,
+                "agent_id": r.agent_id,
+                "model_version": r.model_version,
+                "status": r.status,
+                "total_reward": r.total_reward,
+                "reward_components": r.reward_components,
+                "metrics": r.metrics,
+                "metadata": r.metadata,
+                "step_count": r.step_count,
+                "is_eval": r.is_eval,
+                "started_at": r.started_at or now,
+                "finished_at": r.finished_at or (now if r.status != "running" else None),
+            }
+            for r in records
+        ]
+        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        starts = [row for row in rows if row["status"] == "running"]
+        ends = [row for row in rows if row["status"] != "running"]
+        if starts:
+            conn.execute(insert.on_conflict_do_nothing(index_elements=["id"]), starts)
+        if ends:
+            # An end event fills in the outcome; it never touches the batch a trajectory belongs to.
+            updated = {
+                name: insert.excluded[name]
+                for name in ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
+            }
+            conn.execute(insert.on_conflict_do_update(index_elements=["id"], set_=updated), ends)
+
+    @staticmethod
+    def _step_row(r: StepRecord, now: datetime) -> dict[str, Any]:
+        return {
+            "trajectory_id": r.trajectory_id,
+            "step_index": r.step_index,
+            "observation": r.observation,
+            "action": r.action,
+            "env_reward": float(r.env_reward),
+            "done": r.done,
+            "error": r.error,
+            "created_at": now,
+        }
+
+    @staticmethod
+    def _call_row(r: LlmCallRecord, now: datetime) -> dict[str, Any]:
+        return {
+            "trajectory_id": r.trajectory_id,
+            "step_index": r.step_index,
+            "call_index": r.call_index,
+            "model_version": r.model_version,
+            "purpose": r.purpose,
+            "messages": r.messages,
+            "prompt_token_ids": r.prompt_token_ids,
+            "completion_token_ids": r.completion_token_ids,
+            "completion_logprobs": r.completion_logprobs,
+            "text": r.text,
+            "finish_reason": r.finish_reason,
+            "sampling_params": r.sampling_params,
+            "latency_ms": r.latency_ms,
+            "prompt_tokens": len(r.prompt_token_ids) // 4,
+            "completion_tokens": len(r.completion_token_ids) // 4,
+            "created_at": now,
+        }
+
+    @staticmethod
+    def _judgment_row(r: JudgmentRecord, now: datetime) -> dict[str, Any]:
+        return {
+            "trajectory_id": r.trajectory_id,
+            "judge": r.judge,
+            "judge_kind": r.judge_kind,
+            "judge_model": r.judge_model,
+            "judge_version": r.judge_version,
+            "score": float(r.score),
+            "rank_in_group": r.rank_in_group,
+            "normalized_score": r.normalized_score,
+            "reasoning": r.reasoning,
+            "criteria": r.criteria,
+            "created_at": now,
+        }
+
+    def _insert_ignore(self, conn: Connection, model: type, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        table = model.__table__
+        if self.dialect == "postgresql" and model is not RewardJudgment:
+            self._copy_insert_ignore(conn, table, rows)
+            return
+        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        conn.execute(insert.on_conflict_do_nothing(), rows)
+
+    @staticmethod
+    def _copy_insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """COPY into a per-transaction staging table, then move the rows over, skipping existing keys."""
+        from psycopg.types.json import Jsonb
+
+        columns = list(rows[0])
+        json_columns = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
+        stage = f"_stage_{table.name}"
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cursor:
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            with cursor.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(
+                        [Jsonb(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns]
+                    )
+            column_list = ", ".join(columns)
+            cursor.execute(
+                f"INSERT INTO {table.name} ({column_list}) SELECT {column_list} FROM {stage} ON CONFLICT DO NOTHING"
+            )
