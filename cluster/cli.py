@@ -45,6 +45,29 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from recorder.migrate import head_revision, upgrade
+
+    url = load_config(args.config).database.resolved_url()
+    upgrade(url)
+    print(f"{url.render_as_string(hide_password=True)} is at revision {head_revision()}")
+    return 0
+
+
+def _db_status(args: argparse.Namespace) -> int:
+    from recorder.migrate import current_revision, head_revision
+    from recorder.store import create_db_engine
+
+    url = load_config(args.config).database.resolved_url()
+    engine = create_db_engine(url)
+    try:
+        current, head = current_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+    print(f"{url.render_as_string(hide_password=True)}: revision {current or 'none'} (code needs {head})")
+    return 0 if current == head else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     from cluster.run import main as run_main
 
@@ -77,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="validate a config file and print it with defaults filled in")
     check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
     check.set_defaults(handler=_config_check)
+
+    db = commands.add_parser("db", help="the trajectory database").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    with_config(db.add_parser("upgrade", help="apply schema migrations (creates the tables)")).set_defaults(
+        handler=_db_upgrade
+    )
+    with_config(db.add_parser("status", help="show the schema revision; exit 1 if out of date")).set_defaults(
+        handler=_db_status
+    )
 
     run = with_config(commands.add_parser("run", help="run the main job (same as python -m cluster.run)"))
     run.set_defaults(handler=_run)

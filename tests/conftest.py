@@ -84,3 +84,18 @@ def tiny_engine(tiny_model_dir: str, tiny_engine_config: EngineConfig) -> Iterat
     engine = EngineThread(tiny_model_dir, tiny_engine_config)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated database: the same test body runs on SQLite and on the real PostgreSQL server."""
+    import uuid
+
+    from recorder.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ziggurat.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"t_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    return url
