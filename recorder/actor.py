@@ -132,11 +132,21 @@ class Recorder:
             "dialect": self._store.dialect,
         }
 
-    async def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Flush, close the database connections, and exit the actor (no restart)."""
+    async def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Flush, stop the writer and close the database connections; returns the final stats."""
         await self.flush(timeout_s)
+        if self._writer is not None:
+            self._writer.cancel()
         self._store.dispose()
-        ray.actor.exit_actor()
+        return await self.stats()
+
+
+def stop_recorder(actor: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Flush the recorder, close it, and end the actor for good (no restart). Returns its final stats."""
+    try:
+        return ray.get(actor.close.remote(timeout_s), timeout=timeout_s + 10)
+    finally:
+        ray.kill(actor, no_restart=True)
 
 
 def start_recorder(database: DatabaseConfig, settings: RecorderConfig = RecorderConfig()) -> Any:

@@ -56,7 +56,11 @@ def ray_session() -> Iterator[object]:
 
     # Ray's socket paths must stay under ~107 characters, so keep this path short.
     temp_dir = tempfile.mkdtemp(prefix="zr-", dir="/tmp")
-    context = init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False), temp_dir=temp_dir)
+    # Workers import test helpers (tests.*) as well as the packages.
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+    context = init_ray(
+        RayConfig(address="local", num_cpus=2, include_dashboard=False), temp_dir=temp_dir, runtime_env=runtime_env
+    )
     yield context
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
