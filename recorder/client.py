@@ -1,10 +1,11 @@
 """The producer side: rollout actors hand records to a RecorderClient, which ships them to the recorder.
 
-Records stay in the client until the recorder acknowledges them (committed or rejected as malformed).
-Calls are kept under `max_call_bytes` and sent in order, one at a time, so a trajectory's start always
-lands before its steps. Failures (recorder restarting, database down, buffer full, timeout) are retried
-with backoff until `retry_deadline_s`; after that `flush` raises RecorderUnreachable and the records are
-still in `client.unacked` for the next flush. Retrying is safe: the recorder's writes are idempotent.
+Records stay in the client until the recorder acknowledges them (committed, or rejected as malformed).
+Each call is kept under `max_call_bytes` and made self-contained: the start record of every trajectory it
+mentions travels with it (re-inserting a start is a no-op), so several calls can be in flight at once and
+land in any order. Failures (recorder restarting, database down, buffer full, timeout) are retried with
+backoff until `retry_deadline_s`; after that `flush` raises RecorderUnreachable and the records are still
+in `client.unacked` for the next flush. Retrying is safe: the recorder's writes are idempotent.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +23,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from recorder.actor import RecorderBusy, RecorderUnavailable
 from recorder.config import RecorderConfig
-from recorder.records import Record, record_size
+from recorder.records import Record, TrajectoryRecord, record_size
 from recorder.store import WriteResult
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (RayActorError, GetTimeoutError, RecorderUnavailable, RecorderBusy, TimeoutError)
+_STARTS_CAPACITY = 10_000
 
 
 class RecorderUnreachable(RuntimeError):
@@ -36,7 +39,7 @@ class RecorderUnreachable(RuntimeError):
 @dataclass
 class FlushReport:
     acknowledged: int = 0
-    """Records the recorder committed during this flush."""
+    """Records the recorder committed during this flush (repeated start records not counted)."""
     rejected: list[tuple[tuple[Any, ...], str]] = field(default_factory=list)
     """(record key, reason) for malformed records the recorder refused; they are dropped from the client."""
     retries: int = 0
@@ -48,19 +51,34 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, RETRYABLE)
 
 
+@dataclass
+class _Call:
+    records: list[Record]
+    """The client's own records in this call, in order."""
+    payload: list[Record]
+    """What is sent: the records, preceded by start records of the trajectories they refer to."""
+
+
 class RecorderClient:
     """Batches records for the named recorder actor. Not thread-safe: one client per producer."""
 
-    def __init__(self, settings: RecorderConfig = RecorderConfig(), actor: Any = None) -> None:
+    def __init__(self, settings: RecorderConfig = RecorderConfig(), actor: Any = None, max_in_flight: int = 8) -> None:
         self.settings = settings
+        self.max_in_flight = max_in_flight
         self._actor = actor
         self.unacked: list[Record] = []
+        self._starts: OrderedDict[str, TrajectoryRecord] = OrderedDict()
 
     def add(self, *records: Record) -> None:
-        self.unacked.extend(records)
+        self.extend(records)
 
     def extend(self, records: Iterable[Record]) -> None:
-        self.unacked.extend(records)
+        for record in records:
+            if isinstance(record, TrajectoryRecord) and record.status == "running":
+                self._starts[record.id] = record
+                if len(self._starts) > _STARTS_CAPACITY:
+                    self._starts.popitem(last=False)
+            self.unacked.append(record)
 
     def _handle(self) -> Any:
         if self._actor is None:
@@ -70,22 +88,28 @@ class RecorderClient:
                 raise RayActorError() from exc  # not registered (yet): retried like a restarting actor
         return self._actor
 
-    def _next_call(self) -> list[Record]:
-        """The longest prefix of unacked records that fits in one call."""
-        size, count = 0, 0
-        for record in self.unacked:
+    def _cut(self, position: int) -> _Call:
+        """The next call: records from `position` on, under max_call_bytes, with the starts they need."""
+        size, records = 0, []
+        for record in self.unacked[position:]:
             size += record_size(record)
-            if count and size > self.settings.max_call_bytes:
+            if records and size > self.settings.max_call_bytes:
                 break
-            count += 1
-        return self.unacked[:count]
+            records.append(record)
+        own = {r.id for r in records if isinstance(r, TrajectoryRecord)}
+        needed = {getattr(r, "trajectory_id", None) for r in records} - own - {None}
+        starts = [self._starts[t] for t in sorted(needed) if t in self._starts]
+        return _Call(records, starts + records)
 
-    def _acknowledge(self, sent: list[Record], result: WriteResult, report: FlushReport) -> None:
-        del self.unacked[: len(sent)]
-        report.acknowledged += result.written
+    @staticmethod
+    def _count(call: _Call, result: WriteResult, report: FlushReport) -> None:
+        offset = len(call.payload) - len(call.records)
+        report.acknowledged += result.written - offset
         for position, reason in result.rejected:
-            report.rejected.append((sent[position].key, reason))
-            log.warning("recorder rejected %s: %s", sent[position].key, reason)
+            key = call.payload[position].key
+            report.acknowledged += position < offset  # a rejected repeated start was not counted above
+            report.rejected.append((key, reason))
+            log.warning("recorder rejected %s: %s", key, reason)
 
     def _give_up(self, started: float, error: BaseException) -> RecorderUnreachable:
         return RecorderUnreachable(
@@ -94,48 +118,113 @@ class RecorderClient:
             "They are kept in client.unacked; call flush() again once the recorder or database is back."
         )
 
+    def _timeout(self, deadline: float) -> float:
+        return max(0.1, min(self.settings.call_timeout_s, deadline - time.monotonic()))
+
     def flush(self, deadline_s: float | None = None) -> FlushReport:
         """Send everything; return once all of it is acknowledged (or raise RecorderUnreachable)."""
-        report, started = FlushReport(), time.monotonic()
-        deadline = started + (deadline_s if deadline_s is not None else self.settings.retry_deadline_s)
-        backoff = 0.1
-        while self.unacked:
-            sent = self._next_call()
-            try:
-                timeout = max(0.1, min(self.settings.call_timeout_s, deadline - time.monotonic()))
-                result = ray.get(self._handle().write.remote(sent), timeout=timeout)
-            except Exception as exc:
-                if not _is_retryable(exc):
-                    raise
-                if time.monotonic() + backoff > deadline:
-                    raise self._give_up(started, exc) from exc
-                report.retries += 1
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            backoff = 0.1
-            self._acknowledge(sent, result, report)
-        return report
+        return _Flush(self, deadline_s).run_sync()
 
     async def flush_async(self, deadline_s: float | None = None) -> FlushReport:
         """`flush` for async actors: awaits the recorder instead of blocking the event loop."""
-        report, started = FlushReport(), time.monotonic()
-        deadline = started + (deadline_s if deadline_s is not None else self.settings.retry_deadline_s)
-        backoff = 0.1
-        while self.unacked:
-            sent = self._next_call()
+        return await _Flush(self, deadline_s).run_async()
+
+
+class _Flush:
+    """One flush: a sliding window of calls in flight, answers taken oldest first.
+
+    While all goes well the oldest call's records are the front of `unacked` and are dropped as it is
+    acknowledged. After a failure nothing new is sent; the calls still in flight are drained (their
+    successes noted), the rest stays in `unacked`, and the whole remainder is retried after a backoff.
+    """
+
+    def __init__(self, client: RecorderClient, deadline_s: float | None) -> None:
+        self.client = client
+        self.report = FlushReport()
+        self.started = time.monotonic()
+        self.deadline = self.started + (deadline_s if deadline_s is not None else client.settings.retry_deadline_s)
+        self.in_flight: deque[tuple[_Call, Any]] = deque()
+        self.next_position = 0
+        self.error: BaseException | None = None
+        self.acked_after_error: set[int] = set()
+        self.backoff = 0.1
+
+    def _fill(self) -> None:
+        client = self.client
+        while (
+            self.error is None
+            and len(self.in_flight) < client.max_in_flight
+            and self.next_position < len(client.unacked)
+        ):
+            call = client._cut(self.next_position)
             try:
-                timeout = max(0.1, min(self.settings.call_timeout_s, deadline - time.monotonic()))
-                result = await asyncio.wait_for(self._handle().write.remote(sent), timeout)
-            except Exception as exc:
-                if not _is_retryable(exc):
-                    raise
-                if time.monotonic() + backoff > deadline:
-                    raise self._give_up(started, exc) from exc
-                report.retries += 1
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                ref = client._handle().write.remote(call.payload)
+            except RayActorError as exc:
+                self.error = exc
+                return
+            self.next_position += len(call.records)
+            self.in_flight.append((call, ref))
+
+    def timeout(self) -> float:
+        return max(0.1, min(self.client.settings.call_timeout_s, self.deadline - time.monotonic()))
+
+    def _settle(self, call: _Call, outcome: Any) -> None:
+        client = self.client
+        if isinstance(outcome, BaseException):
+            if not _is_retryable(outcome):
+                raise outcome
+            self.error = self.error or outcome
+            return
+        RecorderClient._count(call, outcome, self.report)
+        if self.error is None:  # the oldest call: its records are the front of unacked
+            del client.unacked[: len(call.records)]
+            self.next_position -= len(call.records)
+        else:
+            self.acked_after_error.update(id(record) for record in call.records)
+
+    def _after_drain(self) -> float | None:
+        """Once nothing is in flight after a failure: the backoff to sleep before retrying (or raise)."""
+        client, error = self.client, self.error
+        assert error is not None
+        client.unacked = [r for r in client.unacked if id(r) not in self.acked_after_error]
+        self.acked_after_error.clear()
+        self.error, self.next_position = None, 0
+        if time.monotonic() + self.backoff > self.deadline:
+            raise client._give_up(self.started, error) from error
+        self.report.retries += 1
+        delay, self.backoff = self.backoff, min(self.backoff * 2, 2.0)
+        return delay
+
+    def run_sync(self) -> FlushReport:
+        while True:
+            self._fill()
+            if not self.in_flight:
+                if self.error is None:
+                    return self.report
+                time.sleep(self._after_drain())
                 continue
-            backoff = 0.1
-            self._acknowledge(sent, result, report)
-        return report
+            call, ref = self.in_flight.popleft()
+            try:
+                outcome = ray.get(ref, timeout=self.timeout())
+            except Exception as exc:
+                outcome = exc
+            self._settle(call, outcome)
+            if self.error is None:
+                self.backoff = 0.1
+
+    async def run_async(self) -> FlushReport:
+        while True:
+            self._fill()
+            if not self.in_flight:
+                if self.error is None:
+                    return self.report
+                await asyncio.sleep(self._after_drain())
+                continue
+            call, ref = self.in_flight.popleft()
+            try:
+                outcome = await asyncio.wait_for(ref, self.timeout())
+            except Exception as exc:
+                outcome = exc
+            self._settle(call, outcome)
+            if self.error is None:
+                self.backoff = 0.1

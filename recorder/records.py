@@ -250,13 +250,17 @@ def _validate_call(r: LlmCallRecord) -> str | None:
             f"completion_logprobs has {len(r.completion_logprobs) // 4} values for "
             f"{len(r.completion_token_ids) // 4} completion tokens; they must match one to one"
         )
+    if not isinstance(r.text, str):
+        return f"text must be a string, got {type(r.text).__name__}"
+    return None
+
+
+def _check_call_arrays(r: LlmCallRecord) -> str | None:
     if (unpack_tokens(r.prompt_token_ids) < 0).any() or (unpack_tokens(r.completion_token_ids) < 0).any():
         return "token ids must be >= 0"
     logprobs = unpack_logprobs(r.completion_logprobs)
     if not np.isfinite(logprobs).all() or (logprobs > 1e-3).any():
         return "completion_logprobs must be finite log-probabilities (<= 0)"
-    if not isinstance(r.text, str):
-        return f"text must be a string, got {type(r.text).__name__}"
     return None
 
 
@@ -283,12 +287,35 @@ _VALIDATORS = {
 }
 
 
-def validate(record: object) -> str | None:
-    """None if the record may be stored, else what is wrong with it (naming the field)."""
+def _validate_fields(record: object) -> str | None:
     validator = _VALIDATORS.get(type(record))
     if validator is None:
-        return f"unknown record type {type(record).__name__}; send TrajectoryRecord, StepRecord, LlmCallRecord or JudgmentRecord"  # noqa: E501
+        kinds = "TrajectoryRecord, StepRecord, LlmCallRecord or JudgmentRecord"
+        return f"unknown record type {type(record).__name__}; send {kinds}"
     try:
         return validator(record)
     except Exception as exc:  # a field of the wrong type deep inside, e.g. a non-numeric reward component
         return f"malformed {type(record).__name__}: {type(exc).__name__}: {exc}"
+
+
+def validate(record: object) -> str | None:
+    """None if the record may be stored, else what is wrong with it (naming the field)."""
+    problem = _validate_fields(record)
+    if problem is None and isinstance(record, LlmCallRecord):
+        problem = _check_call_arrays(record)
+    return problem
+
+
+def validate_many(records: Sequence[object]) -> list[str | None]:
+    """`validate` for a whole batch; the token and log-prob checks run once over all calls together."""
+    problems = [_validate_fields(record) for record in records]
+    calls = [r for r, p in zip(records, problems, strict=True) if p is None and isinstance(r, LlmCallRecord)]
+    if calls:
+        tokens = unpack_tokens(b"".join(r.prompt_token_ids + r.completion_token_ids for r in calls))
+        logprobs = unpack_logprobs(b"".join(r.completion_logprobs for r in calls))
+        clean = (tokens.size == 0 or tokens.min() >= 0) and np.isfinite(logprobs).all() and not (logprobs > 1e-3).any()
+        if not clean:  # rare: find the culprits one by one
+            for position, record in enumerate(records):
+                if problems[position] is None and isinstance(record, LlmCallRecord):
+                    problems[position] = _check_call_arrays(record)
+    return problems

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 from recorder.migrate import check_schema
-from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate
+from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate_many
 from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,20 @@ class TrajectoryStore:
         self.dialect = self.engine.dialect.name
         check_schema(self.engine)
         self._known_ids: OrderedDict[str, None] = OrderedDict()
+        self._conn: Connection | None = None
+        self._copy_types: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     def dispose(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         self.engine.dispose()
+
+    def _connection(self) -> Connection:
+        """The writer's own connection, kept between writes (no pool checkout or ping per transaction)."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.engine.connect()
+        return self._conn
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -89,14 +100,25 @@ class TrajectoryStore:
         """
         result = WriteResult()
         valid: list[tuple[int, Record]] = []
-        for position, record in enumerate(records):
-            problem = validate(record)
+        for position, (record, problem) in enumerate(zip(records, validate_many(records), strict=True)):
             if problem:
                 result.rejected.append((position, problem))
             else:
                 valid.append((position, record))
 
-        with self.engine.begin() as conn:
+        conn = self._connection()
+        try:
+            result.written = self._write_valid(conn, valid, result)
+        except Exception:
+            self._conn = None  # a broken connection must not be reused; the pool invalidates dead ones
+            conn.close()
+            raise
+        result.rejected.sort()
+        return result
+
+    def _write_valid(self, conn: Connection, valid: list[tuple[int, Record]], result: WriteResult) -> int:
+        """Write in one transaction; reject records of unknown trajectories into `result`. Returns rows written."""
+        with conn.begin():
             new_ids = {r.id for _, r in valid if isinstance(r, TrajectoryRecord)}
             referenced = {r.trajectory_id for _, r in valid if not isinstance(r, TrajectoryRecord)}
             unknown = self._unknown_trajectories(conn, referenced - new_ids)
@@ -115,14 +137,17 @@ class TrajectoryStore:
                 by_type[type(record)].append(record)
             now = utcnow()
             self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)
-            self._insert_ignore(conn, Step, [self._step_row(r, now) for r in by_type[StepRecord]])
-            self._insert_ignore(conn, LlmCall, [self._call_row(r, now) for r in by_type[LlmCallRecord]])
-            self._insert_ignore(conn, RewardJudgment, [self._judgment_row(r, now) for r in by_type[JudgmentRecord]])
+            self._insert_ignore(
+                conn,
+                [
+                    (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
+                    (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
+                    (RewardJudgment.__table__, [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]),
+                ],
+            )
         for trajectory_id in new_ids:
             self._remember(trajectory_id)
-        result.written = len(valid)
-        result.rejected.sort()
-        return result
+        return len(valid)
 
     def _remember(self, trajectory_id: str) -> None:
         self._known_ids[trajectory_id] = None
@@ -165,17 +190,16 @@ class TrajectoryStore:
             for r in records
         ]
         insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
-        starts = [row for row in rows if row["status"] == "running"]
-        ends = [row for row in rows if row["status"] != "running"]
-        if starts:
-            conn.execute(insert.on_conflict_do_nothing(index_elements=["id"]), starts)
-        if ends:
-            # An end event fills in the outcome; it never touches the batch a trajectory belongs to.
-            updated = {
-                name: insert.excluded[name]
-                for name in ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
-            }
-            conn.execute(insert.on_conflict_do_update(index_elements=["id"], set_=updated), ends)
+        # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
+        # a trajectory belongs to.
+        updated = {
+            name: insert.excluded[name]
+            for name in ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
+        }
+        upsert = insert.on_conflict_do_update(
+            index_elements=["id"], set_=updated, where=insert.excluded.status != "running"
+        )
+        conn.execute(upsert, rows)
 
     @staticmethod
     def _step_row(r: StepRecord, now: datetime) -> dict[str, Any]:
@@ -227,35 +251,51 @@ class TrajectoryStore:
             "created_at": now,
         }
 
-    def _insert_ignore(self, conn: Connection, model: type, rows: list[dict[str, Any]]) -> None:
-        if not rows:
+    def _insert_ignore(self, conn: Connection, tables: list[tuple[sa.Table, list[dict[str, Any]]]]) -> None:
+        """Insert rows whose keys are new; rows whose keys exist already are skipped (a resend)."""
+        tables = [(table, rows) for table, rows in tables if rows]
+        if self.dialect != "postgresql":
+            for table, rows in tables:
+                conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
             return
-        table = model.__table__
-        if self.dialect == "postgresql" and model is not RewardJudgment:
-            self._copy_insert_ignore(conn, table, rows)
-            return
-        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
-        conn.execute(insert.on_conflict_do_nothing(), rows)
+        import psycopg
 
-    @staticmethod
-    def _copy_insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-        """COPY into a per-transaction staging table, then move the rows over, skipping existing keys."""
+        # Fast path: COPY straight into the tables. Resends are rare, so only when a key already exists
+        # do we roll back to the savepoint and go through staging tables with ON CONFLICT DO NOTHING.
+        try:
+            with conn.begin_nested():
+                for table, rows in tables:
+                    self._copy(conn, table, table.name, rows)
+        except psycopg.errors.UniqueViolation:
+            for table, rows in tables:
+                stage = f"_stage_{table.name}"
+                columns = ", ".join(rows[0])
+                conn.exec_driver_sql(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) "
+                    "ON COMMIT DELETE ROWS"
+                )
+                self._copy(conn, table, stage, rows)
+                conn.exec_driver_sql(
+                    f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING"
+                )
+
+    def _copy(self, conn: Connection, table: sa.Table, target: str, rows: list[dict[str, Any]]) -> None:
+        """Binary COPY (C-encoded by psycopg; bytea travels raw instead of hex) of rows into `target`."""
         from psycopg.types.json import Jsonb
 
         columns = list(rows[0])
-        json_columns = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
-        stage = f"_stage_{table.name}"
         raw = conn.connection.driver_connection
+        key = (table.name, tuple(columns))
+        if key not in self._copy_types:
+            described = raw.execute(f"SELECT {', '.join(columns)} FROM {table.name} LIMIT 0").description
+            self._copy_types[key] = [column.type_code for column in described]
+        json_positions = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
         with raw.cursor() as cursor:
-            cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            with cursor.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN") as copy:
+            with cursor.copy(f"COPY {target} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(self._copy_types[key])
                 for row in rows:
-                    copy.write_row(
-                        [Jsonb(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns]
-                    )
-            column_list = ", ".join(columns)
-            cursor.execute(
-                f"INSERT INTO {table.name} ({column_list}) SELECT {column_list} FROM {stage} ON CONFLICT DO NOTHING"
-            )
+                    values = list(row.values())
+                    for i in json_positions:
+                        if values[i] is not None:
+                            values[i] = Jsonb(values[i])
+                    copy.write_row(values)

@@ -1,0 +1,250 @@
+"""Recorder throughput: 4 producer actors stream realistic steps through the recorder actor into the database,
+against a raw bulk load of the same rows into the same server, measured in the same run.
+
+    python bench/recorder.py --db postgres   # baseline: psycopg binary COPY into the same PostgreSQL server
+    python bench/recorder.py --db sqlite     # baseline: sqlite3 executemany in one transaction
+
+A "step" is one steps row plus its llm_calls row (300 prompt + 100 completion tokens, packed, with log-probs:
+about 2 KB). `ratio` = pipeline rows/s / baseline rows/s (target >= 0.8). Prints a one-line summary, then
+JSON as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import ray
+import sqlalchemy as sa
+
+from cluster.config import RayConfig
+from cluster.ray_runtime import init_ray
+from recorder.actor import start_recorder, stop_recorder
+from recorder.client import RecorderClient
+from recorder.config import DatabaseConfig, RecorderConfig
+from recorder.migrate import upgrade
+from recorder.pg_server import ThrowawayPostgres
+from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord
+from recorder.store import TrajectoryStore
+
+STEPS_PER_TRAJECTORY = 10
+
+
+def make_records(producer: int, steps: int) -> list[Record]:
+    """Episodes of 10 steps: start, then (step, llm call) pairs, then the finish event."""
+    rng = np.random.default_rng(producer)
+    records: list[Record] = []
+    for t in range(steps // STEPS_PER_TRAJECTORY):
+        tid = f"p{producer}-t{t}"
+        group = f"p{producer}-g{t // 8}"
+        common = {"environment": "market", "scenario_id": f"s-{group}", "group_id": group, "model_version": 0}
+        records.append(TrajectoryRecord(tid, **common))
+        for s in range(STEPS_PER_TRAJECTORY):
+            observation = f"tick {s}: balance 1000.00, positions [], markets: rain YES 0.31 NO 0.69, election YES 0.55"
+            records.append(StepRecord(tid, s, observation, {"type": "buy_yes", "market": 1, "amount": 10}, 0.01))
+            records.append(
+                LlmCallRecord.from_tokens(
+                    tid,
+                    s,
+                    0,
+                    0,
+                    rng.integers(0, 49152, 300),
+                    rng.integers(0, 49152, 100),
+                    -rng.random(100) * 4,
+                    text='{"type": "buy_yes", "market": 1, "amount": 10}',
+                    finish_reason="stop",
+                    sampling_params={"temperature": 1.0, "max_tokens": 128},
+                    latency_ms=35.0,
+                )
+            )
+        records.append(TrajectoryRecord(tid, **common, status="finished", total_reward=float(t % 3), step_count=10))
+    return records
+
+
+@ray.remote(num_cpus=0)
+class Producer:
+    def __init__(self, producer: int, steps: int, settings: RecorderConfig) -> None:
+        self.records = make_records(producer, steps)
+        self.client = RecorderClient(settings)
+
+    def run(self, flush_every: int) -> dict[str, Any]:
+        acknowledged = retries = 0
+        for start in range(0, len(self.records), flush_every):
+            self.client.extend(self.records[start : start + flush_every])
+            report = self.client.flush()
+            acknowledged += report.acknowledged
+            retries += report.retries
+        return {"acknowledged": acknowledged, "retries": retries}
+
+
+def baseline_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+    """The rows the store would write for these records, built with the store's own row functions."""
+    from recorder.schema import utcnow
+
+    stamp = utcnow()
+    tables: dict[str, list[dict[str, Any]]] = {"trajectories": [], "steps": [], "llm_calls": []}
+    finished = {r.id: r for r in records if isinstance(r, TrajectoryRecord) and r.status == "finished"}
+    for r in finished.values():
+        tables["trajectories"].append(
+            {
+                "id": r.id, "environment": r.environment, "scenario_id": r.scenario_id, "group_id": r.group_id,
+                "agent_id": None, "model_version": 0, "status": r.status, "total_reward": r.total_reward,
+                "reward_components": {}, "metrics": {}, "metadata": {}, "step_count": r.step_count,
+                "is_eval": False, "started_at": stamp, "finished_at": stamp,
+            }
+        )  # fmt: skip
+    for r in records:
+        if isinstance(r, StepRecord):
+            tables["steps"].append(TrajectoryStore._step_row(r, stamp))
+        elif isinstance(r, LlmCallRecord):
+            tables["llm_calls"].append(TrajectoryStore._call_row(r, stamp))
+    return tables
+
+
+def copy_postgres(url: str, tables: dict[str, list[dict[str, Any]]]) -> float:
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    parsed = sa.make_url(url)
+    with psycopg.connect(host=parsed.host, port=parsed.port, user=parsed.username, dbname=parsed.database) as conn:
+        oids = {}
+        for table, rows in tables.items():  # binary COPY needs the column types: the fastest raw load
+            described = conn.execute(f"SELECT {', '.join(rows[0])} FROM {table} LIMIT 0").description
+            oids[table] = [column.type_code for column in described]
+        started = time.perf_counter()
+        with conn.cursor() as cursor:
+            for table, rows in tables.items():
+                columns = list(rows[0])
+                with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(oids[table])
+                    for row in rows:
+                        copy.write_row([Jsonb(v) if isinstance(v, dict | list) else v for v in row.values()])
+        conn.commit()
+        return time.perf_counter() - started
+
+
+def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> float:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    started = time.perf_counter()
+    with conn:
+        for table, rows in tables.items():
+            columns = list(rows[0])
+            marks = ", ".join("?" for _ in columns)
+            conn.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                [[json.dumps(v) if isinstance(v, dict | list) else v for v in row.values()] for row in rows],
+            )
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return elapsed
+
+
+def stored_keys(url: str) -> tuple[int, int, int]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        steps = conn.execute(sa.text("SELECT count(*), count(DISTINCT trajectory_id || ':' || step_index) FROM steps"))
+        total, distinct = steps.one()
+        calls = conn.execute(sa.text("SELECT count(*) FROM llm_calls")).scalar_one()
+    engine.dispose()
+    return total, distinct, calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument("--steps", type=int, default=20_000, help="total steps, split over the producers")
+    parser.add_argument("--producers", type=int, default=4)
+    parser.add_argument("--flush-every", type=int, default=200, help="records a producer hands over per flush")
+    args = parser.parse_args()
+
+    server = None
+    workdir = tempfile.mkdtemp(prefix="bench-recorder-")
+    if args.db == "postgres":
+        server = ThrowawayPostgres()
+        server.start()
+
+    def fresh_db(tag: str) -> str:
+        if server is not None:
+            url = server.create_database(f"{tag}_{uuid.uuid4().hex[:6]}")
+        else:
+            url = f"sqlite:///{workdir}/{tag}.db"
+        upgrade(url)
+        return url
+
+    try:
+        per_producer = args.steps // args.producers
+        all_records = [r for p in range(args.producers) for r in make_records(p, per_producer)]
+        rows = baseline_rows(all_records)
+        total_rows = sum(len(v) for v in rows.values())
+        call_bytes = sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) * 2 for r in rows["llm_calls"])
+        bytes_per_step = (call_bytes
+            + sum(len(r["observation"]) + 60 for r in rows["steps"])) / len(rows["steps"])  # fmt: skip
+
+        def baseline() -> float:
+            url = fresh_db("baseline")
+            seconds = copy_postgres(url, rows) if server else insert_sqlite(url.removeprefix("sqlite:///"), rows)
+            return total_rows / seconds
+
+        baseline_before = baseline()
+
+        init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
+        url = fresh_db("pipeline")
+        settings = RecorderConfig(actor_name="bench-recorder")
+        recorder = start_recorder(DatabaseConfig(url=url), settings)
+        producers = [Producer.remote(p, per_producer, settings) for p in range(args.producers)]
+        ray.get([p.__ray_ready__.remote() for p in producers], timeout=300)
+        started = time.perf_counter()
+        results = ray.get([p.run.remote(args.flush_every) for p in producers], timeout=1800)
+        elapsed = time.perf_counter() - started
+        stats = stop_recorder(recorder)
+        ray.shutdown()
+
+        baseline_after = baseline()
+        copy_rows_per_s = (baseline_before + baseline_after) / 2
+        total, distinct, calls = stored_keys(url)
+        expected_steps = args.producers * per_producer
+        summary = {
+            "db": args.db,
+            "steps": expected_steps,
+            "bytes_per_step": round(bytes_per_step),
+            "steps_per_s": round(expected_steps / elapsed, 1),
+            "rows_per_s": round(total_rows / elapsed, 1),
+            "copy_rows_per_s": round(copy_rows_per_s, 1),
+            "copy_rows_per_s_runs": [round(baseline_before, 1), round(baseline_after, 1)],
+            "ratio": round(total_rows / elapsed / copy_rows_per_s, 3),
+            "lost": expected_steps - distinct + (expected_steps - calls),
+            "duplicated": total - distinct,
+            "acknowledged_records": sum(r["acknowledged"] for r in results),
+            "retries": sum(r["retries"] for r in results),
+            "transactions": stats["transactions"],
+            "elapsed_s": round(elapsed, 2),
+        }
+    finally:
+        if server is not None:
+            server.destroy()
+    baseline_name = "COPY" if args.db == "postgres" else "executemany"
+    print(
+        f"recorder on {args.db}: {summary['steps_per_s']} steps/s ({summary['rows_per_s']} rows/s) vs raw "
+        f"{baseline_name} {summary['copy_rows_per_s']} rows/s -> ratio {summary['ratio']}; "
+        f"lost {summary['lost']}, duplicated {summary['duplicated']}"
+    )
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
