@@ -27,6 +27,10 @@ class DatabaseConfig(BaseModel):
     connect_timeout_s: float = Field(10.0, gt=0)
     """Deadline for opening one connection before the call fails with a clear error."""
 
+    auto_upgrade: bool = False
+    """Apply schema migrations when a job starts. Convenient for the embedded SQLite default; on a shared
+    PostgreSQL leave it off and run `ziggurat db upgrade` deliberately."""
+
     @field_validator("url")
     @classmethod
     def _no_password_in_file(cls, value: str) -> str:
