@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--db", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--steps", type=int, default=20_000, help="total steps, split over the producers")
     parser.add_argument("--producers", type=int, default=4)
-    parser.add_argument("--flush-every", type=int, default=200, help="records a producer hands over per flush")
+    parser.add_argument("--flush-every", type=int, default=2000, help="records a producer hands over per flush")
+    parser.add_argument("--max-call-bytes", type=int, default=RecorderConfig().max_call_bytes)
     args = parser.parse_args()
 
     server = None
@@ -204,7 +205,7 @@ def main() -> None:
 
         init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
         url = fresh_db("pipeline")
-        settings = RecorderConfig(actor_name="bench-recorder")
+        settings = RecorderConfig(actor_name="bench-recorder", max_call_bytes=args.max_call_bytes)
         recorder = start_recorder(DatabaseConfig(url=url), settings)
         producers = [Producer.remote(p, per_producer, settings) for p in range(args.producers)]
         ray.get([p.__ray_ready__.remote() for p in producers], timeout=300)
@@ -220,6 +221,7 @@ def main() -> None:
         expected_steps = args.producers * per_producer
         summary = {
             "db": args.db,
+            "max_call_bytes": args.max_call_bytes,
             "steps": expected_steps,
             "bytes_per_step": round(bytes_per_step),
             "steps_per_s": round(expected_steps / elapsed, 1),

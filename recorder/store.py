@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 from recorder.migrate import check_schema
@@ -26,6 +26,7 @@ from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
 log = logging.getLogger(__name__)
 
 _KNOWN_IDS_CAPACITY = 100_000
+_OUTCOME_COLUMNS = ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
 
 
 @dataclass
@@ -189,17 +190,24 @@ class TrajectoryStore:
             }
             for r in records
         ]
-        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
-        updated = {
-            name: insert.excluded[name]
-            for name in ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
-        }
-        upsert = insert.on_conflict_do_update(
-            index_elements=["id"], set_=updated, where=insert.excluded.status != "running"
+        if self.dialect == "postgresql":
+            stage, columns = self._stage(conn, table, rows)
+            updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in _OUTCOME_COLUMNS)
+            conn.exec_driver_sql(
+                f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} "
+                f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
+            )
+            return
+        insert = sqlite.insert(table)
+        updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["id"], set_=updated, where=insert.excluded.status != "running"
+            ),
+            rows,
         )
-        conn.execute(upsert, rows)
 
     @staticmethod
     def _step_row(r: StepRecord, now: datetime) -> dict[str, Any]:
@@ -268,16 +276,19 @@ class TrajectoryStore:
                     self._copy(conn, table, table.name, rows)
         except psycopg.errors.UniqueViolation:
             for table, rows in tables:
-                stage = f"_stage_{table.name}"
-                columns = ", ".join(rows[0])
-                conn.exec_driver_sql(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) "
-                    "ON COMMIT DELETE ROWS"
-                )
-                self._copy(conn, table, stage, rows)
+                stage, columns = self._stage(conn, table, rows)
                 conn.exec_driver_sql(
                     f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING"
                 )
+
+    def _stage(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> tuple[str, str]:
+        """COPY rows into a transaction-scoped staging copy of `table`; returns its name and the column list."""
+        stage = f"_stage_{table.name}"
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        self._copy(conn, table, stage, rows)
+        return stage, ", ".join(rows[0])
 
     def _copy(self, conn: Connection, table: sa.Table, target: str, rows: list[dict[str, Any]]) -> None:
         """Binary COPY (C-encoded by psycopg; bytea travels raw instead of hex) of rows into `target`."""
