@@ -183,7 +183,7 @@ def main() -> None:
         if server is not None:
             url = server.create_database(f"{tag}_{uuid.uuid4().hex[:6]}")
         else:
-            url = f"sqlite:///{workdir}/{tag}.db"
+            url = f"sqlite:///{workdir}/{tag}_{uuid.uuid4().hex[:6]}.db"
         upgrade(url)
         return url
 

@@ -19,8 +19,14 @@ from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import check_schema
 from recorder.records import Record
 from recorder.store import TrajectoryStore, WriteResult, create_db_engine
+from recorder.wire import EncodedRows
 
 log = logging.getLogger(__name__)
+
+
+def _width(items: list[Record | EncodedRows]) -> int:
+    """Positions a payload spans: one per record, one per row of an encoded block."""
+    return sum(len(item.keys) if isinstance(item, EncodedRows) else 1 for item in items)
 
 
 class RecorderUnavailable(RuntimeError):
@@ -52,14 +58,15 @@ class Recorder:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
-    async def write(self, records: list[Record]) -> WriteResult:
+    async def write(self, records: list[Record | EncodedRows]) -> WriteResult:
         """Store `records`; returns once they are committed, with the positions of rejected ones."""
         self._ensure_writer()
         self._stats["calls"] += 1
-        if len(records) > self._settings.max_buffer_records:
-            raise ValueError(f"one call sent {len(records)} records; send at most {self._settings.max_buffer_records}")
+        size = _width(records)
+        if size > self._settings.max_buffer_records:
+            raise ValueError(f"one call sent {size} records; send at most {self._settings.max_buffer_records}")
         deadline = time.monotonic() + self._settings.buffer_wait_s
-        while self._pending_records + len(records) > self._settings.max_buffer_records:
+        while self._pending_records + size > self._settings.max_buffer_records:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._stats["busy"] += 1
@@ -74,7 +81,7 @@ class Recorder:
                 pass
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         self._pending.append((records, future))
-        self._pending_records += len(records)
+        self._pending_records += size
         self._idle.clear()
         self._wake.set()
         return await future
@@ -86,12 +93,13 @@ class Recorder:
             while self._pending:
                 batch, self._pending = self._pending, []
                 records = [record for call_records, _ in batch for record in call_records]
+                size = _width(records)
                 try:
                     result = await asyncio.to_thread(self._store.write, records)
                 except Exception as exc:
                     self._stats["db_errors"] += 1
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    log.warning("database write of %d records failed: %s: %s", len(records), type(exc).__name__, reason)
+                    log.warning("database write of %d records failed: %s: %s", size, type(exc).__name__, reason)
                     error = RecorderUnavailable(
                         f"the database write failed ({type(exc).__name__}: {reason}); nothing from this call was "
                         "stored; keep the records and retry"
@@ -105,7 +113,7 @@ class Recorder:
                     self._stats["rejected"] += len(result.rejected)
                     self._resolve(batch, result)
                 finally:
-                    self._pending_records -= len(records)
+                    self._pending_records -= size
                     self._space.set()
             self._idle.set()
 
@@ -115,10 +123,15 @@ class Recorder:
         rejected = dict(result.rejected)
         offset = 0
         for call_records, future in batch:
-            mine = [(p - offset, rejected[p]) for p in range(offset, offset + len(call_records)) if p in rejected]
-            offset += len(call_records)
+            width = _width(call_records)
+            mine = [(p - offset, rejected[p]) for p in range(offset, offset + width) if p in rejected]
+            offset += width
             if not future.done():
-                future.set_result(WriteResult(written=len(call_records) - len(mine), rejected=mine))
+                future.set_result(WriteResult(written=width - len(mine), rejected=mine))
+
+    async def wire_format(self) -> str:
+        """`pg-binary`: send steps and LLM calls as `recorder.wire.EncodedRows`; `records`: as objects."""
+        return "pg-binary" if self._store.dialect == "postgresql" else "records"
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until everything received so far is committed (or failed back to its producer)."""

@@ -23,8 +23,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from recorder.actor import RecorderBusy, RecorderUnavailable
 from recorder.config import RecorderConfig
-from recorder.records import Record, TrajectoryRecord, record_size
+from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord, record_size, validate_many
+from recorder.schema import utcnow
 from recorder.store import WriteResult
+from recorder.wire import EncodedRows, encode
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,15 @@ def _is_retryable(exc: BaseException) -> bool:
 class _Call:
     records: list[Record]
     """The client's own records in this call, in order."""
-    payload: list[Record]
-    """What is sent: the records, preceded by start records of the trajectories they refer to."""
+    payload: list[Record | EncodedRows]
+    """What is sent: start records of the trajectories the call refers to, then the records (steps and LLM
+    calls already encoded as COPY rows when the recorder writes to PostgreSQL)."""
+    keys: list[tuple[Any, ...]]
+    """The key of each payload position (an EncodedRows block spans one position per row)."""
+    repeated_starts: int
+    """Leading payload positions that repeat start records (not counted as acknowledged)."""
+    rejected_here: list[tuple[tuple[Any, ...], str]] = field(default_factory=list)
+    """Records that failed validation in the client and were not sent."""
 
 
 class RecorderClient:
@@ -68,6 +77,7 @@ class RecorderClient:
         self._actor = actor
         self.unacked: list[Record] = []
         self._starts: OrderedDict[str, TrajectoryRecord] = OrderedDict()
+        self._wire: str | None = None
 
     def add(self, *records: Record) -> None:
         self.extend(records)
@@ -98,18 +108,39 @@ class RecorderClient:
             records.append(record)
         own = {r.id for r in records if isinstance(r, TrajectoryRecord)}
         needed = {getattr(r, "trajectory_id", None) for r in records} - own - {None}
-        starts = [self._starts[t] for t in sorted(needed) if t in self._starts]
-        return _Call(records, starts + records)
+        starts: list[Record] = [self._starts[t] for t in sorted(needed) if t in self._starts]
+        if self._wire != "pg-binary":
+            payload = starts + records
+            return _Call(records, payload, [r.key for r in payload], len(starts))
+        # PostgreSQL: validate here and send steps and calls as ready COPY rows (the recorder's hot path).
+        rejected, plain, bulk = [], list(starts), []
+        for record, problem in zip(records, validate_many(records), strict=True):
+            if problem:
+                rejected.append((getattr(record, "key", repr(record)), problem))
+            elif isinstance(record, StepRecord | LlmCallRecord):
+                bulk.append(record)
+            else:
+                plain.append(record)
+        blocks = encode(bulk, utcnow())
+        keys = [r.key for r in plain] + [key for block in blocks for key in block.keys]
+        return _Call(records, plain + blocks, keys, len(starts), rejected)
 
     @staticmethod
     def _count(call: _Call, result: WriteResult, report: FlushReport) -> None:
-        offset = len(call.payload) - len(call.records)
-        report.acknowledged += result.written - offset
+        report.acknowledged += result.written - call.repeated_starts
+        for key, reason in call.rejected_here:
+            report.rejected.append((key, reason))
+            log.warning("rejected %s before sending: %s", key, reason)
         for position, reason in result.rejected:
-            key = call.payload[position].key
-            report.acknowledged += position < offset  # a rejected repeated start was not counted above
+            key = call.keys[position]
+            report.acknowledged += position < call.repeated_starts  # a rejected repeated start: not counted
             report.rejected.append((key, reason))
             log.warning("recorder rejected %s: %s", key, reason)
+
+    def _discover_wire(self) -> None:
+        """Ask the recorder once which payload it wants (COPY rows for PostgreSQL, records for SQLite)."""
+        if self._wire is None:
+            self._wire = ray.get(self._handle().wire_format.remote(), timeout=self.settings.call_timeout_s)
 
     def _give_up(self, started: float, error: BaseException) -> RecorderUnreachable:
         return RecorderUnreachable(
@@ -156,10 +187,11 @@ class _Flush:
             and len(self.in_flight) < client.max_in_flight
             and self.next_position < len(client.unacked)
         ):
-            call = client._cut(self.next_position)
             try:
+                client._discover_wire()
+                call = client._cut(self.next_position)
                 ref = client._handle().write.remote(call.payload)
-            except RayActorError as exc:
+            except (RayActorError, GetTimeoutError) as exc:
                 self.error = exc
                 return
             self.next_position += len(call.records)

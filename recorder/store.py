@@ -16,16 +16,18 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 from recorder.migrate import check_schema
 from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate_many
 from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
+from recorder.wire import CALL_COLUMNS, COPY_HEADER, COPY_TRAILER, STEP_COLUMNS, EncodedRows, encode
 
 log = logging.getLogger(__name__)
 
 _KNOWN_IDS_CAPACITY = 100_000
+_ENCODED_COLUMNS = {"steps": STEP_COLUMNS, "llm_calls": CALL_COLUMNS}
 _OUTCOME_COLUMNS = ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
 
 
@@ -57,6 +59,30 @@ def create_db_engine(url: str | URL, connect_timeout_s: float = 10.0, pool_size:
         pool_size=pool_size,
         connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
     )
+
+
+@dataclass
+class _Batch:
+    """One write, sorted out: valid records and encoded rows with their positions, and the rejected ones."""
+
+    records: list[tuple[int, Record]] = field(default_factory=list)
+    encoded: dict[str, list[tuple[int, tuple[Any, ...], bytes]]] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+    def drop_unknown(self, unknown: set[str]) -> None:
+        def problem(trajectory_id: str) -> str:
+            return f"trajectory_id {trajectory_id!r} is unknown: send its TrajectoryRecord first"
+
+        kept: list[tuple[int, Record]] = []
+        for position, record in self.records:
+            if not isinstance(record, TrajectoryRecord) and record.trajectory_id in unknown:
+                self.rejected.append((position, problem(record.trajectory_id)))
+            else:
+                kept.append((position, record))
+        self.records = kept
+        for table, rows in self.encoded.items():
+            self.rejected += [(position, problem(key[1])) for position, key, _ in rows if key[1] in unknown]
+            self.encoded[table] = [row for row in rows if row[1][1] not in unknown]
 
 
 def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[TrajectoryRecord]:
@@ -94,61 +120,87 @@ class TrajectoryStore:
 
     # ---- writes -------------------------------------------------------------------------------
 
-    def write(self, records: Sequence[Record]) -> WriteResult:
-        """Validate every record, store the valid ones in one transaction, report the rest by position.
+    def write(self, items: Sequence[Record | EncodedRows]) -> WriteResult:
+        """Validate, then store everything valid in one transaction; report the rest by position.
 
-        Raises (and stores nothing) if the database cannot be reached or the transaction fails.
+        Positions count a record as one and an `EncodedRows` block as one per row, in order. Raises (and
+        stores nothing) if the database cannot be reached or the transaction fails.
         """
-        result = WriteResult()
-        valid: list[tuple[int, Record]] = []
-        for position, (record, problem) in enumerate(zip(records, validate_many(records), strict=True)):
+        batch = _Batch()
+        records = [item for item in items if not isinstance(item, EncodedRows)]
+        problems = iter(validate_many(records))
+        position = 0
+        for item in items:
+            if isinstance(item, EncodedRows):
+                problem = self._check_block(item)
+                for offset, key in enumerate(item.keys):
+                    if problem:
+                        batch.rejected.append((position + offset, problem))
+                    else:
+                        batch.encoded.setdefault(item.table, []).append((position + offset, key, item.rows[offset]))
+                position += len(item.keys)
+                continue
+            problem = next(problems)
             if problem:
-                result.rejected.append((position, problem))
+                batch.rejected.append((position, problem))
             else:
-                valid.append((position, record))
+                batch.records.append((position, item))
+            position += 1
 
         conn = self._connection()
         try:
-            result.written = self._write_valid(conn, valid, result)
+            written = self._write_batch(conn, batch)
         except Exception:
             self._conn = None  # a broken connection must not be reused; the pool invalidates dead ones
             conn.close()
             raise
-        result.rejected.sort()
-        return result
+        return WriteResult(written=written, rejected=sorted(batch.rejected))
 
-    def _write_valid(self, conn: Connection, valid: list[tuple[int, Record]], result: WriteResult) -> int:
-        """Write in one transaction; reject records of unknown trajectories into `result`. Returns rows written."""
+    def _check_block(self, block: EncodedRows) -> str | None:
+        if self.dialect != "postgresql":
+            return "EncodedRows are PostgreSQL COPY rows; send record objects to a SQLite recorder"
+        if block.table not in ("steps", "llm_calls"):
+            return f"EncodedRows.table must be steps or llm_calls, got {block.table!r}"
+        if len(block.keys) != len(block.rows) or not all(isinstance(row, bytes) for row in block.rows):
+            return "EncodedRows needs one bytes row per key"
+        if not all(isinstance(key, tuple) and len(key) >= 3 and isinstance(key[1], str) for key in block.keys):
+            return "EncodedRows keys must be (kind, trajectory_id, step_index, ...) tuples"
+        return None
+
+    def _write_batch(self, conn: Connection, batch: _Batch) -> int:
+        """Write in one transaction; reject rows of unknown trajectories into `batch`. Returns rows written."""
         with conn.begin():
-            new_ids = {r.id for _, r in valid if isinstance(r, TrajectoryRecord)}
-            referenced = {r.trajectory_id for _, r in valid if not isinstance(r, TrajectoryRecord)}
+            new_ids = {r.id for _, r in batch.records if isinstance(r, TrajectoryRecord)}
+            referenced = {r.trajectory_id for _, r in batch.records if not isinstance(r, TrajectoryRecord)}
+            referenced |= {key[1] for rows in batch.encoded.values() for _, key, _ in rows}
             unknown = self._unknown_trajectories(conn, referenced - new_ids)
             if unknown:
-                kept = []
-                for position, record in valid:
-                    if not isinstance(record, TrajectoryRecord) and record.trajectory_id in unknown:
-                        problem = f"trajectory_id {record.trajectory_id!r} is unknown: send its TrajectoryRecord first"
-                        result.rejected.append((position, problem))
-                    else:
-                        kept.append((position, record))
-                valid = kept
+                batch.drop_unknown(unknown)
             by_type: dict[type, list[Any]] = {kind: [] for kind in (TrajectoryRecord, StepRecord, LlmCallRecord)}
             by_type[JudgmentRecord] = []
-            for _, record in valid:
+            for _, record in batch.records:
                 by_type[type(record)].append(record)
             now = utcnow()
             self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)
-            self._insert_ignore(
-                conn,
-                [
+            if self.dialect == "postgresql":
+                encoded = {table: [row for _, _, row in rows] for table, rows in batch.encoded.items()}
+                for block in encode(by_type[StepRecord] + by_type[LlmCallRecord], now):
+                    encoded.setdefault(block.table, []).extend(block.rows)
+                self._copy_ignoring_resends(conn, encoded)
+                judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+                if judgments:
+                    conn.execute(postgresql.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
+            else:
+                for table, rows in (
                     (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
                     (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
                     (RewardJudgment.__table__, [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]),
-                ],
-            )
+                ):
+                    if rows:
+                        conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
         for trajectory_id in new_ids:
             self._remember(trajectory_id)
-        return len(valid)
+        return len(batch.records) + sum(len(rows) for rows in batch.encoded.values())
 
     def _remember(self, trajectory_id: str) -> None:
         self._known_ids[trajectory_id] = None
@@ -259,34 +311,45 @@ class TrajectoryStore:
             "created_at": now,
         }
 
-    def _insert_ignore(self, conn: Connection, tables: list[tuple[sa.Table, list[dict[str, Any]]]]) -> None:
-        """Insert rows whose keys are new; rows whose keys exist already are skipped (a resend)."""
-        tables = [(table, rows) for table, rows in tables if rows]
-        if self.dialect != "postgresql":
-            for table, rows in tables:
-                conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
-            return
+    def _copy_ignoring_resends(self, conn: Connection, encoded: dict[str, list[bytes]]) -> None:
+        """COPY encoded rows straight into their tables. Resends are rare, so only when a key already exists
+        do we roll back to the savepoint and go through staging tables with ON CONFLICT DO NOTHING."""
         import psycopg
 
-        # Fast path: COPY straight into the tables. Resends are rare, so only when a key already exists
-        # do we roll back to the savepoint and go through staging tables with ON CONFLICT DO NOTHING.
+        encoded = {table: rows for table, rows in encoded.items() if rows}
+        if not encoded:
+            return
         try:
             with conn.begin_nested():
-                for table, rows in tables:
-                    self._copy(conn, table, table.name, rows)
+                for table, rows in encoded.items():
+                    self._copy_encoded(conn, table, rows)
         except psycopg.errors.UniqueViolation:
-            for table, rows in tables:
-                stage, columns = self._stage(conn, table, rows)
+            for table, rows in encoded.items():
+                stage = self._create_stage(conn, table)
+                self._copy_encoded(conn, table, rows, target=stage)
+                columns = ", ".join(_ENCODED_COLUMNS[table])
                 conn.exec_driver_sql(
-                    f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING"
+                    f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING"
                 )
+
+    @staticmethod
+    def _create_stage(conn: Connection, table: str) -> str:
+        stage = f"_stage_{table}"
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        return stage
+
+    @staticmethod
+    def _copy_encoded(conn: Connection, table: str, rows: list[bytes], target: str | None = None) -> None:
+        columns = ", ".join(_ENCODED_COLUMNS[table])
+        with conn.connection.driver_connection.cursor() as cursor:
+            with cursor.copy(f"COPY {target or table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
 
     def _stage(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> tuple[str, str]:
         """COPY rows into a transaction-scoped staging copy of `table`; returns its name and the column list."""
-        stage = f"_stage_{table.name}"
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
+        stage = self._create_stage(conn, table.name)
         self._copy(conn, table, stage, rows)
         return stage, ", ".join(rows[0])
 

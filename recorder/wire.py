@@ -1,0 +1,128 @@
+"""PostgreSQL binary COPY rows for the bulk tables, encoded wherever it is cheapest (usually the producer).
+
+Producers talking to a PostgreSQL-backed recorder send steps and LLM calls as `EncodedRows`: one
+binary COPY tuple per record, built from a record that already passed `validate`. The recorder then streams
+them into the table without touching each value again. The same encoder serves records that arrive as
+objects. Column order is fixed here and checked against the schema by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from recorder.records import LlmCallRecord, StepRecord
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_NULL = struct.pack(">i", -1)
+
+STEP_COLUMNS = ("trajectory_id", "step_index", "observation", "action", "env_reward", "done", "error", "created_at")
+CALL_COLUMNS = (
+    "trajectory_id", "step_index", "call_index", "model_version", "purpose", "messages", "prompt_token_ids",
+    "completion_token_ids", "completion_logprobs", "text", "finish_reason", "sampling_params", "latency_ms",
+    "prompt_tokens", "completion_tokens", "created_at",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class EncodedRows:
+    """Rows of one bulk table as binary COPY tuples, with the natural key of each row."""
+
+    table: str
+    keys: list[tuple[Any, ...]]
+    """("step", trajectory_id, step_index) or ("llm_call", trajectory_id, step_index, call_index), per row."""
+    rows: list[bytes]
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    data = value.encode()
+    return struct.pack(">i", len(data)) + data
+
+
+def _bytea(value: bytes) -> bytes:
+    return struct.pack(">i", len(value)) + value
+
+
+def _jsonb(value: Any) -> bytes:
+    if value is None:
+        return _NULL
+    data = b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+    return struct.pack(">i", len(data)) + data
+
+
+def _int4(value: int) -> bytes:
+    return b"\x00\x00\x00\x04" + struct.pack(">i", value)
+
+
+def _float8(value: float | None) -> bytes:
+    return _NULL if value is None else b"\x00\x00\x00\x08" + struct.pack(">d", value)
+
+
+def timestamp_field(moment: datetime) -> bytes:
+    delta = moment - _PG_EPOCH
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return b"\x00\x00\x00\x08" + struct.pack(">q", micros)
+
+
+def encode_step(r: StepRecord, created: bytes) -> bytes:
+    """One `steps` tuple; `created` is `timestamp_field(now)`, shared by a batch."""
+    return b"".join(
+        (
+            b"\x00\x08",
+            _text(r.trajectory_id),
+            _int4(r.step_index),
+            _text(r.observation),
+            _jsonb(r.action),
+            _float8(float(r.env_reward)),
+            b"\x00\x00\x00\x01\x01" if r.done else b"\x00\x00\x00\x01\x00",
+            _text(r.error),
+            created,
+        )
+    )
+
+
+def encode_call(r: LlmCallRecord, created: bytes) -> bytes:
+    """One `llm_calls` tuple; `created` is `timestamp_field(now)`, shared by a batch."""
+    return b"".join(
+        (
+            b"\x00\x10",
+            _text(r.trajectory_id),
+            _int4(r.step_index),
+            _int4(r.call_index),
+            _int4(r.model_version),
+            _text(r.purpose),
+            _jsonb(r.messages),
+            _bytea(r.prompt_token_ids),
+            _bytea(r.completion_token_ids),
+            _bytea(r.completion_logprobs),
+            _text(r.text),
+            _text(r.finish_reason),
+            _jsonb(r.sampling_params),
+            _float8(r.latency_ms),
+            _int4(len(r.prompt_token_ids) // 4),
+            _int4(len(r.completion_token_ids) // 4),
+            created,
+        )
+    )
+
+
+def encode(records: list[StepRecord | LlmCallRecord], now: datetime) -> list[EncodedRows]:
+    """Encode valid steps and calls into at most two blocks (steps, llm_calls), keeping their order."""
+    created = timestamp_field(now)
+    steps = EncodedRows("steps", [], [])
+    calls = EncodedRows("llm_calls", [], [])
+    for record in records:
+        if isinstance(record, StepRecord):
+            steps.keys.append(record.key)
+            steps.rows.append(encode_step(record, created))
+        else:
+            calls.keys.append(record.key)
+            calls.rows.append(encode_call(record, created))
+    return [block for block in (steps, calls) if block.rows]
