@@ -33,6 +33,34 @@ class RecorderUnavailable(RuntimeError):
     """The database write failed; nothing from the call was stored. Retry later."""
 
 
+class RecorderRejected(ValueError):
+    """The database refused the data of one call (not a connection problem): retrying will not help."""
+
+
+# SQLSTATE classes that pass when the server is reachable and healthy again: connection exception,
+# operator intervention (shutdown, starting up), insufficient resources, transaction rollback (deadlock).
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "57", "53", "40"}
+
+
+def _is_connectivity(exc: BaseException) -> bool:
+    """Errors that go away when the database is reachable again (as opposed to bad data)."""
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    if isinstance(exc, sqlite3.OperationalError | ConnectionError | TimeoutError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    # psycopg errors raised without a server answer (connection refused or lost) carry no SQLSTATE.
+    return type(exc).__module__.startswith("psycopg")
+
+
 class RecorderBusy(RuntimeError):
     """The recorder's buffer stayed full for `buffer_wait_s`; nothing from the call was stored. Retry later."""
 
@@ -92,30 +120,50 @@ class Recorder:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending, []
-                records = [record for call_records, _ in batch for record in call_records]
-                size = _width(records)
+                size = sum(_width(call_records) for call_records, _ in batch)
                 try:
-                    result = await asyncio.to_thread(self._store.write, records)
-                except Exception as exc:
-                    self._stats["db_errors"] += 1
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    log.warning("database write of %d records failed: %s: %s", size, type(exc).__name__, reason)
-                    error = RecorderUnavailable(
-                        f"the database write failed ({type(exc).__name__}: {reason}); nothing from this call was "
-                        "stored; keep the records and retry"
-                    )
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                else:
-                    self._stats["transactions"] += 1
-                    self._stats["written"] += result.written
-                    self._stats["rejected"] += len(result.rejected)
-                    self._resolve(batch, result)
+                    await self._write(batch, size)
                 finally:
                     self._pending_records -= size
                     self._space.set()
             self._idle.set()
+
+    async def _write(self, batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], size: int) -> None:
+        records = [record for call_records, _ in batch for record in call_records]
+        try:
+            result = await asyncio.to_thread(self._store.write, records)
+        except Exception as exc:
+            self._stats["db_errors"] += 1
+            if _is_connectivity(exc) or len(batch) == 1:
+                self._fail(batch, exc, size)
+                return
+            # One call's data broke the merged transaction: write the calls one by one, so only that call
+            # fails and the others are not held hostage by it.
+            for call in batch:
+                await self._write([call], _width(call[0]))
+            return
+        self._stats["transactions"] += 1
+        self._stats["written"] += result.written
+        self._stats["rejected"] += len(result.rejected)
+        self._resolve(batch, result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], exc: Exception, size: int) -> None:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.warning("database write of %d records failed: %s: %s", size, type(exc).__name__, reason)
+        if _is_connectivity(exc):
+            error: Exception = RecorderUnavailable(
+                f"the database write failed ({type(exc).__name__}: {reason}); nothing from this call was "
+                "stored; keep the records and retry"
+            )
+        else:
+            error = RecorderRejected(
+                f"the database refused this call's data ({type(exc).__name__}: {reason}); nothing from it was "
+                "stored. Build payloads with RecorderClient / recorder.wire.encode"
+            )
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
 
     @staticmethod
     def _resolve(batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], result: WriteResult) -> None:

@@ -92,7 +92,7 @@ def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[Trajectory
         previous = chosen.get(record.id)
         if previous is None or record.status != "running" or previous.status == "running":
             chosen[record.id] = record
-    return list(chosen.values())
+    return [chosen[key] for key in sorted(chosen)]  # one lock order for concurrent writers
 
 
 class TrajectoryStore:
@@ -181,7 +181,7 @@ class TrajectoryStore:
             for _, record in batch.records:
                 by_type[type(record)].append(record)
             now = utcnow()
-            self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)
+            self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)  # sorted: no deadlocks
             if self.dialect == "postgresql":
                 encoded = {table: [row for _, _, row in rows] for table, rows in batch.encoded.items()}
                 for block in encode(by_type[StepRecord] + by_type[LlmCallRecord], now):

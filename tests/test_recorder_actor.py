@@ -11,12 +11,14 @@ import pytest
 import ray
 import sqlalchemy as sa
 
-from recorder.actor import RecorderBusy, start_recorder, stop_recorder
+from recorder.actor import RecorderBusy, RecorderRejected, start_recorder, stop_recorder
 from recorder.client import RecorderClient, RecorderUnreachable
 from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import SchemaOutOfDate, upgrade
 from recorder.pg_server import ThrowawayPostgres
 from recorder.records import StepRecord
+from recorder.schema import utcnow
+from recorder.wire import EncodedRows, encode
 from tests.recorder_data import call, finished, step, trajectory
 
 TRAJECTORIES, STEPS = 25, 6
@@ -162,3 +164,28 @@ def test_the_recorder_refuses_a_stale_schema(ray_session, postgres):
     url = postgres.create_database(f"stale_{uuid.uuid4().hex[:8]}")
     with pytest.raises(SchemaOutOfDate, match="run `ziggurat db upgrade"):
         start_recorder(DatabaseConfig(url=url), _settings())
+
+
+def test_one_calls_bad_data_does_not_fail_the_calls_merged_with_it(ray_session, postgres):
+    url = postgres.create_database(f"poison_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    settings = _settings()
+    recorder = start_recorder(DatabaseConfig(url=url), settings)
+    client = RecorderClient(settings)
+    client.add(trajectory("t1"))
+    client.flush()
+    poison = EncodedRows("steps", [("step", "t1", 99)], [b"\x00\x08not a COPY tuple"])
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname=url.rsplit("/", 1)[1]) as lock:
+        lock.execute("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
+        first = recorder.write.remote(encode([step("t1", 0)], utcnow()))
+        time.sleep(0.5)  # `first` now waits in the database; the next two calls are merged into one write
+        good = recorder.write.remote(encode([step("t1", 1)], utcnow()))
+        bad = recorder.write.remote([poison])
+        time.sleep(0.5)
+        lock.rollback()
+    assert ray.get(first, timeout=30).written == 1
+    assert ray.get(good, timeout=30).written == 1
+    with pytest.raises(RecorderRejected, match="refused this call's data"):
+        ray.get(bad, timeout=30)
+    assert sorted(_stored_steps(url)) == [("t1", 0), ("t1", 1)]
+    stop_recorder(recorder)
