@@ -205,7 +205,7 @@ def main() -> None:
 
         init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
         url = fresh_db("pipeline")
-        settings = RecorderConfig(actor_name="bench-recorder", max_call_bytes=args.max_call_bytes, writers=args.writers)
+        settings = RecorderConfig(actor_name="bench-recorder", max_call_bytes=args.max_call_bytes)
         recorder = start_recorder(DatabaseConfig(url=url), settings)
         producers = [Producer.remote(p, per_producer, settings) for p in range(args.producers)]
         ray.get([p.__ray_ready__.remote() for p in producers], timeout=300)
