@@ -65,6 +65,21 @@ class RecorderBusy(RuntimeError):
     """The recorder's buffer stayed full for `buffer_wait_s`; nothing from the call was stored. Retry later."""
 
 
+class _RecorderMetrics:
+    """Custom metrics on Ray's metrics endpoint and dashboard (exported with a `ray_` prefix)."""
+
+    def __init__(self, actor_name: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        keys = ("recorder",)
+        self.tags = {"recorder": actor_name}
+        self.written = Counter("ziggurat_recorder_rows_written", "Rows committed by the recorder", tag_keys=keys)
+        self.rejected = Counter("ziggurat_recorder_rows_rejected", "Malformed rows refused", tag_keys=keys)
+        self.db_errors = Counter("ziggurat_recorder_db_errors", "Failed database transactions", tag_keys=keys)
+        self.busy = Counter("ziggurat_recorder_busy", "Calls refused because the buffer was full", tag_keys=keys)
+        self.pending = Gauge("ziggurat_recorder_pending_rows", "Rows waiting for the database", tag_keys=keys)
+
+
 class Recorder:
     """Create with `start_recorder`; producers use `recorder.client.RecorderClient`."""
 
@@ -80,6 +95,7 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stats = {"calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0}
+        self._metrics = _RecorderMetrics(settings.actor_name)
         self._started = time.time()
 
     def _ensure_writer(self) -> None:
@@ -98,6 +114,7 @@ class Recorder:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._stats["busy"] += 1
+                self._metrics.busy.inc(1, tags=self._metrics.tags)
                 raise RecorderBusy(
                     f"the recorder buffer is full ({self._pending_records} records waiting for the database); "
                     "nothing from this call was stored; retry later"
@@ -134,6 +151,7 @@ class Recorder:
             result = await asyncio.to_thread(self._store.write, records)
         except Exception as exc:
             self._stats["db_errors"] += 1
+            self._metrics.db_errors.inc(1, tags=self._metrics.tags)
             if _is_connectivity(exc) or len(batch) == 1:
                 self._fail(batch, exc, size)
                 return
@@ -145,6 +163,10 @@ class Recorder:
         self._stats["transactions"] += 1
         self._stats["written"] += result.written
         self._stats["rejected"] += len(result.rejected)
+        self._metrics.written.inc(result.written, tags=self._metrics.tags)
+        if result.rejected:
+            self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
+        self._metrics.pending.set(self._pending_records - size, tags=self._metrics.tags)
         self._resolve(batch, result)
 
     @staticmethod

@@ -189,3 +189,28 @@ def test_one_calls_bad_data_does_not_fail_the_calls_merged_with_it(ray_session, 
         ray.get(bad, timeout=30)
     assert sorted(_stored_steps(url)) == [("t1", 0), ("t1", 1)]
     stop_recorder(recorder)
+
+
+def test_recorder_counts_show_up_as_ray_metrics(ray_session, tmp_path):
+    import urllib.request
+
+    url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    upgrade(url)
+    settings = _settings()
+    recorder = start_recorder(DatabaseConfig(url=url), settings)
+    client = RecorderClient(settings)
+    client.add(trajectory("t1"), step("t1", 0), step("t1", 1), StepRecord("t1", -1, "bad"))
+    client.flush()
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {"ray_ziggurat_recorder_rows_written_total": 3.0, "ray_ziggurat_recorder_rows_rejected_total": 1.0}
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while set(found) != set(wanted) and time.monotonic() < deadline:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in body.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and f'recorder="{settings.actor_name}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    assert found == wanted
+    stop_recorder(recorder)
