@@ -1,1 +1,2 @@
-"""Trainer: distributed GRPO over recorded groups as a Ray Train job (next issue)."""
+"""Trainer: GRPO over recorded groups. Pure algorithms (`algorithms.py`) and batch tensors (`data.py`) exist;
+the Ray Train loop, checkpoints and the job entrypoint come with the trainer issue."""

@@ -1,0 +1,174 @@
+"""GRPO's pieces as pure torch functions behind small registries (no Ray, no model): easy to test and swap.
+
+A new advantage estimator or policy loss is one decorated function; the trainer looks them up by the names
+in its config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def add(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGES[name] = fn
+        return fn
+
+    return add
+
+
+def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards of one group must be a 1-D tensor, got shape {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
+    return rewards.to(torch.float64)
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean) / (std + eps) within one group, unbiased std. A group of one, or of equal rewards, gets 0."""
+    r = _check_rewards(rewards)
+    if r.numel() < 2:
+        return torch.zeros_like(r)
+    centered = r - r.mean()
+    if torch.all(centered == 0):
+        return torch.zeros_like(r)
+    return centered / (r.std(unbiased=True) + eps)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Dr. GRPO: r - mean, without dividing by the std (which favours low-variance, too-easy groups)."""
+    del eps
+    r = _check_rewards(rewards)
+    return r - r.mean() if r.numel() > 1 else torch.zeros_like(r)
+
+
+def has_signal(rewards: torch.Tensor) -> bool:
+    """A group teaches something only if its rewards differ; equal-reward groups are dropped and counted."""
+    return rewards.numel() > 1 and bool((rewards != rewards[0]).any())
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    eps_low: float = 0.2
+    """Lower clip: ratio >= 1 - eps_low."""
+    eps_high: float = 0.28
+    """Upper clip (DAPO clip-higher: larger than eps_low keeps exploring low-probability tokens)."""
+    dual_clip: float | None = None
+    """For negative advantages, cap the loss at -dual_clip * A (c = 3 is usual); None disables it."""
+    log_ratio_clamp: float = 20.0
+    """Clamp log(pi/pi_old) before exp, so one wild token cannot overflow."""
+    tis_cap: float | None = 2.0
+    """Truncated importance weight min(pi_old/mu, cap) against the behaviour policy mu that sampled the
+    tokens (vLLM, possibly versions behind); None disables the correction."""
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    per_token: torch.Tensor
+    """The per-token loss (zero where the mask is zero)."""
+    clip_fraction: torch.Tensor
+    """Share of masked tokens whose ratio was clipped."""
+    approx_kl: torch.Tensor
+    """Mean k3 estimate of KL(pi_old || pi) over masked tokens, for monitoring."""
+
+
+LossFn = Callable[..., LossTerms]
+POLICY_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    def add(fn: LossFn) -> LossFn:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+@register_loss("clipped")
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: ClipConfig = ClipConfig(),
+    behaviour_logp: torch.Tensor | None = None,
+) -> LossTerms:
+    """PPO/GRPO clipped surrogate per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A).
+
+    Shapes: logp, old_logp, mask, behaviour_logp are [batch, tokens]; advantages is [batch] or
+    [batch, tokens]. `old_logp` is the trainer's policy before this update (equal to `logp` detached on the
+    first step of an on-policy batch).
+    """
+    mask = mask.to(logp.dtype)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    advantages = advantages.to(logp.dtype)
+    log_ratio = (logp - old_logp).clamp(-clip.log_ratio_clamp, clip.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped_ratio = ratio.clamp(1 - clip.eps_low, 1 + clip.eps_high)
+    loss = -torch.min(unclipped, clipped_ratio * advantages)
+    if clip.dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.min(loss, -clip.dual_clip * advantages), loss)
+    if behaviour_logp is not None and clip.tis_cap is not None:
+        weight = torch.exp((old_logp - behaviour_logp).clamp(-clip.log_ratio_clamp, clip.log_ratio_clamp))
+        loss = loss * weight.clamp(max=clip.tis_cap).detach()
+    was_clipped = ((ratio < 1 - clip.eps_low) | (ratio > 1 + clip.eps_high)).to(logp.dtype)
+    return LossTerms(
+        per_token=loss * mask,
+        clip_fraction=_masked_mean(was_clipped, mask).detach(),
+        approx_kl=_masked_mean(kl_k3(logp.detach(), old_logp), mask),
+    )
+
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    global_tokens: float | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """Reduce a [batch, tokens] loss to a scalar.
+
+    token_mean: sum / tokens, with `global_tokens` = masked tokens across all workers and micro-batches
+    (DAPO/verl), so every token weighs the same however the batch is split. sequence_mean: mean over
+    sequences of each sequence's token mean (original GRPO). constant: sum / `constant` (Dr. GRPO: e.g.
+    sequences x max completion length), free of length bias.
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "token_mean":
+        denominator = global_tokens if global_tokens is not None else mask.sum()
+        return (per_token * mask).sum() / max(float(denominator), 1.0)
+    if mode == "sequence_mean":
+        lengths = mask.sum(dim=1)
+        present = lengths > 0
+        if not present.any():
+            return per_token.sum() * 0
+        return ((per_token * mask).sum(dim=1)[present] / lengths[present]).mean()
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError("aggregation 'constant' needs a positive constant (e.g. sequences x max length)")
+        return (per_token * mask).sum() / constant
+    raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
