@@ -1,0 +1,88 @@
+"""Typed settings for GRPO training (the `trainer:` section of a config file)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraConfig(BaseModel):
+    """Low-rank adapters trained instead of the full weights."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    rank: int = Field(8, ge=1)
+    """Adapter rank r."""
+
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: updates are scaled by alpha / rank."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Names of the linear layers that get adapters (Llama/Qwen naming)."""
+
+
+class TrainerConfig(BaseModel):
+    """GRPO hyper-parameters and how the Ray Train job runs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    mode: Literal["lora", "full"] = "lora"
+    """Train LoRA adapters (peft) or all weights."""
+
+    lora: LoraConfig = LoraConfig()
+    """Adapter settings when mode is lora."""
+
+    advantage: str = "grpo"
+    """Advantage estimator from trainer.algorithms.ADVANTAGES: grpo (std-normalised) or dr_grpo."""
+
+    advantage_eps: float = Field(1e-6, gt=0)
+    """Added to the group's std before dividing (verl uses 1e-6, TRL 1e-4)."""
+
+    clip_eps_low: float = Field(0.2, gt=0, lt=1)
+    """Lower clip of the importance ratio: 1 - clip_eps_low."""
+
+    clip_eps_high: float = Field(0.28, gt=0)
+    """Upper clip: 1 + clip_eps_high (DAPO clip-higher)."""
+
+    dual_clip: float | None = Field(None, gt=1)
+    """Cap on the loss of negative-advantage tokens as a multiple of -A (3 is usual); None disables it."""
+
+    tis_cap: float | None = Field(2.0, gt=0)
+    """Truncation of the importance weight against the sampler's recorded log-probs; None disables it."""
+
+    aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """How per-token losses become one number (token_mean counts tokens across all workers)."""
+
+    kl_beta: float = Field(0.0, ge=0)
+    """Weight of the k3 KL penalty to the base model (0: off, as in verl and TRL defaults)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    """AdamW learning rate (1e-5 is typical for LoRA, 1e-6 for full weights)."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer steps taken on one claimed batch (more than one makes the clip matter)."""
+
+    micro_batch_rows: int = Field(8, ge=1)
+    """Rows per forward/backward pass; gradients accumulate over a worker's rows."""
+
+    max_staleness: int | None = Field(4, ge=0)
+    """Drop groups sampled by a version more than this many versions behind the one being trained."""
+
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (processes); DDP across them."""
+
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
+
+    seed: int = 0
+    """Seed for adapter initialisation and any sampling in training."""

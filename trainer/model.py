@@ -1,0 +1,67 @@
+"""Loading the policy for training (LoRA adapters via peft, or full weights) and saving what was trained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import TrainerConfig
+
+MANIFEST = "ziggurat_version.json"
+
+
+def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", adapter: str | None = None) -> Any:
+    """The base model, wrapped with fresh (or `adapter`'s) LoRA weights when config.mode is lora."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device)
+    if config.mode == "full":
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in config.lora.target_modules if m in present]
+    if not targets:
+        raise ValueError(
+            f"none of trainer.lora.target_modules {config.lora.target_modules} exist in {base_model}; "
+            f"its linear layers include: {sorted(present)[:20]}"
+        )
+    lora = LoraConfig(
+        r=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_policy(model: Any, out_dir: str | Path, manifest: dict[str, Any], tokenizer_source: str | None = None) -> Path:
+    """Write the adapter (LoRA) or the full weights as safetensors, plus a manifest with checksums."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)  # DDP
+    unwrapped.save_pretrained(out, safe_serialization=True)
+    if tokenizer_source is not None and manifest.get("kind") == "full":
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
+    checksums = {p.name: _sha256(p) for p in sorted(out.glob("*.safetensors"))}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "checksums": checksums}, indent=2, default=str))
+    return out

@@ -1,0 +1,82 @@
+"""One GRPO update on a worker's tensors: token log-probs, the clipped loss, accumulation, the step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3
+from trainer.config import TrainerConfig
+from trainer.data import TrainingTensors
+
+
+def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, length] log p(token t | tokens < t); position 0 has no prediction and gets 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    # cross_entropy avoids materialising a second [rows, length, vocab] tensor of log-softmax values
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return F.pad(logp, (1, 0))
+
+
+def clip_config(config: TrainerConfig) -> ClipConfig:
+    return ClipConfig(
+        eps_low=config.clip_eps_low, eps_high=config.clip_eps_high, dual_clip=config.dual_clip, tis_cap=config.tis_cap
+    )
+
+
+def grpo_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainingTensors,
+    old_logprobs: torch.Tensor,
+    config: TrainerConfig,
+    global_tokens: float,
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Accumulate gradients over micro-batches, clip, step. `global_tokens` = policy tokens on all workers.
+
+    Every worker must call this the same number of times (DDP all-reduces in backward), even with no rows.
+    """
+    loss_fn = POLICY_LOSSES["clipped"]
+    clip = clip_config(config)
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
+    rows = batch.input_ids.shape[0]
+    micro = config.micro_batch_rows
+    for start in range(0, max(rows, 1), micro):
+        part = slice(start, start + micro)
+        ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
+        if ids.numel() == 0:  # this worker has no rows: a zero loss keeps DDP's collectives in step
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            loss.backward()
+            break
+        logp = token_logprobs(model, ids, attention)
+        terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
+        per_token = terms.per_token
+        if config.kl_beta > 0 and reference is not None:
+            with torch.no_grad():
+                ref_logp = reference(ids, attention)
+            kl = kl_k3(logp, ref_logp) * mask
+            per_token = per_token + config.kl_beta * kl
+            totals["kl_ref"] += float((kl.sum() / max(global_tokens, 1.0)).detach())
+        if config.aggregation == "token_mean":
+            loss = aggregate(per_token, mask, "token_mean", global_tokens=global_tokens)
+        elif config.aggregation == "constant":
+            loss = aggregate(per_token, mask, "constant", constant=float(rows * batch.input_ids.shape[1]))
+        else:
+            loss = aggregate(per_token, mask, "sequence_mean") * (ids.shape[0] / rows)
+        loss.backward()
+        weight = float(mask.sum()) / max(global_tokens, 1.0)
+        totals["loss"] += float(loss.detach())
+        totals["clip_fraction"] += float(terms.clip_fraction) * weight
+        totals["approx_kl"] += float(terms.approx_kl.detach()) * weight
+        # mean -log p of the sampled tokens: a Monte-Carlo estimate of the policy entropy
+        totals["entropy"] += float(-(logp.detach() * mask).sum()) / max(global_tokens, 1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip))
+    optimizer.step()
+    return totals
