@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recorder.config import DatabaseConfig, RecorderConfig
 from rollout.config import EngineConfig
+from trainer.config import TrainerConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -62,6 +63,10 @@ class ModelConfig(_Section):
     """Where fetched and converted checkpoints live. The ZIGGURAT_CACHE environment variable, when
     set, replaces it."""
 
+    store_dir: Path = Path("~/.cache/ziggurat/store")
+    """The model store: trained versions (v1, v2, ...) and Ray Train's run folders. On a cluster, storage
+    every node reaches (NFS, or a mounted bucket)."""
+
 
 class ZigguratConfig(_Section):
     """A complete Ziggurat configuration file."""
@@ -80,6 +85,9 @@ class ZigguratConfig(_Section):
 
     recorder: RecorderConfig = RecorderConfig()
     """The recorder actor and its producers."""
+
+    trainer: TrainerConfig = TrainerConfig()
+    """GRPO training as a Ray Train job."""
 
 
 def _key_path(location: tuple[Any, ...]) -> str:

@@ -266,6 +266,7 @@ def mark_batch(
     error: str | None = None,
     stats: dict[str, Any] | None = None,
     ray_job_id: str | None = None,
+    target_version: int | None = None,
     release: bool = False,
 ) -> None:
     """Move a batch to running/completed/failed. `release` (failed only) frees its trajectories for reuse."""
@@ -286,6 +287,8 @@ def mark_batch(
             values["stats"] = {**(current.stats or {}), **stats}
         if ray_job_id is not None:
             values["ray_job_id"] = ray_job_id
+        if target_version is not None:
+            values["target_version"] = target_version
         conn.execute(sa.update(B).where(B.c.id == batch_id).values(**values))
         if release:
             if status != "failed":

@@ -86,3 +86,15 @@ class TrainerConfig(BaseModel):
 
     seed: int = 0
     """Seed for adapter initialisation and any sampling in training."""
+
+    batch_max_groups: int = Field(64, ge=1)
+    """Most GRPO groups the job claims into one training batch."""
+
+    min_group_size: int = Field(2, ge=2)
+    """Smallest group worth training on (advantages need at least two samples)."""
+
+    reward_source: str = "env"
+    """Reward to train on: `env` (the environment's total reward) or the name of a judge."""
+
+    max_failures: int = Field(2, ge=0)
+    """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""

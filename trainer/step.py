@@ -36,10 +36,13 @@ def grpo_update(
     config: TrainerConfig,
     global_tokens: float,
     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    micro_steps: int | None = None,
 ) -> dict[str, float]:
     """Accumulate gradients over micro-batches, clip, step. `global_tokens` = policy tokens on all workers.
 
-    Every worker must call this the same number of times (DDP all-reduces in backward), even with no rows.
+    Under DDP every backward is a collective, so every worker must run the same number of micro-steps:
+    pass `micro_steps` = the largest count on any worker; a worker with fewer rows runs zero-weighted
+    passes on a one-token dummy to keep in step.
     """
     loss_fn = POLICY_LOSSES["clipped"]
     clip = clip_config(config)
@@ -47,13 +50,14 @@ def grpo_update(
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
     rows = batch.input_ids.shape[0]
     micro = config.micro_batch_rows
-    for start in range(0, max(rows, 1), micro):
-        part = slice(start, start + micro)
+    local_steps = -(-rows // micro)
+    for step in range(max(micro_steps or local_steps, local_steps)):
+        part = slice(step * micro, (step + 1) * micro)
         ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
-        if ids.numel() == 0:  # this worker has no rows: a zero loss keeps DDP's collectives in step
-            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-            loss.backward()
-            break
+        if ids.numel() == 0:  # out of rows: a zero-weighted pass keeps DDP's collectives in step
+            dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
+            (model(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits.sum() * 0.0).backward()
+            continue
         logp = token_logprobs(model, ids, attention)
         terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
         per_token = terms.per_token

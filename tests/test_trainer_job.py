@@ -1,0 +1,72 @@
+"""A Ray Train job (2 CPU workers, DDP over gloo) trains the tiny model on a batch recorded in PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+from recorder import queries
+from recorder.migrate import upgrade
+from recorder.records import LlmCallRecord
+from recorder.store import TrajectoryStore
+from tests.recorder_data import finished, trajectory
+from trainer.job import run_training
+from trainer.model import MANIFEST
+
+pytestmark = pytest.mark.slow
+
+
+def _record_groups(url: str, groups: int = 3, size: int = 4) -> None:
+    rng = np.random.default_rng(11)
+    store = TrajectoryStore(url)
+    records = []
+    for g in range(groups):
+        prompt = rng.integers(100, 40000, 12)
+        for i in range(size):
+            tid = f"g{g}-t{i}"
+            completion = rng.integers(100, 40000, 6)
+            records += [
+                trajectory(tid, f"g{g}"),
+                LlmCallRecord.from_tokens(tid, 0, 0, 0, prompt, completion, -rng.random(6) * 3 - 8),
+                finished(tid, f"g{g}", float(i % 2)),
+            ]
+    store.write(records)
+    store.dispose()
+
+
+def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_session, postgres, tiny_model_dir, tmp_path):
+    url = postgres.create_database(f"train_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    _record_groups(url)
+    base = load_config()
+    config = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
+            "database": base.database.model_copy(update={"url": url}),
+            "trainer": base.trainer.model_copy(
+                update={"num_workers": 2, "updates_per_batch": 2, "micro_batch_rows": 4, "learning_rate": 1e-3}
+            ),
+        }
+    )
+    version = run_training(config)
+    assert version == 1
+    store = TrajectoryStore(url)
+    (registered,) = queries.list_versions(store.engine)
+    assert registered["status"] == "ready" and registered["kind"] == "lora"
+    assert registered["metrics"]["update"] == 2 and registered["metrics"]["rows"] == 12
+    assert np.isfinite(registered["metrics"]["loss"]) and registered["metrics"]["grad_norm"] > 0
+    artifact = Path(registered["artifact_uri"])
+    assert (artifact / "adapter_model.safetensors").is_file()
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    assert manifest["version"] == 1 and manifest["training_batch"] == registered["training_batch_id"]
+    assert "adapter_model.safetensors" in manifest["checksums"]
+    batch = queries.get_batch(store.engine, registered["training_batch_id"])
+    assert batch["status"] == "completed" and batch["target_version"] == 1 and len(batch["trajectory_ids"]) == 12
+    assert run_training(config) is None  # every group is used now: nothing to train, no junk version
+    assert len(queries.list_versions(store.engine)) == 1
+    store.dispose()

@@ -1,0 +1,130 @@
+"""The per-worker Ray Train loop: read this worker's share of a batch, run GRPO updates, report, checkpoint.
+
+Runs inside `TorchTrainer` workers (DDP over gloo on CPUs, NCCL on GPUs). Rank 0 writes a checkpoint
+(the adapter or full weights, plus optimizer state and the update count) after every update, so a run
+restarted by `FailureConfig` resumes from the last finished update instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "trainer_state.pt"
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _old_logprobs(model: Any, batch: Any, micro: int) -> torch.Tensor:
+    from trainer.step import token_logprobs
+
+    if batch.input_ids.shape[0] == 0:
+        return torch.zeros_like(batch.loss_mask)
+    with torch.no_grad():
+        parts = [
+            token_logprobs(model, batch.input_ids[i : i + micro], batch.attention_mask[i : i + micro])
+            for i in range(0, batch.input_ids.shape[0], micro)
+        ]
+    return torch.cat(parts)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from recorder.config import DatabaseConfig
+    from recorder.queries import load_batch
+    from recorder.store import create_db_engine
+    from trainer.config import TrainerConfig
+    from trainer.data import build_rows, collate, shard_groups
+    from trainer.model import build_policy, save_policy
+    from trainer.step import grpo_update
+
+    config = TrainerConfig.model_validate(loop_config["trainer"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(int(loop_config.get("threads_per_worker", 1)))
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+
+    engine = create_db_engine(DatabaseConfig.model_validate(loop_config["database"]).resolved_url())
+    try:
+        groups = load_batch(engine, loop_config["batch_id"], loop_config.get("reward_source", "env"))
+    finally:
+        engine.dispose()
+    rows, stats = build_rows(
+        shard_groups(groups, rank, world),
+        config.advantage,
+        config.advantage_eps,
+        current_version=loop_config.get("target_version"),
+        max_staleness=config.max_staleness,
+    )
+    batch = collate(rows, pad_id=int(loop_config.get("pad_token_id", 0)), stats=stats)
+    batch_tensors = ("input_ids", "attention_mask", "loss_mask", "behaviour_logprobs", "advantages")
+    for name in batch_tensors:
+        setattr(batch, name, getattr(batch, name).to(device))
+
+    resume = ray.train.get_checkpoint()
+    resume_dir: str | None = None
+    state: dict[str, Any] = {}
+    if resume is not None:  # a restart after a failure: continue from the last finished update
+        resume_dir = tempfile.mkdtemp(prefix="ziggurat-resume-")
+        with resume.as_directory() as folder:
+            shutil.copytree(folder, resume_dir, dirs_exist_ok=True)
+        state = torch.load(Path(resume_dir) / STATE_FILE, weights_only=False)
+    start_from = resume_dir or loop_config.get("init_from")  # last checkpoint, else the parent version
+    if config.mode == "lora":
+        model = build_policy(loop_config["base_model"], config, str(device), adapter=start_from)
+    else:
+        model = build_policy(start_from or loop_config["base_model"], config, str(device))
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp") if world > 1 else model
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    if state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+
+    totals = _all_reduce([float(batch.loss_mask.sum()), stats.groups_without_signal, stats.groups_stale, stats.rows])
+    global_tokens = totals[0]
+    rows_here = batch.input_ids.shape[0]
+    (micro_steps,) = _all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
+    old = _old_logprobs(model, batch, config.micro_batch_rows)  # the policy before this batch's updates
+
+    for update in range(state.get("updates_done", 0), config.updates_per_batch):
+        started = time.perf_counter()
+        metrics = grpo_update(model, optimizer, batch, old, config, global_tokens, micro_steps=int(micro_steps))
+        elapsed = time.perf_counter() - started
+        summed = _all_reduce([metrics[k] for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")])
+        report = dict(zip(("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy"), summed, strict=True))
+        report.update(
+            update=update + 1,
+            grad_norm=metrics["grad_norm"],
+            tokens=global_tokens,
+            tokens_per_s=global_tokens / max(elapsed, 1e-9),
+            rows=totals[3],
+            groups_without_signal=totals[1],
+            groups_stale=totals[2],
+            reward_mean=stats.reward_mean,
+            reward_std=stats.reward_std,
+            advantage_abs_mean=float(batch.advantages.abs().mean()) if batch.advantages.numel() else 0.0,
+        )
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
+                save_policy(model, folder, {"kind": config.mode, "update": update + 1})
+                torch.save(
+                    {"updates_done": update + 1, "optimizer": optimizer.state_dict()}, os.path.join(folder, STATE_FILE)
+                )
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(report)
