@@ -70,3 +70,46 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_sessio
     assert run_training(config) is None  # every group is used now: nothing to train, no junk version
     assert len(queries.list_versions(store.engine)) == 1
     store.dispose()
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres, tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    url = postgres.create_database(f"resume_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    _record_groups(url)
+    base = load_config()
+    config = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
+            "database": base.database.model_copy(update={"url": url}),
+            "trainer": base.trainer.model_copy(
+                update={"num_workers": 2, "updates_per_batch": 25, "micro_batch_rows": 4, "max_failures": 2}
+            ),
+        }
+    )
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.update(version=run_training(config)))
+    thread.start()
+    runs = tmp_path / "store" / "ray_runs"
+    deadline = time.monotonic() + 240
+    while len(list(runs.glob("*/checkpoint_*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(runs.glob("*/checkpoint_*"))) >= 3, "no checkpoints were written"
+    workers = [
+        p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no training worker to kill"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert outcome.get("version") == 1
+    store = TrajectoryStore(url)
+    (registered,) = queries.list_versions(store.engine)
+    store.dispose()
+    assert registered["status"] == "ready" and registered["metrics"]["update"] == 25
+    assert registered["metrics"]["resumed_from_update"] >= 1  # the restarted group continued, not restarted

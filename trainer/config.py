@@ -96,5 +96,9 @@ class TrainerConfig(BaseModel):
     reward_source: str = "env"
     """Reward to train on: `env` (the environment's total reward) or the name of a judge."""
 
+    health_check_interval_s: float = Field(0.1, gt=0)
+    """How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). Its 2 s
+    default makes every `ray.train.report` wait up to 2 s, far longer than a small GRPO step."""
+
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""

@@ -85,6 +85,8 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     try:
         model_config = AutoConfig.from_pretrained(base)
         pad = model_config.pad_token_id if model_config.pad_token_id is not None else model_config.eos_token_id
+        # Ray Train propagates this from the driver to its controller and workers.
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

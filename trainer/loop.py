@@ -109,6 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report = dict(zip(("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy"), summed, strict=True))
         report.update(
             update=update + 1,
+            resumed_from_update=state.get("updates_done", 0),
             grad_norm=metrics["grad_norm"],
             tokens=global_tokens,
             tokens_per_s=global_tokens / max(elapsed, 1e-9),
