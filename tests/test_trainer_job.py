@@ -59,12 +59,16 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_sessio
     (registered,) = queries.list_versions(store.engine)
     assert registered["status"] == "ready" and registered["kind"] == "lora"
     assert registered["metrics"]["update"] == 2 and registered["metrics"]["rows"] == 12
+    assert registered["metrics"]["reward_mean"] == pytest.approx(0.5)  # rewards 1,0,1,0 in every group
+    assert registered["metrics"]["reward_std"] == pytest.approx(0.5)
     assert np.isfinite(registered["metrics"]["loss"]) and registered["metrics"]["grad_norm"] > 0
     artifact = Path(registered["artifact_uri"])
     assert (artifact / "adapter_model.safetensors").is_file()
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["version"] == 1 and manifest["training_batch"] == registered["training_batch_id"]
     assert "adapter_model.safetensors" in manifest["checksums"]
+    assert registered["wandb_run_id"]  # the offline W&B run of this training
+    assert list((tmp_path / "store" / "wandb").glob(f"offline-run-*-{registered['wandb_run_id']}"))
     batch = queries.get_batch(store.engine, registered["training_batch_id"])
     assert batch["status"] == "completed" and batch["target_version"] == 1 and len(batch["trajectory_ids"]) == 12
     assert run_training(config) is None  # every group is used now: nothing to train, no junk version

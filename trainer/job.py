@@ -98,6 +98,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 "init_from": parent["artifact_uri"] if parent else None,
                 "target_version": version,
                 "pad_token_id": pad or 0,
+                "wandb_dir": str(store),
             },
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
             run_config=RunConfig(
@@ -117,7 +118,14 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
         manifest.update(version=version, base_model=base, training_batch=batch_id, parent=parent and parent["version"])
         (artifact / MANIFEST).write_text(json.dumps(manifest, indent=2))
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        queries.update_version(engine, version, status="ready", artifact_uri=str(artifact), metrics=metrics)
+        queries.update_version(
+            engine,
+            version,
+            status="ready",
+            artifact_uri=str(artifact),
+            metrics=metrics,
+            wandb_run_id=(result.metrics or {}).get("wandb_run_id"),
+        )
         queries.mark_batch(engine, batch_id, "completed", stats={"final": metrics})
         log.info("version %d ready at %s", version, artifact)
         return version

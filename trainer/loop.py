@@ -27,6 +27,21 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
+def _start_wandb(loop_config: dict[str, Any], config: Any) -> Any:
+    """A W&B run on rank 0: online when WANDB_API_KEY is set, offline otherwise (WANDB_MODE overrides)."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(
+        project=loop_config.get("wandb_project", "ziggurat"),
+        name=f"v{loop_config.get('target_version')}-batch{loop_config['batch_id']}",
+        dir=loop_config.get("wandb_dir"),
+        mode=mode,
+        config={"trainer": loop_config["trainer"], "batch_id": loop_config["batch_id"]},
+        reinit="finish_previous",
+    )
+
+
 def _old_logprobs(model: Any, batch: Any, micro: int) -> torch.Tensor:
     from trainer.step import token_logprobs
 
@@ -95,12 +110,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
 
-    totals = _all_reduce([float(batch.loss_mask.sum()), stats.groups_without_signal, stats.groups_stale, stats.rows])
+    n = stats.trajectories
+    totals = _all_reduce(
+        [
+            float(batch.loss_mask.sum()),
+            stats.groups_without_signal,
+            stats.groups_stale,
+            stats.rows,
+            n,
+            stats.reward_mean * n,
+            (stats.reward_std**2 + stats.reward_mean**2) * n,
+            float(batch.advantages.abs().sum()),
+        ]
+    )
+    reward_mean = totals[5] / max(totals[4], 1.0)
+    reward_std = max(totals[6] / max(totals[4], 1.0) - reward_mean**2, 0.0) ** 0.5
     global_tokens = totals[0]
     rows_here = batch.input_ids.shape[0]
     (micro_steps,) = _all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
     old = _old_logprobs(model, batch, config.micro_batch_rows)  # the policy before this batch's updates
 
+    run = _start_wandb(loop_config, config) if rank == 0 else None
     for update in range(state.get("updates_done", 0), config.updates_per_batch):
         started = time.perf_counter()
         metrics = grpo_update(model, optimizer, batch, old, config, global_tokens, micro_steps=int(micro_steps))
@@ -116,10 +146,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rows=totals[3],
             groups_without_signal=totals[1],
             groups_stale=totals[2],
-            reward_mean=stats.reward_mean,
-            reward_std=stats.reward_std,
-            advantage_abs_mean=float(batch.advantages.abs().mean()) if batch.advantages.numel() else 0.0,
+            trajectories=totals[4],
+            reward_mean=reward_mean,
+            reward_std=reward_std,
+            advantage_abs_mean=totals[7] / max(totals[3], 1.0),
         )
+        if run is not None:
+            run.log(report, step=update + 1)
+            report["wandb_run_id"] = run.id
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
                 save_policy(model, folder, {"kind": config.mode, "update": update + 1})
@@ -129,3 +163,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)
+    if run is not None:
+        run.finish()
