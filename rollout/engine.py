@@ -109,6 +109,7 @@ class PolicyEngine:
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.version = version
+        self._lora: Any = None  # the LoRARequest of the served version, None for the base weights
 
     @classmethod
     async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
@@ -127,6 +128,28 @@ class PolicyEngine:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         log.info("vLLM engine ready on %s (version %d)", model_path, version)
         return cls(llm, tokenizer, model_path, version)
+
+    async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
+        """Serve `version`: a LoRA adapter folder (loaded before the switch), or None for the base weights.
+
+        Requests already running finish on the version they started with and report it.
+        """
+        if adapter_dir is None:
+            self._lora, self.version = None, version
+            return
+        from vllm.lora.request import LoRARequest
+
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise EngineError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+        request = LoRARequest(f"v{version}", max(version, 1), str(adapter_dir))
+        try:
+            await self._llm.add_lora(request)  # load first: a failure leaves the current version serving
+        except Exception as exc:
+            raise EngineError(
+                f"could not load adapter {adapter_dir} for version {version} ({type(exc).__name__}: {exc}); "
+                "the engine needs engine.enable_lora and engine.max_lora_rank >= the adapter's rank"
+            ) from exc
+        self._lora, self.version = request, version
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat conversation with the generation prompt appended (the model's template)."""
@@ -161,10 +184,13 @@ class PolicyEngine:
             stop_token_ids=stop_token_ids,
             output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
         )
-        version = self.version  # the version that serves this request, even if a swap happens meanwhile
+        version, lora = self.version, self._lora  # this request keeps them even if a swap happens meanwhile
         final = None
         async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id=uuid.uuid4().hex
+            TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
+            params,
+            request_id=uuid.uuid4().hex,
+            lora_request=lora,
         ):
             final = output
         if final is None:
@@ -228,6 +254,9 @@ class EngineThread:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.engine.chat_prompt(messages)
+
+    def set_adapter(self, version: int, adapter_dir: str | None, timeout_s: float | None = None) -> None:
+        self._call(self.engine.set_adapter(version, adapter_dir), timeout_s)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

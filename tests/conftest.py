@@ -77,7 +77,15 @@ def postgres() -> Iterator[ThrowawayPostgres]:
 
 @pytest.fixture(scope="session")
 def tiny_engine_config() -> EngineConfig:
-    return EngineConfig(device="cpu", dtype="float32", max_model_len=1024, kv_cache_gib=1, max_num_seqs=32)
+    return EngineConfig(
+        device="cpu",
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_gib=1,
+        max_num_seqs=32,
+        enable_lora=True,
+        max_lora_rank=8,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,36 @@ def _record_groups(url: str, groups: int = 3, size: int = 4) -> None:
     store.dispose()
 
 
-def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_session, postgres, tiny_model_dir, tmp_path):
+def _served_adapter_matches_peft(tiny_engine, base: str, adapter: str) -> None:
+    """vLLM serves the trained adapter: its log-probs are the peft model's, not the base model's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompt = tiny_engine.chat_prompt([{"role": "user", "content": "Buy YES?"}])
+    tiny_engine.set_adapter(1, adapter)
+    try:
+        served = tiny_engine.generate(prompt, temperature=0.0, max_tokens=8)
+    finally:
+        tiny_engine.set_adapter(0, None)
+    assert served.model_version == 1
+    completion = served.completions[0]
+    ids = torch.tensor([prompt + completion.token_ids])
+
+    def logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        return logp.gather(1, ids[0, 1:, None])[len(prompt) - 1 :, 0]
+
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    tuned = logprobs(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter))
+    assert torch.allclose(torch.tensor(completion.logprobs), tuned, atol=2e-3)
+    assert (tuned - logprobs(base_model)).abs().max() > 1e-2  # and the adapter really changed the policy
+
+
+def test_training_job_registers_a_ready_version_from_a_recorded_batch(
+    ray_session, postgres, tiny_model_dir, tiny_engine, tmp_path
+):
     url = postgres.create_database(f"train_{uuid.uuid4().hex[:8]}")
     upgrade(url)
     _record_groups(url)
@@ -49,7 +78,7 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_sessio
             "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
             "database": base.database.model_copy(update={"url": url}),
             "trainer": base.trainer.model_copy(
-                update={"num_workers": 2, "updates_per_batch": 2, "micro_batch_rows": 4, "learning_rate": 1e-3}
+                update={"num_workers": 2, "updates_per_batch": 2, "micro_batch_rows": 4, "learning_rate": 2e-2}
             ),
         }
     )
@@ -71,6 +100,7 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(ray_sessio
     assert list((tmp_path / "store" / "wandb").glob(f"offline-run-*-{registered['wandb_run_id']}"))
     batch = queries.get_batch(store.engine, registered["training_batch_id"])
     assert batch["status"] == "completed" and batch["target_version"] == 1 and len(batch["trajectory_ids"]) == 12
+    _served_adapter_matches_peft(tiny_engine, tiny_model_dir, str(artifact))
     assert run_training(config) is None  # every group is used now: nothing to train, no junk version
     assert len(queries.list_versions(store.engine)) == 1
     store.dispose()
