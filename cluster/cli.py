@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 import yaml
 
 from cluster.config import DEFAULT_CONFIG, ConfigError, load_config
+from cluster.logs import configure_logging
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
@@ -68,6 +68,34 @@ def _db_status(args: argparse.Namespace) -> int:
     return 0 if current == head else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.job import main as train_main
+
+    argv = ["--config", str(args.config)] + (["--batch-id", str(args.batch_id)] if args.batch_id is not None else [])
+    return train_main(argv)
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from recorder.queries import list_versions, readiness
+    from recorder.store import create_db_engine
+
+    config = load_config(args.config)
+    engine = create_db_engine(config.database.resolved_url())
+    try:
+        for v in list_versions(engine):
+            loss = v["metrics"].get("loss")
+            shown_loss = "-" if loss is None else f"{loss:.4f}"
+            print(
+                f"v{v['version']:<4} {v['status']:<11} {v['kind']:<5} batch={v['training_batch_id']} "
+                f"parent={v['parent_version']} loss={shown_loss} {v['artifact_uri'] or ''}"
+            )
+        ready = readiness(engine, config.trainer.reward_source, config.trainer.min_group_size)
+        print(f"ready to train: {ready.groups_with_variance} groups ({ready.trainable_trajectories} trajectories)")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from cluster.run import main as run_main
 
@@ -111,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_db_status
     )
 
+    train = with_config(commands.add_parser("train", help="train one batch into a new version (python -m trainer.job)"))
+    train.add_argument("--batch-id", type=int, default=None, help="train this batch instead of claiming one")
+    train.set_defaults(handler=_train)
+    with_config(commands.add_parser("versions", help="list model versions and what is ready to train")).set_defaults(
+        handler=_versions
+    )
+
     run = with_config(commands.add_parser("run", help="run the main job (same as python -m cluster.run)"))
     run.set_defaults(handler=_run)
     return parser
@@ -118,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
     except ConfigError as exc:

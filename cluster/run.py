@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from cluster.config import DEFAULT_CONFIG, ZigguratConfig, load_config
+from cluster.logs import configure_logging
 from cluster.models import resolve_model
 from rollout.engine import EngineThread
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=4, help="samples per prompt (the GRPO group)")
     parser.add_argument("--max-tokens", type=int, default=48, help="completion length limit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     summary = run(load_config(args.config), group_size=args.group_size, max_tokens=args.max_tokens)
     print(json.dumps(summary))
 

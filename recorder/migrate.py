@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from alembic import command
@@ -38,7 +37,6 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(url: str | URL, revision: str = "head") -> None:
     """Bring the database at `url` to `revision` (creating the tables on an empty database)."""
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     command.upgrade(alembic_config(url), revision)
 
 

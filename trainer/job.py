@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import DEFAULT_CONFIG, ZigguratConfig, load_config
+from cluster.logs import configure_logging
 
 log = logging.getLogger("ziggurat.trainer")
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--batch-id", type=int, default=None, help="train this batch instead of claiming one")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         version = run_training(load_config(args.config), args.batch_id)
     except Exception as exc:
