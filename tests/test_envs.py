@@ -1,0 +1,92 @@
+"""Environments: deterministic per seed, exact rewards, malformed actions as outcomes, no leaked outcomes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rollout.envs import ENVIRONMENTS, make_env
+
+
+def test_registry_names_and_unknown_names():
+    assert {"arithmetic", "market"} <= set(ENVIRONMENTS)
+    with pytest.raises(KeyError, match="unknown environment 'chess'; registered: arithmetic, market"):
+        make_env("chess")
+
+
+def test_arithmetic_is_exact_and_deterministic():
+    env = make_env("arithmetic")
+    question = env.reset(seed=3)
+    assert make_env("arithmetic").reset(seed=3) == question
+    a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+    answer = int(a) + int(b) if op == "+" else int(a) * int(b)
+    assert env.step(f"It is {answer}.").reward == 1.0
+    env.reset(seed=3)
+    assert env.step(str(answer + 1)).reward == 0.0
+    env.reset(seed=3)
+    result = env.step("no idea")
+    assert result.reward == -0.1 and result.done and result.info["error"] == "no integer in the answer"
+
+
+def _play(seed: int, actions: list[str]) -> list:
+    env = make_env("market")
+    trace = [env.reset(seed)]
+    for action in actions:
+        trace.append(env.step(action))
+    return trace
+
+
+def test_market_episodes_are_deterministic_per_seed():
+    actions = ['{"type": "buy_yes", "market": 1, "amount": 100}', '{"type": "hold"}', '{"type": "hold"}']
+    first, again, other = _play(7, actions), _play(7, actions), _play(8, actions)
+    assert first[0] == again[0] and [r.reward for r in first[1:]] == [r.reward for r in again[1:]]
+    assert first[0] != other[0]
+
+
+def test_market_observations_never_show_the_outcome():
+    env = make_env("market")
+    observation = env.reset(seed=11)
+    for market in env.markets:
+        assert f"{market.probability}" not in observation
+    assert "resolve" in env.system_prompt() and "outcome" not in observation.lower()
+
+
+def test_market_profit_is_computed_by_hand():
+    env = make_env("market", ticks=1)
+    env.reset(seed=5)
+    market = env.markets[0]
+    price = market.yes_price
+    result = env.step(json.dumps({"type": "buy_yes", "market": 1, "amount": 100}))
+    shares = 100 / price
+    expected_pnl = (shares if market.outcome else 0.0) - 100
+    assert result.done and result.info["pnl"] == pytest.approx(expected_pnl, abs=1e-3)
+    assert result.reward == pytest.approx(expected_pnl / 100 + 0.02, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ("I think I'll buy", "no JSON object"),
+        ('{"type": "buy_yes", "market": 1, "amount": 100', "no JSON object"),
+        ('{"type": "short", "market": 1}', "type must be one of"),
+        ('{"type": "buy_no", "market": 9, "amount": 10}', "market must be an id from 1 to 3"),
+        ('{"type": "buy_no", "market": 2, "amount": -5}', "amount must be a number of dollars"),
+        ('{"type": "buy_yes", "market": 2, "amount": 5000}', "amount must be a number of dollars"),
+    ],
+)
+def test_malformed_actions_are_penalised_not_raised(reply, error):
+    env = make_env("market")
+    env.reset(seed=1)
+    result = env.step(reply)
+    assert error in result.info["error"] and result.reward == pytest.approx(-0.05)
+    assert not result.done and env.balance == 1000.0  # treated as a hold: nothing changed
+
+
+def test_selling_closes_a_position_at_the_current_price():
+    env = make_env("market", ticks=3)
+    env.reset(seed=2)
+    env.step('{"type": "buy_no", "market": 2, "amount": 200}')
+    shares, price = env.markets[1].no_shares, 1 - env.markets[1].yes_price
+    env.step('{"type": "sell", "market": 2}')
+    assert env.markets[1].no_shares == 0 and env.balance == pytest.approx(800 + shares * price)
