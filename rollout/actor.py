@@ -1,0 +1,183 @@
+"""The rollout actor: one vLLM engine, many concurrent episodes, every step streamed to the recorder.
+
+`run_group` plays `group_size` episodes from the same start state (the GRPO group: same environment and
+seed), concurrently, so vLLM batches their calls. Multi-turn prompts extend the exact tokens of earlier
+turns (rollout.chat). A trajectory records the version it started on; every LLM call records the version
+that produced it. Episodes past their deadline are recorded as aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from recorder.client import RecorderClient
+from recorder.config import RecorderConfig
+from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
+from rollout.chat import next_turn_tokens
+from rollout.config import EngineConfig
+from rollout.engine import PolicyEngine
+from rollout.envs import make_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """What every episode of one group shares."""
+
+    env_name: str
+    env_settings: dict[str, Any]
+    seed: int
+    group_id: str
+    max_turns: int
+    max_tokens: int
+    temperature: float
+    timeout_s: float
+
+
+@dataclass
+class EpisodeResult:
+    trajectory_id: str
+    reward: float
+    turns: int
+    status: str
+    completion_tokens: int
+
+
+class RolloutWorker:
+    """Create with `start_rollout_worker`; call `run_group` as often as you like, concurrently."""
+
+    def __init__(self, model_path: str, engine: EngineConfig, recorder: RecorderConfig) -> None:
+        self._model_path, self._engine_config = model_path, engine
+        self._client = RecorderClient(recorder)
+        self._engine: PolicyEngine | None = None
+        self._starting: asyncio.Lock | None = None
+
+    async def _policy(self) -> PolicyEngine:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._engine is None:
+                self._engine = await PolicyEngine.start(self._model_path, self._engine_config)
+        return self._engine
+
+    async def ready(self) -> int:
+        """Start the engine (once); returns the version it serves."""
+        return (await self._policy()).version
+
+    async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
+        await (await self._policy()).set_adapter(version, adapter_dir)
+
+    async def run_group(
+        self,
+        env_name: str,
+        seed: int,
+        group_size: int,
+        env_settings: dict[str, Any] | None = None,
+        max_turns: int = 8,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        episode_timeout_s: float = 300.0,
+    ) -> dict[str, Any]:
+        engine = await self._policy()
+        spec = EpisodeSpec(
+            env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s
+        )
+        started = time.perf_counter()
+        episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
+        report = await self._client.flush_async()
+        elapsed = time.perf_counter() - started
+        tokens = sum(e.completion_tokens for e in episodes)
+        return {
+            "group_id": spec.group_id,
+            "scenario_id": f"{env_name}:{seed}",
+            "rewards": [e.reward for e in episodes],
+            "statuses": [e.status for e in episodes],
+            "trajectory_ids": [e.trajectory_id for e in episodes],
+            "completion_tokens": tokens,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "recorded": report.acknowledged,
+            "rejected": len(report.rejected),
+        }
+
+    async def _episode(self, engine: PolicyEngine, spec: EpisodeSpec) -> EpisodeResult:
+        trajectory_id, version, seed = uuid.uuid4().hex, engine.version, spec.seed
+        common = {"environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id}
+        self._client.add(TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}))
+        progress = {"reward": 0.0, "turns": 0, "tokens": 0}
+        try:
+            await asyncio.wait_for(self._play(engine, spec, trajectory_id, progress), spec.timeout_s)
+            status = "finished"
+        except TimeoutError:
+            status = "aborted"
+            log.warning("episode %s passed its %.0f s deadline; recorded as aborted", trajectory_id, spec.timeout_s)
+        self._client.add(
+            TrajectoryRecord(
+                trajectory_id, **common, model_version=version, status=status, total_reward=progress["reward"],
+                step_count=progress["turns"], metadata={"seed": seed},
+            )
+        )  # fmt: skip
+        return EpisodeResult(trajectory_id, progress["reward"], progress["turns"], status, progress["tokens"])
+
+    async def _play(
+        self, engine: PolicyEngine, spec: EpisodeSpec, trajectory_id: str, progress: dict[str, Any]
+    ) -> None:
+        env = make_env(spec.env_name, **spec.env_settings)
+        max_tokens, temperature = spec.max_tokens, spec.temperature
+        observation = env.reset(spec.seed)
+        messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": observation}]
+        prompt = engine.chat_prompt(messages)
+        limit = self._engine_config.max_model_len
+        for turn in range(spec.max_turns):
+            started = time.perf_counter()
+            generation = await engine.generate(prompt, max_tokens=max_tokens, temperature=temperature)
+            completion = generation.completions[0]
+            result = env.step(completion.text)
+            self._client.add(
+                StepRecord(
+                    trajectory_id, turn, observation, action=result.info.get("action"), env_reward=result.reward,
+                    done=result.done, error=result.info.get("error"),
+                ),
+                LlmCallRecord.from_tokens(
+                    trajectory_id, turn, 0, generation.model_version, prompt, completion.token_ids,
+                    completion.logprobs, text=completion.text, finish_reason=completion.finish_reason,
+                    sampling_params={"temperature": temperature, "max_tokens": max_tokens},
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                ),
+            )  # fmt: skip
+            progress["reward"] += result.reward
+            progress["turns"] = turn + 1
+            progress["tokens"] += len(completion.token_ids)
+            if result.done:
+                return
+            observation = result.observation
+            prompt = (
+                prompt + completion.token_ids + next_turn_tokens(engine.tokenizer, completion.token_ids, observation)
+            )
+            if len(prompt) + max_tokens > limit:  # the next turn would not fit: end the episode here
+                return
+
+    async def close(self) -> None:
+        await self._client.flush_async()
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def start_rollout_worker(
+    model_path: str, engine: EngineConfig, recorder: RecorderConfig, name: str | None = None
+) -> Any:
+    """A rollout actor (named if `name`), restarted by Ray if it crashes; returns its handle once serving."""
+    options: dict[str, Any] = {"max_restarts": 3, "max_concurrency": 256, "num_cpus": 0}
+    if name:
+        options["name"] = name
+    worker = ray.remote(RolloutWorker).options(**options).remote(model_path, engine, recorder)
+    ray.get(worker.ready.remote(), timeout=engine.start_timeout_s)
+    return worker

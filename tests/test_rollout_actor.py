@@ -1,0 +1,61 @@
+"""A rollout actor on the tiny model plays market episodes in a GRPO group and records them exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import sqlalchemy as sa
+
+from recorder.actor import start_recorder, stop_recorder
+from recorder.config import DatabaseConfig, RecorderConfig
+from recorder.migrate import upgrade
+from recorder.records import unpack_logprobs, unpack_tokens
+from recorder.schema import LlmCall, Step, Trajectory
+from rollout.actor import start_rollout_worker
+from rollout.config import EngineConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_group_of_multi_turn_episodes_is_recorded_as_generated(ray_session, tiny_model_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'rollout.db'}"
+    upgrade(url)
+    settings = RecorderConfig(actor_name="rollout-test-recorder")
+    recorder = start_recorder(DatabaseConfig(url=url), settings)
+    engine = EngineConfig(device="cpu", max_model_len=1024, kv_cache_gib=1, max_num_seqs=16)
+    worker = start_rollout_worker(tiny_model_dir, engine, settings)
+    try:
+        summary = ray.get(
+            worker.run_group.remote("market", seed=3, group_size=3, max_turns=3, max_tokens=12), timeout=300
+        )
+    finally:
+        ray.get(worker.close.remote(), timeout=60)
+        ray.kill(worker)
+        stop_recorder(recorder)
+    assert summary["statuses"] == ["finished"] * 3 and summary["rejected"] == 0
+    db = sa.create_engine(url)
+    with db.connect() as conn:
+        trajectories = conn.execute(sa.select(Trajectory.__table__)).mappings().all()
+        steps = conn.execute(sa.select(Step.__table__).order_by("trajectory_id", "step_index")).mappings().all()
+        calls = conn.execute(sa.select(LlmCall.__table__).order_by("trajectory_id", "step_index")).mappings().all()
+    db.dispose()
+    assert {t["group_id"] for t in trajectories} == {summary["group_id"]}
+    assert {t["scenario_id"] for t in trajectories} == {"market:3"}
+    assert sorted(t["total_reward"] for t in trajectories) == pytest.approx(sorted(summary["rewards"]))
+    # A random policy does not write JSON: each turn is a recorded format error, never a crash.
+    assert all(s["error"] and s["env_reward"] == pytest.approx(-0.05) for s in steps[:-1] if not s["done"])
+    by_trajectory: dict[str, list] = {}
+    for call in calls:
+        by_trajectory.setdefault(call["trajectory_id"], []).append(call)
+    for turns in by_trajectory.values():
+        assert [c["step_index"] for c in turns] == list(range(len(turns)))
+        for earlier, later in zip(turns, turns[1:], strict=False):
+            before = np.concatenate(
+                [unpack_tokens(earlier["prompt_token_ids"]), unpack_tokens(earlier["completion_token_ids"])]
+            )
+            # turn k+1's prompt extends the exact tokens of turn k
+            assert np.array_equal(unpack_tokens(later["prompt_token_ids"])[: len(before)], before)
+        for call in turns:
+            assert len(unpack_tokens(call["completion_token_ids"])) == len(unpack_logprobs(call["completion_logprobs"]))
+    assert sum(len(t) for t in by_trajectory.values()) == len(steps) == sum(t["step_count"] for t in trajectories)
