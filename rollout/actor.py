@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from recorder.client import RecorderClient
+from recorder.client import FlushReport, RecorderClient
 from recorder.config import RecorderConfig
 from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
 from rollout.chat import next_turn_tokens
@@ -40,6 +40,7 @@ class EpisodeSpec:
     max_tokens: int
     temperature: float
     timeout_s: float
+    min_tokens: int = 0
 
 
 @dataclass
@@ -59,6 +60,7 @@ class RolloutWorker:
         self._client = RecorderClient(recorder)
         self._engine: PolicyEngine | None = None
         self._starting: asyncio.Lock | None = None
+        self._flushing: asyncio.Lock | None = None
 
     async def _policy(self) -> PolicyEngine:
         if self._starting is None:
@@ -85,14 +87,16 @@ class RolloutWorker:
         max_tokens: int = 64,
         temperature: float = 1.0,
         episode_timeout_s: float = 300.0,
+        min_tokens: int = 0,
     ) -> dict[str, Any]:
         engine = await self._policy()
         spec = EpisodeSpec(
-            env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s
-        )
+            env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s,
+            min_tokens,
+        )  # fmt: skip
         started = time.perf_counter()
         episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
-        report = await self._client.flush_async()
+        report = await self._flush()
         elapsed = time.perf_counter() - started
         tokens = sum(e.completion_tokens for e in episodes)
         return {
@@ -137,7 +141,9 @@ class RolloutWorker:
         limit = self._engine_config.max_model_len
         for turn in range(spec.max_turns):
             started = time.perf_counter()
-            generation = await engine.generate(prompt, max_tokens=max_tokens, temperature=temperature)
+            generation = await engine.generate(
+                prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature
+            )
             completion = generation.completions[0]
             result = env.step(completion.text)
             self._client.add(
@@ -164,8 +170,15 @@ class RolloutWorker:
             if len(prompt) + max_tokens > limit:  # the next turn would not fit: end the episode here
                 return
 
+    async def _flush(self) -> FlushReport:
+        """One flush at a time: concurrent groups share the client, whose flush is not re-entrant."""
+        if self._flushing is None:
+            self._flushing = asyncio.Lock()
+        async with self._flushing:
+            return await self._client.flush_async()
+
     async def close(self) -> None:
-        await self._client.flush_async()
+        await self._flush()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
