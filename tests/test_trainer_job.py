@@ -39,6 +39,17 @@ def _record_groups(url: str, groups: int = 3, size: int = 4) -> None:
     store.dispose()
 
 
+def _config(url: str, tiny_model_dir: str, tmp_path: Path, **trainer: object):
+    base = load_config()
+    return base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
+            "database": base.database.model_copy(update={"url": url}),
+            "trainer": base.trainer.model_copy(update={"num_workers": 2, "micro_batch_rows": 4, **trainer}),
+        }
+    )
+
+
 def _served_adapter_matches_peft(tiny_engine, base: str, adapter: str) -> None:
     """vLLM serves the trained adapter: its log-probs are the peft model's, not the base model's."""
     import torch
@@ -72,16 +83,7 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     url = postgres.create_database(f"train_{uuid.uuid4().hex[:8]}")
     upgrade(url)
     _record_groups(url)
-    base = load_config()
-    config = base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
-            "database": base.database.model_copy(update={"url": url}),
-            "trainer": base.trainer.model_copy(
-                update={"num_workers": 2, "updates_per_batch": 2, "micro_batch_rows": 4, "learning_rate": 2e-2}
-            ),
-        }
-    )
+    config = _config(url, tiny_model_dir, tmp_path, updates_per_batch=2, learning_rate=2e-2)
     version = run_training(config)
     assert version == 1
     store = TrajectoryStore(url)
@@ -117,16 +119,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres,
     url = postgres.create_database(f"resume_{uuid.uuid4().hex[:8]}")
     upgrade(url)
     _record_groups(url)
-    base = load_config()
-    config = base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
-            "database": base.database.model_copy(update={"url": url}),
-            "trainer": base.trainer.model_copy(
-                update={"num_workers": 2, "updates_per_batch": 25, "micro_batch_rows": 4, "max_failures": 2}
-            ),
-        }
-    )
+    config = _config(url, tiny_model_dir, tmp_path, updates_per_batch=25, max_failures=2)
     outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.update(version=run_training(config)))
     thread.start()

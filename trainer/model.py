@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cluster.models import sha256_file
 from trainer.config import TrainerConfig
 
 MANIFEST = "ziggurat_version.json"
@@ -44,14 +44,6 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
     return get_peft_model(model, lora)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_policy(model: Any, out_dir: str | Path, manifest: dict[str, Any], tokenizer_source: str | None = None) -> Path:
     """Write the adapter (LoRA) or the full weights as safetensors, plus a manifest with checksums."""
     out = Path(out_dir)
@@ -62,6 +54,6 @@ def save_policy(model: Any, out_dir: str | Path, manifest: dict[str, Any], token
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
-    checksums = {p.name: _sha256(p) for p in sorted(out.glob("*.safetensors"))}
+    checksums = {p.name: sha256_file(p) for p in sorted(out.glob("*.safetensors"))}
     (out / MANIFEST).write_text(json.dumps({**manifest, "checksums": checksums}, indent=2, default=str))
     return out
