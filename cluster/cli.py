@@ -96,6 +96,24 @@ def _versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from rollout.run import main as rollout_main
+
+    rollout_main(
+        [
+            "--config",
+            str(args.config),
+            "--env",
+            args.env,
+            "--groups",
+            str(args.groups),
+            "--group-size",
+            str(args.group_size),
+        ]
+    )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from cluster.run import main as run_main
 
@@ -145,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(commands.add_parser("versions", help="list model versions and what is ready to train")).set_defaults(
         handler=_versions
     )
+
+    rollout = with_config(commands.add_parser("rollout", help="play GRPO groups of episodes and record them"))
+    rollout.add_argument("--env", default="market", help="a registered environment (arithmetic, market)")
+    rollout.add_argument("--groups", type=int, default=2)
+    rollout.add_argument("--group-size", type=int, default=4)
+    rollout.set_defaults(handler=_rollout)
 
     run = with_config(commands.add_parser("run", help="run the main job (same as python -m cluster.run)"))
     run.set_defaults(handler=_run)

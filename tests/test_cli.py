@@ -16,7 +16,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_help_lists_the_subcommands():
     result = _run("--help")
     assert result.returncode == 0
-    for command in ("models", "config", "db", "train", "versions", "run"):
+    for command in ("models", "config", "db", "train", "versions", "rollout", "run"):
         assert command in result.stdout
     models = _run("models", "--help")
     assert "fetch" in models.stdout and "tiny" in models.stdout

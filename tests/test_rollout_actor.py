@@ -59,3 +59,21 @@ def test_a_group_of_multi_turn_episodes_is_recorded_as_generated(ray_session, ti
         for call in turns:
             assert len(unpack_tokens(call["completion_token_ids"])) == len(unpack_logprobs(call["completion_logprobs"]))
     assert sum(len(t) for t in by_trajectory.values()) == len(steps) == sum(t["step_count"] for t in trajectories)
+
+
+def test_rollout_entrypoint_plays_and_summarises_groups(ray_session, tiny_model_dir, tmp_path):
+    from cluster.config import load_config
+    from rollout.run import run_rollouts
+
+    base = load_config()
+    config = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"name": tiny_model_dir}),
+            "engine": base.engine.model_copy(update={"max_model_len": 512, "max_num_seqs": 8}),
+            "database": base.database.model_copy(update={"url": f"sqlite:///{tmp_path / 'r.db'}"}),
+            "recorder": base.recorder.model_copy(update={"actor_name": "rollout-run-recorder"}),
+        }
+    )
+    summary = run_rollouts(config, "arithmetic", groups=2, group_size=3, max_turns=1, max_tokens=6)
+    assert summary["groups"] == 2 and summary["recorded"] == 2 * 3 * 4  # start, step, call, finish each
+    assert summary["completion_tokens"] > 0 and summary["tokens_per_s_per_group"] > 0
