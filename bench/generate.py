@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,16 +65,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from cluster.config import ModelConfig
-    from cluster.models import build_tiny_llama, resolve_model
+    from cluster.models import model_for_benchmark
     from rollout.config import EngineConfig
     from rollout.engine import EngineThread
 
-    base = resolve_model(ModelConfig())
-    if args.model == "tiny":
-        model_path = str(build_tiny_llama(base, tempfile.mkdtemp(prefix="tiny-")))
-    else:
-        model_path = resolve_model(ModelConfig(name=args.model))
+    model_path = model_for_benchmark(args.model)
     prompts = _prompts(AutoTokenizer.from_pretrained(model_path), args.prompts)
 
     results: dict[str, object] = {"model": args.model, "prompts": args.prompts, "tokens": args.tokens}

@@ -33,8 +33,8 @@ def main() -> None:
 
     import ray
 
-    from cluster.config import ModelConfig, RayConfig
-    from cluster.models import build_tiny_llama, resolve_model
+    from cluster.config import RayConfig
+    from cluster.models import model_for_benchmark
     from cluster.ray_runtime import init_ray
     from recorder.actor import start_recorder, stop_recorder
     from recorder.config import DatabaseConfig, RecorderConfig
@@ -44,11 +44,7 @@ def main() -> None:
     from rollout.engine import EngineThread
     from rollout.envs import make_env
 
-    base = resolve_model(ModelConfig())
-    if args.model == "tiny":
-        model_path = str(build_tiny_llama(base, tempfile.mkdtemp(prefix="tiny-")))
-    else:
-        model_path = resolve_model(ModelConfig(name=args.model))
+    model_path = model_for_benchmark(args.model)
     engine_config = EngineConfig(device="cpu", max_model_len=1024, max_num_seqs=256)
     seeds = list(range(args.groups))
     sampling = {"max_tokens": args.tokens, "min_tokens": args.tokens, "temperature": 1.0}

@@ -196,3 +196,12 @@ def build_tiny_llama(tokenizer_source: str | Path, out_dir: str | Path, seed: in
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def model_for_benchmark(name: str) -> str:
+    """`tiny`: a fresh tiny Llama with SmolLM2's tokenizer in a temp folder; anything else: `resolve_model`."""
+    import tempfile
+
+    if name == "tiny":
+        return str(build_tiny_llama(resolve_model(ModelConfig()), tempfile.mkdtemp(prefix="tiny-")))
+    return resolve_model(ModelConfig(name=name))

@@ -8,19 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _registrar(table: dict[str, F]) -> Callable[[str], Callable[[F], F]]:
+    """`@register(name)` for one registry table."""
+
+    def register(name: str) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            table[name] = fn
+            return fn
+
+        return add
+
+    return register
+
+
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def add(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-
-    return add
+register_advantage = _registrar(ADVANTAGES)
 
 
 def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -83,14 +93,7 @@ class LossTerms:
 
 LossFn = Callable[..., LossTerms]
 POLICY_LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    def add(fn: LossFn) -> LossFn:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return add
+register_loss = _registrar(POLICY_LOSSES)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
