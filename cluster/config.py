@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recorder.config import DatabaseConfig, RecorderConfig
-from rollout.config import EngineConfig
+from rollout.config import EngineConfig, JudgeConfig
 from trainer.config import TrainerConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -85,6 +85,9 @@ class ZigguratConfig(_Section):
 
     recorder: RecorderConfig = RecorderConfig()
     """The recorder actor and its producers."""
+
+    judge: JudgeConfig = JudgeConfig()
+    """How finished groups are scored (env reward, LLM judge, weighted mix)."""
 
     trainer: TrainerConfig = TrainerConfig()
     """GRPO training as a Ray Train job."""

@@ -21,9 +21,10 @@ from recorder.client import FlushReport, RecorderClient
 from recorder.config import RecorderConfig
 from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
 from rollout.chat import next_turn_tokens
-from rollout.config import EngineConfig
-from rollout.engine import PolicyEngine
+from rollout.config import EngineConfig, JudgeConfig
+from rollout.engine import EngineError, PolicyEngine
 from rollout.envs import make_env
+from rollout.judges import JudgedTrajectory, JudgeOutputError, judge_group
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class EpisodeSpec:
     temperature: float
     timeout_s: float
     min_tokens: int = 0
+    is_eval: bool = False
 
 
 @dataclass
@@ -50,17 +52,23 @@ class EpisodeResult:
     turns: int
     status: str
     completion_tokens: int
+    transcript: str
+    version: int
 
 
 class RolloutWorker:
     """Create with `start_rollout_worker`; call `run_group` as often as you like, concurrently."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, recorder: RecorderConfig) -> None:
+    def __init__(
+        self, model_path: str, engine: EngineConfig, recorder: RecorderConfig, judge: JudgeConfig | None = None
+    ) -> None:
         self._model_path, self._engine_config = model_path, engine
+        self._judge = judge
         self._client = RecorderClient(recorder)
         self._engine: PolicyEngine | None = None
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
+        self._in_flight, self._calls, self._last_call = 0, 0, None
 
     async def _policy(self) -> PolicyEngine:
         if self._starting is None:
@@ -77,6 +85,36 @@ class RolloutWorker:
     async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
         await (await self._policy()).set_adapter(version, adapter_dir)
 
+    async def prepare(self, version: int, adapter_dir: str | None) -> int:
+        """Hot-swap phase 1: load `version` (an adapter folder; None for the base) without serving it."""
+        engine = await self._policy()
+        if adapter_dir is not None:
+            await engine.load_adapter(version, adapter_dir)
+        return version
+
+    async def activate(self, version: int) -> int:
+        """Hot-swap phase 2: serve a prepared version from the next LLM call on; returns the previous one."""
+        engine = await self._policy()
+        previous = engine.version
+        engine.activate(version)
+        return previous
+
+    async def unload(self, version: int) -> None:
+        engine = await self._policy()
+        if version != engine.version:
+            await engine.unload_adapter(version)
+
+    async def health(self) -> dict[str, Any]:
+        """Served version, loaded adapters, episodes in flight and when the last LLM call finished."""
+        engine = await self._policy()
+        return {
+            "served_version": engine.version,
+            "loaded_versions": engine.loaded_versions,
+            "episodes_in_flight": self._in_flight,
+            "llm_calls": self._calls,
+            "last_call_s_ago": None if self._last_call is None else time.monotonic() - self._last_call,
+        }
+
     async def run_group(
         self,
         env_name: str,
@@ -88,14 +126,22 @@ class RolloutWorker:
         temperature: float = 1.0,
         episode_timeout_s: float = 300.0,
         min_tokens: int = 0,
+        is_eval: bool = False,
     ) -> dict[str, Any]:
+        """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on)."""
         engine = await self._policy()
         spec = EpisodeSpec(
             env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s,
-            min_tokens,
+            min_tokens, is_eval,
         )  # fmt: skip
         started = time.perf_counter()
         episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
+        finished = [e for e in episodes if e.status == "finished"]
+        judged = 0
+        if self._judge is not None and finished:
+            judgments = await self._judge_group(engine, finished)
+            self._client.extend(judgments)
+            judged = len(finished)
         report = await self._flush()
         elapsed = time.perf_counter() - started
         tokens = sum(e.completion_tokens for e in episodes)
@@ -109,26 +155,57 @@ class RolloutWorker:
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "recorded": report.acknowledged,
             "rejected": len(report.rejected),
+            "judged": judged,
+            "model_versions": [e.version for e in episodes],
+            "is_eval": is_eval,
         }
+
+    async def _judge_group(self, engine: PolicyEngine, finished: list[EpisodeResult]) -> list[Any]:
+        assert self._judge is not None
+        settings = self._judge
+
+        async def generate(prompt: str) -> str:
+            tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
+            if len(tokens) + settings.max_tokens > self._engine_config.max_model_len:
+                raise JudgeOutputError(f"judge prompt of {len(tokens)} tokens does not fit engine.max_model_len")
+            try:
+                generation = await engine.generate(
+                    tokens, max_tokens=settings.max_tokens, temperature=settings.temperature, base_weights=True
+                )
+            except EngineError as exc:
+                raise JudgeOutputError(f"judge engine failed: {exc}") from exc
+            return generation.completions[0].text
+
+        group = [JudgedTrajectory(e.trajectory_id, e.transcript, e.reward) for e in finished]
+        return await judge_group(group, settings, generate, judge_model=self._model_path, judge_version="base")
 
     async def _episode(self, engine: PolicyEngine, spec: EpisodeSpec) -> EpisodeResult:
         trajectory_id, version, seed = uuid.uuid4().hex, engine.version, spec.seed
-        common = {"environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id}
+        common = {
+            "environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id,
+            "is_eval": spec.is_eval,
+        }  # fmt: skip
         self._client.add(TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}))
-        progress = {"reward": 0.0, "turns": 0, "tokens": 0}
+        progress: dict[str, Any] = {"reward": 0.0, "turns": 0, "tokens": 0, "transcript": []}
+        self._in_flight += 1
         try:
             await asyncio.wait_for(self._play(engine, spec, trajectory_id, progress), spec.timeout_s)
             status = "finished"
         except TimeoutError:
             status = "aborted"
             log.warning("episode %s passed its %.0f s deadline; recorded as aborted", trajectory_id, spec.timeout_s)
+        finally:
+            self._in_flight -= 1
         self._client.add(
             TrajectoryRecord(
                 trajectory_id, **common, model_version=version, status=status, total_reward=progress["reward"],
                 step_count=progress["turns"], metadata={"seed": seed},
             )
         )  # fmt: skip
-        return EpisodeResult(trajectory_id, progress["reward"], progress["turns"], status, progress["tokens"])
+        return EpisodeResult(
+            trajectory_id, progress["reward"], progress["turns"], status, progress["tokens"],
+            "\n".join(progress["transcript"]), version,
+        )  # fmt: skip
 
     async def _play(
         self, engine: PolicyEngine, spec: EpisodeSpec, trajectory_id: str, progress: dict[str, Any]
@@ -145,6 +222,7 @@ class RolloutWorker:
                 prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature
             )
             completion = generation.completions[0]
+            self._calls, self._last_call = self._calls + 1, time.monotonic()
             result = env.step(completion.text)
             self._client.add(
                 StepRecord(
@@ -159,6 +237,7 @@ class RolloutWorker:
                 ),
             )  # fmt: skip
             progress["reward"] += result.reward
+            progress["transcript"] += [f"[turn {turn + 1}] saw: {observation[-300:]}", f"did: {completion.text}"]
             progress["turns"] = turn + 1
             progress["tokens"] += len(completion.token_ids)
             if result.done:
@@ -185,12 +264,16 @@ class RolloutWorker:
 
 
 def start_rollout_worker(
-    model_path: str, engine: EngineConfig, recorder: RecorderConfig, name: str | None = None
+    model_path: str,
+    engine: EngineConfig,
+    recorder: RecorderConfig,
+    name: str | None = None,
+    judge: JudgeConfig | None = None,
 ) -> Any:
     """A rollout actor (named if `name`), restarted by Ray if it crashes; returns its handle once serving."""
     options: dict[str, Any] = {"max_restarts": 3, "max_concurrency": 256, "num_cpus": 0}
     if name:
         options["name"] = name
-    worker = ray.remote(RolloutWorker).options(**options).remote(model_path, engine, recorder)
+    worker = ray.remote(RolloutWorker).options(**options).remote(model_path, engine, recorder, judge)
     ray.get(worker.ready.remote(), timeout=engine.start_timeout_s)
     return worker

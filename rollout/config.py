@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -53,3 +53,41 @@ class EngineConfig(BaseModel):
 
     start_timeout_s: float = Field(300.0, gt=0)
     """Deadline for the engine to start and for every call into it made through `EngineThread`."""
+
+
+class JudgeConfig(BaseModel):
+    """How finished groups are scored (the `judge:` section). Every judgment is a reward_judgments row."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    llm: bool = False
+    """Also ask an LLM judge (the rollout actor's engine, base weights) to score each group against `rubric`."""
+
+    rubric: str = (
+        "Score each agent from 0 to 1. Reward agents that follow the instructions, give well-formed actions, "
+        "and reach a better final outcome. Penalise malformed or pointless actions."
+    )
+    """What the LLM judge is told to reward; it compares the group's trajectories with each other (RULER)."""
+
+    weights: dict[str, float] = Field(default_factory=lambda: {"env": 1.0})
+    """Weights of the `combined` score: `env` (the environment's reward) and `llm` (the judge's score)."""
+
+    max_tokens: int = Field(256, ge=8)
+    """Longest judge answer, in tokens."""
+
+    temperature: float = Field(0.0, ge=0)
+    """Judge sampling temperature (0 = greedy, so a judgment is reproducible)."""
+
+    max_transcript_chars: int = Field(1200, ge=100)
+    """Each trajectory's transcript is cut to this many characters in the judge's prompt."""
+
+    @model_validator(mode="after")
+    def _weights_name_judges(self) -> JudgeConfig:
+        unknown = sorted(set(self.weights) - {"env", "llm"})
+        if unknown:
+            raise ValueError(f"judge.weights: unknown judge(s) {unknown}; allowed: env, llm")
+        if not self.weights:
+            raise ValueError("judge.weights is empty; give at least one of env, llm a weight")
+        if "llm" in self.weights and not self.llm:
+            raise ValueError("judge.weights gives llm a weight but judge.llm is false; turn it on or drop the weight")
+        return self

@@ -110,6 +110,7 @@ class PolicyEngine:
         self.model_path = model_path
         self.version = version
         self._lora: Any = None  # the LoRARequest of the served version, None for the base weights
+        self._loaded: dict[int, Any] = {}  # version -> LoRARequest of every adapter loaded in the engine
 
     @classmethod
     async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
@@ -129,27 +130,60 @@ class PolicyEngine:
         log.info("vLLM engine ready on %s (version %d)", model_path, version)
         return cls(llm, tokenizer, model_path, version)
 
-    async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
-        """Serve `version`: a LoRA adapter folder (loaded before the switch), or None for the base weights.
+    async def load_adapter(self, version: int, adapter_dir: str, reload: bool = False) -> None:
+        """Load a LoRA adapter for `version` without serving it yet (`activate` flips to it).
 
-        Requests already running finish on the version they started with and report it.
+        `reload` replaces the weights of an adapter already loaded under that version in place (vLLM's
+        `load_inplace`), e.g. after a re-train wrote the same version folder again.
         """
-        if adapter_dir is None:
-            self._lora, self.version = None, version
-            return
         from vllm.lora.request import LoRARequest
 
+        if version <= 0:
+            raise EngineError(f"adapter versions start at 1 (version 0 is the base weights), got {version}")
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise EngineError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
-        request = LoRARequest(f"v{version}", max(version, 1), str(adapter_dir))
+        if version in self._loaded and not reload:
+            return
+        request = LoRARequest(f"v{version}", version, str(adapter_dir), load_inplace=reload)
         try:
-            await self._llm.add_lora(request)  # load first: a failure leaves the current version serving
+            await self._llm.add_lora(request)
         except Exception as exc:
             raise EngineError(
                 f"could not load adapter {adapter_dir} for version {version} ({type(exc).__name__}: {exc}); "
                 "the engine needs engine.enable_lora and engine.max_lora_rank >= the adapter's rank"
             ) from exc
-        self._lora, self.version = request, version
+        self._loaded[version] = request
+
+    def activate(self, version: int) -> None:
+        """Serve `version` from the next request on: 0 is the base weights, others must be loaded first.
+
+        Requests already running finish on the version they started with and report it.
+        """
+        if version == 0:
+            self._lora, self.version = None, 0
+        elif version in self._loaded:
+            self._lora, self.version = self._loaded[version], version
+        else:
+            raise EngineError(f"version {version} is not loaded in this engine; call load_adapter first")
+
+    async def unload_adapter(self, version: int) -> None:
+        """Free an adapter that is not being served (a failed swap's leftovers, or a retired version)."""
+        if version == self.version and version != 0:
+            raise EngineError(f"version {version} is being served; activate another version before unloading it")
+        if self._loaded.pop(version, None) is not None:
+            await self._llm.remove_lora(version)
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._loaded)
+
+    async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
+        """Load (if needed) and serve `version`; `adapter_dir=None` serves the base weights as `version`."""
+        if adapter_dir is None:
+            self._lora, self.version = None, version
+            return
+        await self.load_adapter(version, adapter_dir)
+        self.activate(version)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat conversation with the generation prompt appended (the model's template)."""
@@ -166,8 +200,11 @@ class PolicyEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
+        base_weights: bool = False,
     ) -> Generation:
-        """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token."""
+        """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token.
+
+        `base_weights` ignores the served adapter (the LLM judge scores with the untrained model)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -185,6 +222,8 @@ class PolicyEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
         )
         version, lora = self.version, self._lora  # this request keeps them even if a swap happens meanwhile
+        if base_weights:
+            version, lora = 0, None
         final = None
         async for output in self._llm.generate(
             TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
@@ -257,6 +296,18 @@ class EngineThread:
 
     def set_adapter(self, version: int, adapter_dir: str | None, timeout_s: float | None = None) -> None:
         self._call(self.engine.set_adapter(version, adapter_dir), timeout_s)
+
+    def load_adapter(self, version: int, adapter_dir: str, reload: bool = False, timeout_s: float | None = None) -> None:
+        self._call(self.engine.load_adapter(version, adapter_dir, reload), timeout_s)
+
+    def activate(self, version: int) -> None:
+        async def _on_loop() -> None:
+            self.engine.activate(version)
+
+        self._call(_on_loop())
+
+    def unload_adapter(self, version: int, timeout_s: float | None = None) -> None:
+        self._call(self.engine.unload_adapter(version), timeout_s)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -11,9 +11,9 @@ from recorder.actor import start_recorder, stop_recorder
 from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import upgrade
 from recorder.records import unpack_logprobs, unpack_tokens
-from recorder.schema import LlmCall, Step, Trajectory
+from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory
 from rollout.actor import start_rollout_worker
-from rollout.config import EngineConfig
+from rollout.config import EngineConfig, JudgeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,8 @@ def test_a_group_of_multi_turn_episodes_is_recorded_as_generated(ray_session, ti
     settings = RecorderConfig(actor_name="rollout-test-recorder")
     recorder = start_recorder(DatabaseConfig(url=url), settings)
     engine = EngineConfig(device="cpu", max_model_len=1024, kv_cache_gib=1, max_num_seqs=16)
-    worker = start_rollout_worker(tiny_model_dir, engine, settings)
+    judge = JudgeConfig(llm=True, weights={"env": 0.5, "llm": 0.5}, max_tokens=24)
+    worker = start_rollout_worker(tiny_model_dir, engine, settings, judge=judge)
     try:
         summary = ray.get(
             worker.run_group.remote("market", seed=3, group_size=3, max_turns=3, max_tokens=12), timeout=300
@@ -39,7 +40,18 @@ def test_a_group_of_multi_turn_episodes_is_recorded_as_generated(ray_session, ti
         trajectories = conn.execute(sa.select(Trajectory.__table__)).mappings().all()
         steps = conn.execute(sa.select(Step.__table__).order_by("trajectory_id", "step_index")).mappings().all()
         calls = conn.execute(sa.select(LlmCall.__table__).order_by("trajectory_id", "step_index")).mappings().all()
+        judgments = conn.execute(sa.select(RewardJudgment.__table__)).mappings().all()
     db.dispose()
+    assert summary["judged"] == 3
+    by_judge = {(j["trajectory_id"], j["judge"]): j for j in judgments}
+    assert len(by_judge) == len(judgments) == 9  # env, llm and combined for each of the 3 trajectories
+    for t in trajectories:
+        env, llm, combined = (by_judge[(t["id"], name)] for name in ("env", "llm", "combined"))
+        assert env["score"] == pytest.approx(t["total_reward"])
+        # The random tiny model cannot write the judge's JSON: the judge falls back and says why.
+        assert llm["criteria"]["fallback"] is True and llm["reasoning"].startswith("fallback")
+        assert llm["judge_model"] == tiny_model_dir and 1 <= llm["rank_in_group"] <= 3
+        assert combined["score"] == pytest.approx(0.5 * env["score"] + 0.5 * llm["score"])
     assert {t["group_id"] for t in trajectories} == {summary["group_id"]}
     assert {t["scenario_id"] for t in trajectories} == {"market:3"}
     assert sorted(t["total_reward"] for t in trajectories) == pytest.approx(sorted(summary["rewards"]))
