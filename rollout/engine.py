@@ -297,7 +297,9 @@ class EngineThread:
     def set_adapter(self, version: int, adapter_dir: str | None, timeout_s: float | None = None) -> None:
         self._call(self.engine.set_adapter(version, adapter_dir), timeout_s)
 
-    def load_adapter(self, version: int, adapter_dir: str, reload: bool = False, timeout_s: float | None = None) -> None:
+    def load_adapter(
+        self, version: int, adapter_dir: str, reload: bool = False, timeout_s: float | None = None
+    ) -> None:
         self._call(self.engine.load_adapter(version, adapter_dir, reload), timeout_s)
 
     def activate(self, version: int) -> None:
