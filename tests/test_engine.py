@@ -70,3 +70,47 @@ def test_a_call_past_its_deadline_fails_clearly_and_the_engine_lives_on(tiny_eng
         tiny_engine.generate(prompt, max_tokens=900, temperature=1.0, timeout_s=0.05)
     after = tiny_engine.generate(prompt, max_tokens=4, temperature=0.0)
     assert len(after.completions[0].token_ids) >= 1
+
+
+def _random_adapter(base: str, folder, seed: int) -> str:
+    """A LoRA adapter with random (non-zero) A and B, so it visibly changes the tiny model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_adapters_load_without_serving_then_flip_reload_in_place_and_unload(tiny_engine, tiny_model_dir, tmp_path):
+    prompt = tiny_engine.chat_prompt([{"role": "user", "content": "Which market should I buy?"}])
+
+    def greedy() -> tuple[int, list[int]]:
+        generation = tiny_engine.generate(prompt, max_tokens=12, temperature=0.0)
+        return generation.model_version, generation.completions[0].token_ids
+
+    version, base = greedy()
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "v7", seed=1)
+    tiny_engine.load_adapter(7, adapter)
+    assert greedy() == (0, base)  # loaded is not served: phase 1 of a hot-swap changes nothing
+    tiny_engine.activate(7)
+    version, first = greedy()
+    assert version == 7 and first != base
+    _random_adapter(tiny_model_dir, tmp_path / "v7", seed=2)  # a re-train rewrites the same version's folder
+    tiny_engine.load_adapter(7, adapter)
+    assert greedy() == (7, first)  # without reload the engine keeps the weights it has
+    tiny_engine.load_adapter(7, adapter, reload=True)
+    version, reloaded = greedy()
+    assert version == 7 and reloaded not in (first, base)
+    with pytest.raises(EngineError, match="being served"):
+        tiny_engine.unload_adapter(7)
+    tiny_engine.activate(0)
+    tiny_engine.unload_adapter(7)
+    assert greedy() == (0, base)
+    with pytest.raises(EngineError, match="not loaded"):
+        tiny_engine.activate(7)
+    with pytest.raises(EngineError, match="not a LoRA adapter folder"):
+        tiny_engine.load_adapter(8, str(tmp_path))
