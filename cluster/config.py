@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recorder.config import DatabaseConfig, RecorderConfig
-from rollout.config import EngineConfig, JudgeConfig
+from rollout.config import EngineConfig, JudgeConfig, RolloutConfig
 from trainer.config import TrainerConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -68,6 +68,42 @@ class ModelConfig(_Section):
     every node reaches (NFS, or a mounted bucket)."""
 
 
+class ControllerConfig(_Section):
+    """The controller: when to train, how to deploy, how long anything may take."""
+
+    name: str = "ziggurat-controller"
+    """Ray actor name of the controller; rollout actors are `<name>-rollout-<i>`."""
+
+    min_groups: int = Field(4, ge=1)
+    """Readiness: trainable groups (judged, unused, >= trainer.min_group_size, reward variance > 0,
+    within trainer.max_staleness, passing the quality gate) needed before a batch is claimed."""
+
+    iterations: int = Field(2, ge=0)
+    """`ziggurat run`: play -> judge -> train -> deploy rounds before it stops."""
+
+    evaluate_before_deploy: bool = True
+    """Play the held-out scenarios on a new version (on one actor, before anyone serves it) and record the
+    score on the version; with `deploy_only_if_better` a worse version is not deployed."""
+
+    deploy_only_if_better: bool = False
+    """Skip deploying a version whose held-out mean reward is below the serving version's."""
+
+    canary_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once)."""
+
+    swap_timeout_s: float = Field(120.0, gt=0)
+    """Deadline for every actor to load a version; if one misses it, nobody flips."""
+
+    training_timeout_s: float = Field(3600.0, gt=0)
+    """Deadline for one training job; past it the job is stopped and its batch marked failed."""
+
+    call_timeout_s: float = Field(600.0, gt=0)
+    """Deadline for any other remote call the controller makes (a rollout group, a health probe)."""
+
+    poll_interval_s: float = Field(1.0, gt=0)
+    """How often a running training job's state is read from the database."""
+
+
 class ZigguratConfig(_Section):
     """A complete Ziggurat configuration file."""
 
@@ -88,6 +124,12 @@ class ZigguratConfig(_Section):
 
     judge: JudgeConfig = JudgeConfig()
     """How finished groups are scored (env reward, LLM judge, weighted mix)."""
+
+    rollout: RolloutConfig = RolloutConfig()
+    """What the closed loop plays: environment, actors, groups, held-out scenarios."""
+
+    controller: ControllerConfig = ControllerConfig()
+    """Readiness thresholds, deployment and deadlines."""
 
     trainer: TrainerConfig = TrainerConfig()
     """GRPO training as a Ray Train job."""

@@ -23,6 +23,7 @@ from recorder.schema import (
     LlmCall,
     ModelVersion,
     RewardJudgment,
+    Step,
     TrainingBatch,
     TrainingBatchTrajectory,
     Trajectory,
@@ -49,7 +50,24 @@ def _rewarded(reward_source: str) -> tuple[Any, Any]:
     return joined, J.c.score
 
 
-def _eligible(min_version: int) -> Any:
+S = Step.__table__
+
+
+def _quality_ok() -> Any:
+    """The data-quality gate: steps recorded, LLM calls recorded, and every step's action has a parsed
+    result or an error (the old pipeline trained on rows missing some of these)."""
+    return sa.and_(
+        sa.exists().where(S.c.trajectory_id == T.c.id),
+        sa.exists().where(C.c.trajectory_id == T.c.id),
+        ~sa.exists().where(S.c.trajectory_id == T.c.id, _no_action, S.c.error.is_(None)),
+    )
+
+
+# A missing action is stored as JSON null (or SQL NULL by hand-written rows): both count as no result.
+_no_action = sa.or_(S.c.action.is_(None), sa.cast(S.c.action, sa.Text) == "null")
+
+
+def _unused(min_version: int) -> Any:
     """Finished, not for evaluation, not yet in a training batch, fresh enough."""
     return sa.and_(
         T.c.status == "finished",
@@ -57,6 +75,11 @@ def _eligible(min_version: int) -> Any:
         T.c.training_batch_id.is_(None),
         T.c.model_version >= min_version,
     )
+
+
+def _eligible(min_version: int) -> Any:
+    """Unused, fresh enough and passing the data-quality gate."""
+    return sa.and_(_unused(min_version), _quality_ok())
 
 
 @dataclass
@@ -75,6 +98,11 @@ class Readiness:
     """Trajectories in those groups."""
     by_model_version: dict[int, int]
     """Judged, unused trajectories per model version that produced them."""
+    failed_quality: int = 0
+    """Finished, unused trajectories left out by the data-quality gate (missing steps or LLM calls, or a
+    step whose action has neither a result nor an error)."""
+    stale: int = 0
+    """Finished, unused trajectories from versions older than the staleness bound."""
 
 
 def readiness(engine: Engine, reward_source: str = "env", min_group_size: int = 2, min_version: int = 0) -> Readiness:
@@ -82,6 +110,8 @@ def readiness(engine: Engine, reward_source: str = "env", min_group_size: int = 
     eligible = _eligible(min_version)
     with engine.connect() as conn:
         finished = conn.execute(sa.select(sa.func.count()).select_from(T).where(eligible)).scalar_one()
+        unused = conn.execute(sa.select(sa.func.count()).select_from(T).where(_unused(min_version))).scalar_one()
+        any_version = conn.execute(sa.select(sa.func.count()).select_from(T).where(_unused(0))).scalar_one()
         judged_filter = sa.and_(eligible, reward.is_not(None))
         per_group = conn.execute(
             sa.select(
@@ -109,6 +139,8 @@ def readiness(engine: Engine, reward_source: str = "env", min_group_size: int = 
         groups_with_variance=len(trainable),
         trainable_trajectories=sum(g.size for g in trainable),
         by_model_version={version: count for version, count in by_version},
+        failed_quality=unused - finished,
+        stale=any_version - unused,
     )
 
 
@@ -296,6 +328,22 @@ def mark_batch(
             conn.execute(sa.update(T).where(T.c.training_batch_id == batch_id).values(training_batch_id=None))
 
 
+def set_batch_progress(engine: Engine, batch_id: int, done: int, total: int, **numbers: float) -> None:
+    """The trainer's progress on a batch (updates done / total, latest metrics), read by the controller."""
+    with engine.begin() as conn:
+        current = conn.execute(sa.select(B.c.stats).where(B.c.id == batch_id)).scalar_one()
+        progress = {"done": done, "total": total, "fraction": done / max(total, 1), **numbers}
+        conn.execute(sa.update(B).where(B.c.id == batch_id).values(stats={**(current or {}), "progress": progress}))
+
+
+def list_batches(engine: Engine, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    query = sa.select(B).order_by(B.c.id)
+    if statuses:
+        query = query.where(B.c.status.in_(statuses))
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
 def get_batch(engine: Engine, batch_id: int) -> dict[str, Any]:
     with engine.connect() as conn:
         row = conn.execute(sa.select(B).where(B.c.id == batch_id)).mappings().first()
@@ -349,6 +397,38 @@ def register_version(
         except IntegrityError:
             continue  # another registration took this number; take the next
     raise RuntimeError(f"could not register a model version in {attempts} attempts")
+
+
+def ensure_base_version(engine: Engine, base_model: str) -> None:
+    """Version 0 is the base model; it is registered (as deployed) once, so rollback to it is uniform."""
+    with engine.begin() as conn:
+        if conn.execute(sa.select(V.c.version).where(V.c.version == 0)).first() is not None:
+            return
+        now = utcnow()
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    sa.insert(V).values(
+                        version=0,
+                        name="v0",
+                        base_model=base_model,
+                        kind="base",
+                        status="deployed",
+                        metrics={},
+                        created_at=now,
+                        updated_at=now,
+                    )  # fmt: skip
+                )
+        except IntegrityError:
+            pass  # another controller registered it first
+
+
+def get_version(engine: Engine, version: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(V).where(V.c.version == version)).mappings().first()
+    if row is None:
+        raise KeyError(f"model version {version} does not exist; `ziggurat versions` lists them")
+    return dict(row)
 
 
 def list_versions(engine: Engine, status: str | None = None) -> list[dict[str, Any]]:

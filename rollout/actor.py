@@ -9,6 +9,7 @@ that produced it. Episodes past their deadline are recorded as aborted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ class EpisodeSpec:
     timeout_s: float
     min_tokens: int = 0
     is_eval: bool = False
+    version: int | None = None
 
 
 @dataclass
@@ -127,12 +129,14 @@ class RolloutWorker:
         episode_timeout_s: float = 300.0,
         min_tokens: int = 0,
         is_eval: bool = False,
+        version: int | None = None,
     ) -> dict[str, Any]:
-        """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on)."""
+        """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on), and
+        `version` plays a loaded version other than the served one (evaluation before a deploy)."""
         engine = await self._policy()
         spec = EpisodeSpec(
             env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s,
-            min_tokens, is_eval,
+            min_tokens, is_eval, version,
         )  # fmt: skip
         started = time.perf_counter()
         episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
@@ -180,7 +184,9 @@ class RolloutWorker:
         return await judge_group(group, settings, generate, judge_model=self._model_path, judge_version="base")
 
     async def _episode(self, engine: PolicyEngine, spec: EpisodeSpec) -> EpisodeResult:
-        trajectory_id, version, seed = uuid.uuid4().hex, engine.version, spec.seed
+        trajectory_id, seed = uuid.uuid4().hex, spec.seed
+        version = engine.version if spec.version is None else spec.version
+        spec = dataclasses.replace(spec, version=version)  # every turn of the episode samples this version
         common = {
             "environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id,
             "is_eval": spec.is_eval,
@@ -219,7 +225,7 @@ class RolloutWorker:
         for turn in range(spec.max_turns):
             started = time.perf_counter()
             generation = await engine.generate(
-                prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature
+                prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature, version=spec.version
             )
             completion = generation.completions[0]
             self._calls, self._last_call = self._calls + 1, time.monotonic()

@@ -1,8 +1,8 @@
-"""Typed settings for the vLLM policy engine (the `engine:` section of a config file)."""
+"""Typed settings for rollouts: the vLLM engine (`engine:`), judges (`judge:`) and the loop (`rollout:`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,4 +90,58 @@ class JudgeConfig(BaseModel):
             raise ValueError("judge.weights is empty; give at least one of env, llm a weight")
         if "llm" in self.weights and not self.llm:
             raise ValueError("judge.weights gives llm a weight but judge.llm is false; turn it on or drop the weight")
+        return self
+
+
+class RolloutConfig(BaseModel):
+    """What the closed loop plays (the `rollout:` section): which environment, how many actors and groups."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    env: str = "market"
+    """Registered environment name (`market`, `arithmetic`)."""
+
+    env_settings: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the environment's constructor."""
+
+    actors: int = Field(1, ge=1)
+    """Rollout actors, each hosting one vLLM engine (named `<controller name>-rollout-<i>`)."""
+
+    group_size: int = Field(4, ge=2)
+    """Episodes per scenario (the GRPO group)."""
+
+    groups_per_iteration: int = Field(8, ge=1)
+    """Training scenarios played per loop iteration (spread over the actors)."""
+
+    max_turns: int = Field(3, ge=1)
+    """Turn limit per episode."""
+
+    max_tokens: int = Field(64, ge=1)
+    """Completion length limit per LLM call."""
+
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature for training episodes."""
+
+    episode_timeout_s: float = Field(300.0, gt=0)
+    """Deadline per episode; a late one is recorded as aborted."""
+
+    train_seed_start: int = Field(1000, ge=0)
+    """Training scenarios use seeds from here upward (disjoint from `eval_seeds`)."""
+
+    eval_seeds: list[int] = Field(default_factory=lambda: list(range(8)))
+    """Held-out scenarios every version is evaluated on (recorded with is_eval, never trained on)."""
+
+    eval_group_size: int = Field(4, ge=1)
+    """Episodes per held-out scenario in an evaluation."""
+
+    eval_temperature: float = Field(1.0, ge=0)
+    """Sampling temperature during evaluation."""
+
+    @model_validator(mode="after")
+    def _eval_scenarios_are_held_out(self) -> RolloutConfig:
+        if self.eval_seeds and max(self.eval_seeds) >= self.train_seed_start:
+            raise ValueError(
+                f"rollout.eval_seeds must all be below rollout.train_seed_start ({self.train_seed_start}) so "
+                "held-out scenarios are never trained on"
+            )
         return self

@@ -201,10 +201,12 @@ class PolicyEngine:
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
         base_weights: bool = False,
+        version: int | None = None,
     ) -> Generation:
         """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token.
 
-        `base_weights` ignores the served adapter (the LLM judge scores with the untrained model)."""
+        `base_weights` ignores the served adapter (the LLM judge scores with the untrained model); `version`
+        samples from a loaded version other than the served one (evaluating a version before deploying it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -221,9 +223,17 @@ class PolicyEngine:
             stop_token_ids=stop_token_ids,
             output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
         )
-        version, lora = self.version, self._lora  # this request keeps them even if a swap happens meanwhile
+        lora: Any = None  # the request keeps its version and adapter even if a swap happens meanwhile
         if base_weights:
-            version, lora = 0, None
+            version = 0
+        if version is None:
+            version, lora = self.version, self._lora
+        elif version == 0:
+            lora = None
+        elif version in self._loaded:
+            lora = self._loaded[version]
+        else:
+            raise EngineError(f"version {version} is not loaded in this engine; load it before sampling from it")
         final = None
         async for output in self._llm.generate(
             TokensPrompt(prompt_token_ids=list(prompt_token_ids)),

@@ -55,7 +55,7 @@ def test_unknown_key_is_named_with_the_allowed_ones(tmp_path: Path):
 
 
 def test_unknown_section_is_named(tmp_path: Path):
-    allowed = "allowed here: database, engine, model, ray, recorder, trainer"
+    allowed = "allowed here: controller, database, engine, judge, model, ray, recorder, rollout, trainer"
     with pytest.raises(ConfigError, match=rf"unknown key 'trainr'.*{allowed}"):
         load_config(_write(tmp_path, "trainr:\n  lr: 1\n"))
 

@@ -173,7 +173,8 @@ def test_concurrent_claims_never_share_a_trajectory(store):
     for g in range(40):
         for i in range(4):
             tid = f"g{g}-{i}"
-            records += [trajectory(tid, f"g{g}"), call(tid, 0, rng, 8, 4), finished(tid, f"g{g}", float(i % 2))]
+            records += [trajectory(tid, f"g{g}"), step(tid, 0), call(tid, 0, rng, 8, 4)]
+            records.append(finished(tid, f"g{g}", float(i % 2)))
     store.write(records)
     claimed: list[int] = []
     errors: list[BaseException] = []
@@ -220,3 +221,28 @@ def test_model_versions_are_monotonic_under_concurrency(store):
         queries.update_version(store.engine, 3, status="shipped")
     with pytest.raises(KeyError):
         queries.update_version(store.engine, 99, status="ready")
+
+
+def test_readiness_gates_on_data_quality_and_staleness(store):
+    from recorder.records import StepRecord
+
+    rng = np.random.default_rng(9)
+    records = []
+    for i in range(2):  # a good group: steps, calls, parsed actions
+        records += [trajectory(f"ok{i}", "ok"), step(f"ok{i}", 0), call(f"ok{i}", 0, rng, 8, 4)]
+        records.append(finished(f"ok{i}", "ok", float(i)))
+    for i in range(2):  # no LLM calls recorded
+        records += [trajectory(f"nocall{i}", "nocall"), step(f"nocall{i}", 0), finished(f"nocall{i}", "nocall", i)]
+    for i in range(2):  # a step whose action has neither a result nor an error
+        records += [trajectory(f"blank{i}", "blank"), call(f"blank{i}", 0, rng, 8, 4)]
+        records += [StepRecord(f"blank{i}", 0, "obs", action=None), finished(f"blank{i}", "blank", float(i))]
+    for i in range(2):  # fine, but produced by version 1
+        records += [trajectory(f"old{i}", "old", 1), step(f"old{i}", 0), call(f"old{i}", 0, rng, 8, 4, version=1)]
+        records.append(finished(f"old{i}", "old", float(i), version=1))
+    store.write(records)
+    ready = queries.readiness(store.engine)
+    assert (ready.groups_with_variance, ready.failed_quality, ready.stale) == (2, 4, 0)
+    ready = queries.readiness(store.engine, min_version=2)  # version 1 is now beyond the staleness bound
+    assert (ready.groups_with_variance, ready.failed_quality, ready.stale) == (0, 0, 8)
+    batch = queries.claim_batch(store.engine, max_groups=10)
+    assert sorted(queries.get_batch(store.engine, batch)["trajectory_ids"]) == ["ok0", "ok1", "old0", "old1"]

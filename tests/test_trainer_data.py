@@ -81,13 +81,14 @@ def test_sharding_keeps_groups_whole_and_covers_all_once():
 def test_a_claimed_batch_becomes_tensors(db_url):
     from recorder import queries
     from recorder.store import TrajectoryStore
-    from tests.recorder_data import call, finished, trajectory
+    from tests.recorder_data import call, finished, step, trajectory
 
     store = TrajectoryStore(db_url)
     rng = np.random.default_rng(7)
     records = []
     for i, reward in enumerate([1.0, 0.0, 0.5]):
-        records += [trajectory(f"t{i}", "g"), call(f"t{i}", 0, rng, 12, 4), finished(f"t{i}", "g", reward)]
+        records += [trajectory(f"t{i}", "g"), step(f"t{i}", 0), call(f"t{i}", 0, rng, 12, 4)]
+        records.append(finished(f"t{i}", "g", reward))
     store.write(records)
     batch_id = queries.claim_batch(store.engine, max_groups=4)
     rows, stats = build_rows(queries.load_batch(store.engine, batch_id))

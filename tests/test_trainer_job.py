@@ -14,7 +14,7 @@ from recorder import queries
 from recorder.migrate import upgrade
 from recorder.records import LlmCallRecord
 from recorder.store import TrajectoryStore
-from tests.recorder_data import finished, trajectory
+from tests.recorder_data import finished, step, trajectory
 from trainer.job import run_training
 from trainer.model import MANIFEST
 
@@ -32,6 +32,7 @@ def _record_groups(url: str, groups: int = 3, size: int = 4) -> None:
             completion = rng.integers(100, 40000, 6)
             records += [
                 trajectory(tid, f"g{g}"),
+                step(tid, 0),
                 LlmCallRecord.from_tokens(tid, 0, 0, 0, prompt, completion, -rng.random(6) * 3 - 8),
                 finished(tid, f"g{g}", float(i % 2)),
             ]

@@ -42,6 +42,19 @@ def _start_wandb(loop_config: dict[str, Any], config: Any) -> Any:
     )
 
 
+def _record_progress(loop_config: dict[str, Any], done: int, total: int, report: dict[str, Any]) -> None:
+    """Real progress for the controller: updates done / total and the latest loss, on the batch's row."""
+    from recorder.config import DatabaseConfig
+    from recorder.queries import set_batch_progress
+    from recorder.store import create_db_engine
+
+    engine = create_db_engine(DatabaseConfig.model_validate(loop_config["database"]).resolved_url())
+    try:
+        set_batch_progress(engine, loop_config["batch_id"], done, total, loss=report["loss"])
+    finally:
+        engine.dispose()
+
+
 def _old_logprobs(model: Any, batch: Any, micro: int) -> torch.Tensor:
     from trainer.step import token_logprobs
 
@@ -155,6 +168,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run.log(report, step=update + 1)
             report["wandb_run_id"] = run.id
         if rank == 0:
+            _record_progress(loop_config, update + 1, config.updates_per_batch, report)
             with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
                 save_policy(model, folder, {"kind": config.mode, "update": update + 1})
                 torch.save(
