@@ -11,7 +11,7 @@ from rollout.envs import ENVIRONMENTS, make_env
 
 def test_registry_names_and_unknown_names():
     assert {"arithmetic", "market"} <= set(ENVIRONMENTS)
-    with pytest.raises(KeyError, match="unknown environment 'chess'; registered: arithmetic, market"):
+    with pytest.raises(KeyError, match="unknown environment 'chess'; registered: arithmetic, lowercase, market"):
         make_env("chess")
 
 
@@ -90,3 +90,15 @@ def test_selling_closes_a_position_at_the_current_price():
     shares, price = env.markets[1].no_shares, 1 - env.markets[1].yes_price
     env.step('{"type": "sell", "market": 2}')
     assert env.markets[1].no_shares == 0 and env.balance == pytest.approx(800 + shares * price)
+
+
+def test_lowercase_env_rewards_the_share_of_lowercase_letters():
+    from rollout.envs import make_env
+
+    env = make_env("lowercase")
+    assert env.reset(3) == make_env("lowercase").reset(3)  # deterministic per seed
+    assert env.step("the sea is calm").reward == 1.0
+    assert env.step("The Sea!").reward == pytest.approx(5 / 8)
+    assert env.step("   ").reward == 0.0
+    with pytest.raises(RuntimeError, match="reset"):
+        make_env("lowercase").step("x")

@@ -1,0 +1,210 @@
+"""The closed loop on one config: agents act, a trained model replaces the served one, agents get better.
+
+    start Ray, the recorder, `rollout.actors` rollout actors and the controller
+    evaluate the served version on the held-out scenarios
+    repeat `controller.iterations` times:
+        play `groups_per_iteration` training scenarios (GRPO groups, judged as they finish)
+        controller.train()    -> claims a batch when ready, runs the Ray Train job, registers version N
+        controller.evaluate() -> version N on the held-out scenarios, before anyone serves it
+        controller.deploy()   -> hot-swap version N into every rollout actor
+    write report.json and reward.png
+
+Everything runs through the named actors, so `ziggurat status` in another shell sees the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from cluster.config import ZigguratConfig
+from cluster.controller import rollout_actor_name, start_controller
+
+log = logging.getLogger("ziggurat.loop")
+
+
+def serving_config(config: ZigguratConfig) -> ZigguratConfig:
+    """LoRA versions are hot-swapped as adapters, so the engines must accept adapters of the trained rank."""
+    if config.trainer.mode != "lora":
+        return config
+    rank = max(config.engine.max_lora_rank, config.trainer.lora.rank)
+    engine = config.engine.model_copy(update={"enable_lora": True, "max_lora_rank": rank})
+    return config.model_copy(update={"engine": engine})
+
+
+def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, Any]:
+    """The named rollout actors (existing ones are reused), all started before returning."""
+    from rollout.actor import RolloutWorker
+
+    actors = {}
+    for index in range(config.rollout.actors):
+        name = rollout_actor_name(config, index)
+        actors[name] = (
+            ray.remote(RolloutWorker)
+            .options(
+                name=name, namespace=config.ray.namespace, get_if_exists=True, max_restarts=3, max_concurrency=256,
+                num_cpus=0,
+            )  # fmt: skip
+            .remote(model_path, config.engine, config.recorder, config.judge)
+        )
+    ray.get([a.ready.remote() for a in actors.values()], timeout=config.engine.start_timeout_s)
+    return actors
+
+
+def play(config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc: str) -> list[dict[str, Any]]:
+    """One GRPO group per seed, spread over the actors; returns each group's summary."""
+    rollout, names = config.rollout, sorted(actors)
+    refs = [
+        actors[names[i % len(names)]].run_group.remote(
+            rollout.env, seed=seed, group_size=rollout.group_size, env_settings=rollout.env_settings,
+            max_turns=rollout.max_turns, max_tokens=rollout.max_tokens, temperature=rollout.temperature,
+            episode_timeout_s=rollout.episode_timeout_s,
+        )  # fmt: skip
+        for i, seed in enumerate(seeds)
+    ]
+    deadline = time.monotonic() + config.controller.call_timeout_s
+    results = []
+    with tqdm(total=len(refs), desc=desc, unit="group") as bar:
+        pending = refs
+        while pending:
+            done, pending = ray.wait(pending, timeout=max(deadline - time.monotonic(), 0))
+            if not done:
+                raise TimeoutError(f"{len(pending)} rollout groups missed controller.call_timeout_s")
+            results += ray.get(done, timeout=10)
+            bar.update(len(done))
+    return results
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def plot_rewards(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [(v["version"], v["eval_mean_reward"]) for v in report["versions"] if v.get("eval_mean_reward") is not None]
+    train = [(it["iteration"], it["train_mean_reward"]) for it in report["iterations"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if evals:
+        left.plot(*zip(*evals, strict=True), marker="o")
+    left.set(title="held-out mean reward per model version", xlabel="version", ylabel="mean reward")
+    if train:
+        right.plot(*zip(*train, strict=True), marker="o", color="tab:orange")
+    right.set(title="training-episode mean reward per iteration", xlabel="iteration", ylabel="mean reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
+    from cluster.models import resolve_model
+    from cluster.ray_runtime import init_ray
+    from recorder.actor import start_recorder
+    from recorder.migrate import upgrade
+
+    started = time.perf_counter()
+    config = serving_config(config)
+    settings, rollout = config.controller, config.rollout
+    init_ray(config.ray)
+    if config.database.auto_upgrade:
+        upgrade(config.database.resolved_url())
+    start_recorder(config.database, config.recorder)
+    model_path = resolve_model(config.model)
+    actors = start_rollout_actors(config, model_path)
+    controller = start_controller(config)
+
+    def call(method: str, *args: Any, timeout: float = settings.call_timeout_s) -> Any:
+        return ray.get(getattr(controller, method).remote(*args), timeout=timeout)
+
+    call("recover", timeout=settings.training_timeout_s)
+    call("sync_workers")
+    served = call("deployed_version")
+    evaluations = {served: call("evaluate", served)["mean_reward"]} if rollout.eval_seeds else {}
+    iterations = []
+    next_seed = rollout.train_seed_start
+    for iteration in range(1, settings.iterations + 1):
+        seeds = list(range(next_seed, next_seed + rollout.groups_per_iteration))
+        next_seed += rollout.groups_per_iteration
+        groups = play(config, actors, seeds, f"iteration {iteration}: rollouts")
+        rewards = [r for g in groups for r in g["rewards"]]
+        entry: dict[str, Any] = {
+            "iteration": iteration,
+            "served_version": served,
+            "train_mean_reward": _mean(rewards),
+            "episodes": len(rewards),
+            "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
+        }
+        log.info("iteration %d: mean reward %.3f on version %d; training", iteration, entry["train_mean_reward"], served)
+        outcome = call("train", timeout=settings.training_timeout_s + 60)
+        entry["training"] = outcome
+        if outcome.get("trained"):
+            version = outcome["version"]
+            if rollout.eval_seeds and settings.evaluate_before_deploy:
+                evaluations[version] = call("evaluate", version)["mean_reward"]
+            worse = evaluations.get(version, 0.0) < evaluations.get(served, float("-inf"))
+            if settings.deploy_only_if_better and worse:
+                entry["deployed"] = False
+            else:
+                entry["swap"] = call("deploy", version)
+                entry["deployed"], served = True, version
+        iterations.append(entry)
+    versions = call("versions")
+    report = {
+        "model": model_path,
+        "environment": rollout.env,
+        "seed": config.engine.seed,
+        "eval_seeds": rollout.eval_seeds,
+        "base_eval_mean_reward": evaluations.get(0),
+        "final_version": served,
+        "final_eval_mean_reward": evaluations.get(served),
+        "iterations": iterations,
+        "versions": [
+            {
+                "version": v["version"],
+                "status": v["status"],
+                "eval_mean_reward": (v["metrics"] or {}).get("eval_mean_reward"),
+                "loss": (v["metrics"] or {}).get("loss"),
+            }
+            for v in versions
+        ],
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_rewards(report, out_dir / "reward.png")
+    report["report_files"] = [str(out_dir / "report.json"), str(out_dir / "reward.png")]
+    return report
+
+
+def shutdown(config: ZigguratConfig) -> None:
+    """Flush and stop the rollout actors, the controller and the recorder started by `run_loop`."""
+    from recorder.actor import stop_recorder
+
+    namespace = config.ray.namespace
+    for index in range(config.rollout.actors):
+        try:
+            actor = ray.get_actor(rollout_actor_name(config, index), namespace=namespace)
+        except ValueError:
+            continue
+        try:
+            ray.get(actor.close.remote(), timeout=120)
+        finally:
+            ray.kill(actor, no_restart=True)
+    for name in (config.controller.name,):
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:
+            pass
+    try:
+        stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
+    except ValueError:
+        pass

@@ -1,0 +1,71 @@
+"""Training jobs the controller launches in-cluster: one detached Ray actor per batch.
+
+The actor is detached and named after its batch (`<controller>-train-b<batch id>`), and the name is stored
+on the batch row (`ray_job_id`), so a restarted controller finds the running job from the database alone.
+The job itself (`trainer.job.run_training`) writes every state change to the database: version
+`training` -> `ready`/`failed`, batch `running` -> `completed`/`failed`, progress after every update.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from cluster.config import ZigguratConfig
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "actor:"  # batch.ray_job_id of in-cluster jobs; Ray Jobs API ids have no prefix
+
+
+class TrainingRun:
+    """Runs one batch's training; `run` returns the new version (or raises with the job's error)."""
+
+    def __init__(self, config_json: str) -> None:
+        from cluster.logs import configure_logging
+
+        configure_logging()
+        self._config = ZigguratConfig.model_validate_json(config_json)
+
+    def run(self, batch_id: int) -> int | None:
+        from trainer.job import run_training
+
+        return run_training(self._config, batch_id=batch_id)
+
+
+def job_name(controller_name: str, batch_id: int) -> str:
+    return f"{controller_name}-train-b{batch_id}"
+
+
+def job_id(config: ZigguratConfig, batch_id: int) -> str:
+    """What the batch row stores as `ray_job_id` for its in-cluster job."""
+    return ACTOR_PREFIX + job_name(config.controller.name, batch_id)
+
+
+def launch(config: ZigguratConfig, batch_id: int) -> Any:
+    """Start the training actor for `batch_id`; returns the ref of its result (the new version)."""
+    name = job_name(config.controller.name, batch_id)
+    actor = (
+        ray.remote(TrainingRun)
+        .options(name=name, namespace=config.ray.namespace, lifetime="detached", num_cpus=0, max_restarts=0)
+        .remote(config.model_dump_json())
+    )
+    return actor.run.remote(batch_id)
+
+
+def find(config: ZigguratConfig, ray_job_id: str | None) -> Any:
+    """The live training actor behind a batch's `ray_job_id`, or None if it is gone."""
+    if not ray_job_id or not ray_job_id.startswith(ACTOR_PREFIX):
+        return None
+    try:
+        return ray.get_actor(ray_job_id[len(ACTOR_PREFIX) :], namespace=config.ray.namespace)
+    except ValueError:
+        return None
+
+
+def stop(config: ZigguratConfig, ray_job_id: str | None) -> None:
+    actor = find(config, ray_job_id)
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
