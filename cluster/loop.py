@@ -143,7 +143,7 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
             "episodes": len(rewards),
             "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
         }
-        log.info("iteration %d: mean reward %.3f on version %d; training", iteration, entry["train_mean_reward"], served)
+        log.info("iteration %d: mean reward %s on version %d; training", iteration, entry["train_mean_reward"], served)
         outcome = call("train", timeout=settings.training_timeout_s + 60)
         entry["training"] = outcome
         if outcome.get("trained"):
