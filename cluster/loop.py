@@ -28,6 +28,10 @@ from cluster.controller import rollout_actor_name, start_controller
 
 log = logging.getLogger("ziggurat.loop")
 
+# Ray destroys a non-detached actor once no handle to it is left, even a named one: the actors a loop
+# starts stay alive (and reachable by name from `ziggurat status`) until `shutdown`.
+_keep_alive: dict[str, Any] = {}
+
 
 def serving_config(config: ZigguratConfig) -> ZigguratConfig:
     """LoRA versions are hot-swapped as adapters, so the engines must accept adapters of the trained rank."""
@@ -54,6 +58,8 @@ def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, A
             .remote(model_path, config.engine, config.recorder, config.judge)
         )
     ray.get([a.ready.remote() for a in actors.values()], timeout=config.engine.start_timeout_s)
+    for name, actor in actors.items():
+        _keep_alive.setdefault(name, actor)  # the first (owning) handle keeps it alive; later ones borrow
     return actors
 
 
@@ -117,10 +123,10 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
     init_ray(config.ray)
     if config.database.auto_upgrade:
         upgrade(config.database.resolved_url())
-    start_recorder(config.database, config.recorder)
+    _keep_alive.setdefault(config.recorder.actor_name, start_recorder(config.database, config.recorder))
     model_path = resolve_model(config.model)
     actors = start_rollout_actors(config, model_path)
-    controller = start_controller(config)
+    controller = _keep_alive.setdefault(config.controller.name, start_controller(config))
 
     def call(method: str, *args: Any, timeout: float = settings.call_timeout_s) -> Any:
         return ray.get(getattr(controller, method).remote(*args), timeout=timeout)
@@ -208,3 +214,4 @@ def shutdown(config: ZigguratConfig) -> None:
         stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
     except ValueError:
         pass
+    _keep_alive.clear()

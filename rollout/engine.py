@@ -142,9 +142,11 @@ class PolicyEngine:
             raise EngineError(f"adapter versions start at 1 (version 0 is the base weights), got {version}")
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise EngineError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
-        if version in self._loaded and not reload:
+        loaded = self._loaded.get(version)
+        if loaded is not None and loaded.lora_path == str(adapter_dir) and not reload:
             return
-        request = LoRARequest(f"v{version}", version, str(adapter_dir), load_inplace=reload)
+        # A version loaded from another folder (a different run's v1, say) is replaced in place too.
+        request = LoRARequest(f"v{version}", version, str(adapter_dir), load_inplace=loaded is not None)
         try:
             await self._llm.add_lora(request)
         except Exception as exc:
