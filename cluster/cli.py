@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from cluster.config import DEFAULT_CONFIG, ConfigError, load_config
+from cluster.config import DEFAULT_CONFIG, ConfigError, ZigguratConfig, load_config
 from cluster.logs import configure_logging
 
 
@@ -117,8 +118,108 @@ def _rollout(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cluster.run import main as run_main
 
-    run_main(["--config", str(args.config)])
+    return run_main(["--config", str(args.config), "--out", str(args.out)])
+
+
+class CliError(RuntimeError):
+    """A command that cannot run as asked; the message says what to do."""
+
+
+def _controller(config: ZigguratConfig) -> Any:
+    """The running controller: joins the Ray cluster of a running `ziggurat run` (or the config's address)."""
+    import ray
+
+    from cluster.ray_runtime import init_ray
+
+    address = "auto" if config.ray.address == "local" else config.ray.address
+    try:
+        init_ray(config.ray.model_copy(update={"address": address}), log_to_driver=False)
+    except ConnectionError as exc:
+        raise CliError(f"no running Ray cluster at {address!r} ({exc}); start the loop with `ziggurat run`") from None
+    try:
+        return ray.get_actor(config.controller.name, namespace=config.ray.namespace)
+    except ValueError:
+        raise CliError(
+            f"no controller named {config.controller.name!r} in namespace {config.ray.namespace!r}; "
+            "start the loop with `ziggurat run` (or check controller.name in the config)"
+        ) from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+
+    config = load_config(args.config)
+    try:
+        status = ray.get(_controller(config).status.remote(), timeout=config.ray.call_timeout_s)
+    except CliError as exc:
+        if args.require_controller:
+            raise
+        print(f"# {exc}\n# showing what the database says", file=sys.stderr)
+        status = _database_status(config)
+    print(json.dumps(status, indent=2, default=str))
     return 0
+
+
+def _database_status(config: ZigguratConfig) -> dict[str, Any]:
+    from cluster.report import version_rewards
+    from recorder.queries import list_batches, readiness
+    from recorder.store import create_db_engine
+
+    engine = create_db_engine(config.database.resolved_url())
+    try:
+        ready = readiness(engine, config.trainer.reward_source, config.trainer.min_group_size)
+        return {
+            "controller": "not running",
+            "readiness": {"ready": ready.groups_with_variance >= config.controller.min_groups, **ready.__dict__},
+            "versions": version_rewards(engine),
+            "training": list_batches(engine, statuses=("pending", "running")),
+        }
+    finally:
+        engine.dispose()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import ray
+
+    config = load_config(args.config)
+    result = ray.get(
+        _controller(config).deploy.remote(args.version, args.canary), timeout=config.controller.swap_timeout_s * 3
+    )
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import ray
+
+    config = load_config(args.config)
+    result = ray.get(_controller(config).rollback.remote(args.version), timeout=config.controller.swap_timeout_s * 3)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cluster.report import version_rewards, write_report
+    from recorder.store import create_db_engine
+
+    config = load_config(args.config)
+    engine = create_db_engine(config.database.resolved_url())
+    try:
+        versions = version_rewards(engine)
+    finally:
+        engine.dispose()
+    files = write_report({"versions": versions}, args.out)
+    for v in versions:
+        print(
+            f"v{v['version']:<4} {v['status']:<11} eval={_fmt(v['eval_mean_reward'])} ({v['eval_episodes']} episodes) "
+            f"train={_fmt(v['train_mean_reward'])} ({v['train_episodes']} episodes)"
+        )
+    print("wrote " + ", ".join(files))
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--group-size", type=int, default=4)
     rollout.set_defaults(handler=_rollout)
 
-    run = with_config(commands.add_parser("run", help="run the main job (same as python -m cluster.run)"))
+    run = with_config(commands.add_parser("run", help="run the closed loop on a config (python -m cluster.run)"))
+    run.add_argument("--out", type=Path, default=Path("ziggurat-report"), help="where report.json and reward.png go")
     run.set_defaults(handler=_run)
+    status = with_config(commands.add_parser("status", help="readiness, versions, health of the running loop"))
+    status.add_argument("--require-controller", action="store_true", help="fail instead of reading the database")
+    status.set_defaults(handler=_status)
+    deploy = with_config(commands.add_parser("deploy", help="hot-swap a version into the rollout actors"))
+    deploy.add_argument("version", type=int)
+    deploy.add_argument("--canary", type=float, default=None, help="fraction of actors to deploy to first")
+    deploy.set_defaults(handler=_deploy)
+    rollback = with_config(commands.add_parser("rollback", help="serve an earlier version (default: the previous)"))
+    rollback.add_argument("version", type=int, nargs="?", default=None)
+    rollback.set_defaults(handler=_rollback)
+    report = with_config(commands.add_parser("report", help="mean reward per version as JSON and a PNG"))
+    report.add_argument("--out", type=Path, default=Path("ziggurat-report"))
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -180,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, CliError) as exc:
         print(f"ziggurat: {exc}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,6 @@ Everything runs through the named actors, so `ziggurat status` in another shell 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -52,7 +51,11 @@ def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, A
         actors[name] = (
             ray.remote(RolloutWorker)
             .options(
-                name=name, namespace=config.ray.namespace, get_if_exists=True, max_restarts=3, max_concurrency=256,
+                name=name,
+                namespace=config.ray.namespace,
+                get_if_exists=True,
+                max_restarts=3,
+                max_concurrency=256,
                 num_cpus=0,
             )  # fmt: skip
             .remote(model_path, config.engine, config.recorder, config.judge)
@@ -68,8 +71,13 @@ def play(config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc:
     rollout, names = config.rollout, sorted(actors)
     refs = [
         actors[names[i % len(names)]].run_group.remote(
-            rollout.env, seed=seed, group_size=rollout.group_size, env_settings=rollout.env_settings,
-            max_turns=rollout.max_turns, max_tokens=rollout.max_tokens, temperature=rollout.temperature,
+            rollout.env,
+            seed=seed,
+            group_size=rollout.group_size,
+            env_settings=rollout.env_settings,
+            max_turns=rollout.max_turns,
+            max_tokens=rollout.max_tokens,
+            temperature=rollout.temperature,
             episode_timeout_s=rollout.episode_timeout_s,
         )  # fmt: skip
         for i, seed in enumerate(seeds)
@@ -89,26 +97,6 @@ def play(config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def plot_rewards(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evals = [(v["version"], v["eval_mean_reward"]) for v in report["versions"] if v.get("eval_mean_reward") is not None]
-    train = [(it["iteration"], it["train_mean_reward"]) for it in report["iterations"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if evals:
-        left.plot(*zip(*evals, strict=True), marker="o")
-    left.set(title="held-out mean reward per model version", xlabel="version", ylabel="mean reward")
-    if train:
-        right.plot(*zip(*train, strict=True), marker="o", color="tab:orange")
-    right.set(title="training-episode mean reward per iteration", xlabel="iteration", ylabel="mean reward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
@@ -163,31 +151,28 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
                 entry["swap"] = call("deploy", version)
                 entry["deployed"], served = True, version
         iterations.append(entry)
-    versions = call("versions")
+    from cluster.report import version_rewards, write_report
+    from recorder.store import create_db_engine
+
+    db = create_db_engine(config.database.resolved_url())
+    try:
+        versions = version_rewards(db)
+    finally:
+        db.dispose()
+    evals = {v["version"]: v["eval_mean_reward"] for v in versions}
     report = {
         "model": model_path,
         "environment": rollout.env,
         "seed": config.engine.seed,
         "eval_seeds": rollout.eval_seeds,
-        "base_eval_mean_reward": evaluations.get(0),
+        "base_eval_mean_reward": evals.get(0),
         "final_version": served,
-        "final_eval_mean_reward": evaluations.get(served),
+        "final_eval_mean_reward": evals.get(served),
         "iterations": iterations,
-        "versions": [
-            {
-                "version": v["version"],
-                "status": v["status"],
-                "eval_mean_reward": (v["metrics"] or {}).get("eval_mean_reward"),
-                "loss": (v["metrics"] or {}).get("loss"),
-            }
-            for v in versions
-        ],
+        "versions": versions,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_rewards(report, out_dir / "reward.png")
-    report["report_files"] = [str(out_dir / "report.json"), str(out_dir / "reward.png")]
+    report["report_files"] = write_report(report, out_dir)
     return report
 
 

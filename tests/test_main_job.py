@@ -1,46 +1,58 @@
-"""The main job end to end on the embedded defaults: local Ray, SQLite, vLLM on the CPU (tiny model)."""
+"""The main job through the command line on a YAML config: SQLite, one rollout actor, the tiny model."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import sqlalchemy as sa
+import json
+from pathlib import Path
 
-from cluster.config import load_config
-from cluster.run import DEMO_TASKS, run
-from recorder.records import unpack_logprobs, unpack_tokens
-from recorder.schema import LlmCall
+import pytest
+import yaml
+
+from cluster.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def test_main_job_records_every_sampled_call_as_tokens(ray_session, tiny_engine, tmp_path):
-    config = load_config()  # configs/local.yaml, with the database moved into the test's folder
-    config = config.model_copy(
-        update={
-            "database": config.database.model_copy(update={"url": f"sqlite:///{tmp_path / 'z.db'}"}),
-            "recorder": config.recorder.model_copy(update={"actor_name": "main-job-recorder"}),
-        }
+def test_ziggurat_run_then_status_report_and_deploy_without_a_controller(ray_session, tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": tiny_model_dir, "store_dir": str(tmp_path / "store")},
+                "database": {"url": f"sqlite:///{tmp_path / 'z.db'}", "auto_upgrade": True},
+                "recorder": {"actor_name": "main-job-recorder"},
+                "engine": {"device": "cpu", "max_model_len": 1024, "kv_cache_gib": 1},
+                "rollout": {
+                    "env": "lowercase",
+                    "actors": 1,
+                    "group_size": 4,
+                    "groups_per_iteration": 3,
+                    "max_turns": 1,
+                    "max_tokens": 8,
+                    "eval_seeds": [0],
+                    "eval_group_size": 2,
+                },  # fmt: skip
+                "controller": {"name": "main-job", "min_groups": 2, "iterations": 1, "poll_interval_s": 0.2},
+                "trainer": {"num_workers": 1, "reward_source": "combined"},
+            }
+        )
     )
-    summary = run(config, group_size=3, max_tokens=8, engine=tiny_engine)
-    assert summary["recorded"] == len(DEMO_TASKS) * 3 * 4  # start, step, call, finish per episode
-    assert summary["finished_trajectories_in_store"] == len(DEMO_TASKS) * 3
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["final_version"] == 1 and set(summary["versions"]) == {"0", "1"}
+    assert summary["base_eval_mean_reward"] is not None and summary["final_eval_mean_reward"] is not None
+    assert Path(summary["report_files"][1]).stat().st_size > 1000
 
-    engine = sa.create_engine(config.database.url)
-    with engine.connect() as conn:
-        calls = conn.execute(sa.select(LlmCall.__table__)).mappings().all()  # typed: JSON comes back parsed
-        groups = conn.execute(
-            sa.text("SELECT group_id, count(*), min(scenario_id) FROM trajectories GROUP BY group_id")
-        ).all()
-    engine.dispose()
-    assert sorted(size for _, size, _ in groups) == [3, 3, 3]
-    assert {scenario for _, _, scenario in groups} == {q for q, _ in DEMO_TASKS}
-    for call in calls:
-        prompt = unpack_tokens(call["prompt_token_ids"])
-        completion = unpack_tokens(call["completion_token_ids"])
-        logprobs = unpack_logprobs(call["completion_logprobs"])
-        assert len(completion) == len(logprobs) == call["completion_tokens"] >= 1
-        assert np.all(logprobs <= 0)
-        # The recorded prompt is exactly what the engine's chat template produced for the question.
-        question = call["messages"][0]["content"]
-        assert prompt.tolist() == tiny_engine.chat_prompt([{"role": "user", "content": question}])
+    # The loop has ended: status reads the database, deploy says there is nothing to deploy to.
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    status = json.loads(out[out.index("{") :])
+    assert status["controller"] == "not running"
+    assert [(v["version"], v["status"]) for v in status["versions"]] == [(0, "retired"), (1, "deployed")]
+    assert main(["deploy", "1", "--config", str(config)]) == 2
+    assert "no controller named 'main-job'" in capsys.readouterr().err
+
+    assert main(["report", "--config", str(config), "--out", str(tmp_path / "report")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("v0") and "(2 episodes)" in lines[0] and "(12 episodes)" in lines[0]
+    assert (tmp_path / "report" / "reward.png").is_file()
