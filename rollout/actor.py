@@ -221,15 +221,21 @@ class RolloutWorker:
         observation = env.reset(spec.seed)
         messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": observation}]
         prompt = engine.chat_prompt(messages)
+        # An environment may start the policy's reply for it (e.g. '{"type": "'): those tokens go into the
+        # prompt of every turn, so they are never trained on, and the env parses prefix + completion.
+        prefix = getattr(env, "response_prefix", "")
+        prefix_ids = engine.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
         limit = self._engine_config.max_model_len
         for turn in range(spec.max_turns):
             started = time.perf_counter()
+            prompt = prompt + prefix_ids
             generation = await engine.generate(
                 prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature, version=spec.version
             )
             completion = generation.completions[0]
             self._calls, self._last_call = self._calls + 1, time.monotonic()
-            result = env.step(completion.text)
+            action_text = prefix + completion.text
+            result = env.step(action_text)
             self._client.add(
                 StepRecord(
                     trajectory_id, turn, observation, action=result.info.get("action"), env_reward=result.reward,
@@ -243,7 +249,7 @@ class RolloutWorker:
                 ),
             )  # fmt: skip
             progress["reward"] += result.reward
-            progress["transcript"] += [f"[turn {turn + 1}] saw: {observation[-300:]}", f"did: {completion.text}"]
+            progress["transcript"] += [f"[turn {turn + 1}] saw: {observation[-300:]}", f"did: {action_text}"]
             progress["turns"] = turn + 1
             progress["tokens"] += len(completion.token_ids)
             if result.done:

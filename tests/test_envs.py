@@ -102,3 +102,28 @@ def test_lowercase_env_rewards_the_share_of_lowercase_letters():
     assert env.step("   ").reward == 0.0
     with pytest.raises(RuntimeError, match="reset"):
         make_env("lowercase").step("x")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ('{"type": "buy_yes", "market": "2", "amount": 100.0, "note": "x"}', {"type": "buy_yes", "market": 2}),
+        ('{"type": "buy_no", "market": 1.0, "amount": "50"', {"type": "buy_no", "market": 1}),
+        ('{"type": "sell", "market": 3} and then {"type": "hold"}', {"type": "sell", "market": 3}),
+    ],
+)
+def test_lenient_market_parsing_reads_fields_from_broken_json(reply, expected):
+    strict, lenient = make_env("market"), make_env("market", lenient=True)
+    strict.reset(1), lenient.reset(1)
+    parsed = lenient.step(reply).info["action"]
+    assert parsed is not None and {k: parsed[k] for k in expected} == expected
+    if "note" not in reply and "then" not in reply:
+        assert strict.step(reply).info["error"]  # strict parsing refuses the same reply
+
+
+def test_market_prefill_is_the_start_of_a_json_action():
+    env = make_env("market", prefill=True, lenient=True)
+    env.reset(2)
+    assert env.response_prefix == '{"type": "'
+    assert env.step(env.response_prefix + 'hold"}').info["action"] == {"type": "hold"}
+    assert make_env("market").response_prefix == ""

@@ -58,3 +58,32 @@ def test_updates_raise_the_good_completion_and_lower_the_bad_one(tiny_model_dir,
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.2 * sum(
             p.numel() for p in model.parameters()
         )
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_kl_reference_is_the_policy_before_training(tiny_model_dir, mode):
+    from trainer.step import reference_logprobs
+
+    config = TrainerConfig(mode=mode, kl_beta=0.1, learning_rate=5e-2, micro_batch_rows=4)
+    assert reference_logprobs(build_policy(tiny_model_dir, TrainerConfig(mode=mode)), TrainerConfig()) is None
+    model = build_policy(tiny_model_dir, config)
+    reference = reference_logprobs(model, config)
+    batch = _batch([1.0, 0.0], [[300, 301], [400, 401]])
+    before = token_logprobs(model, batch.input_ids, batch.attention_mask).detach()
+    old = before.clone()
+    for _ in range(3):
+        metrics = grpo_update(
+            model,
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate),
+            batch,
+            old,
+            config,
+            float(batch.loss_mask.sum()),
+            reference=reference,
+        )
+    after = token_logprobs(model, batch.input_ids, batch.attention_mask).detach()
+    assert not torch.allclose(after, before)  # the policy moved ...
+    assert torch.allclose(
+        reference(batch.input_ids, batch.attention_mask), before, atol=1e-5
+    )  # ... its reference did not
+    assert metrics["kl_ref"] > 0

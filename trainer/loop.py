@@ -78,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate, shard_groups
     from trainer.model import build_policy, save_policy
-    from trainer.step import grpo_update
+    from trainer.step import grpo_update, reference_logprobs
 
     config = TrainerConfig.model_validate(loop_config["trainer"])
     context = ray.train.get_context()
@@ -143,10 +143,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     (micro_steps,) = _all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
     old = _old_logprobs(model, batch, config.micro_batch_rows)  # the policy before this batch's updates
 
+    reference = reference_logprobs(model, config)
     run = _start_wandb(loop_config, config) if rank == 0 else None
     for update in range(state.get("updates_done", 0), config.updates_per_batch):
         started = time.perf_counter()
-        metrics = grpo_update(model, optimizer, batch, old, config, global_tokens, micro_steps=int(micro_steps))
+        metrics = grpo_update(
+            model, optimizer, batch, old, config, global_tokens, reference=reference, micro_steps=int(micro_steps)
+        )
         elapsed = time.perf_counter() - started
         summed = _all_reduce([metrics[k] for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")])
         report = dict(zip(("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy"), summed, strict=True))

@@ -22,6 +22,33 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     return F.pad(logp, (1, 0))
 
 
+LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reference_logprobs(model: Any, config: TrainerConfig) -> LogprobFn | None:
+    """The frozen reference policy for the KL term (None when kl_beta is 0).
+
+    LoRA: the same model with its adapter switched off (no second copy in memory). Full weights: a frozen
+    copy taken now, before any update.
+    """
+    if config.kl_beta <= 0:
+        return None
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    if config.mode == "lora":
+
+        def with_adapter_off(ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+            with inner.disable_adapter():
+                return token_logprobs(inner, ids, attention)
+
+        return with_adapter_off
+    import copy
+
+    frozen = copy.deepcopy(inner).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    return lambda ids, attention: token_logprobs(frozen, ids, attention)
+
+
 def clip_config(config: TrainerConfig) -> ClipConfig:
     return ClipConfig(
         eps_low=config.clip_eps_low, eps_high=config.clip_eps_high, dual_clip=config.dual_clip, tis_cap=config.tis_cap

@@ -59,10 +59,17 @@ class MarketEnv:
         pnl_scale: float = 100.0,
         format_bonus: float = 0.02,
         format_penalty: float = 0.05,
+        prefill: bool = False,
+        lenient: bool = False,
     ) -> None:
+        """`prefill` starts every reply with '{"type": "' for the policy (small models rarely open a JSON object
+        on their own); `lenient` also accepts an action whose fields are readable but whose JSON is broken
+        (extra text, a missing brace, the market id as "2" or 2.0)."""
         self.n_markets, self.ticks, self.start_balance = markets, ticks, balance
         self.news_accuracy, self.pnl_scale = news_accuracy, pnl_scale
         self.format_bonus, self.format_penalty = format_bonus, format_penalty
+        self.response_prefix = '{"type": "' if prefill else ""
+        self.lenient = lenient
         self.markets: list[Market] = []
         self.balance = balance
         self.tick = 0
@@ -112,11 +119,20 @@ class MarketEnv:
     def _parse(self, text: str) -> tuple[dict[str, Any] | None, str | None]:
         match = _JSON_OBJECT.search(text)
         if match is None:
+            if self.lenient and (fields := _fields(text)):
+                return self._validate(fields)
             return None, "no JSON object in the reply"
         try:
             action = json.loads(match.group())
         except json.JSONDecodeError as exc:
+            if self.lenient and (fields := _fields(text)):
+                return self._validate(fields)
             return None, f"invalid JSON: {exc.msg}"
+        return self._validate(action)
+
+    def _validate(self, action: Any) -> tuple[dict[str, Any] | None, str | None]:
+        if self.lenient and isinstance(action, dict):
+            action = {**action, "market": _as_int(action.get("market")), "amount": _as_number(action.get("amount"))}
         if not isinstance(action, dict) or action.get("type") not in ACTIONS:
             return None, f"type must be one of {', '.join(ACTIONS)}"
         if action["type"] == "hold":
@@ -163,3 +179,28 @@ class MarketEnv:
         pnl = final_value - self.start_balance
         info.update(pnl=round(pnl, 4), final_value=round(final_value, 4))
         return StepResult("The markets have resolved.", pnl / self.pnl_scale + format_term, True, info)
+
+
+_FIELD = re.compile(r'"(type|market|amount)"\s*:\s*"?([A-Za-z_]+|-?\d+(?:\.\d+)?)')
+
+
+def _fields(text: str) -> dict[str, Any]:
+    """`"key": value` pairs readable in broken JSON (the first of each key)."""
+    found: dict[str, Any] = {}
+    for key, value in _FIELD.findall(text):
+        found.setdefault(key, value)
+    return found if "type" in found else {}
+
+
+def _as_int(value: Any) -> Any:
+    number = _as_number(value)
+    return int(number) if isinstance(number, float) and number.is_integer() else number
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
