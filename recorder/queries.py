@@ -255,11 +255,34 @@ class GroupData:
 
 def load_batch(engine: Engine, batch_id: int, reward_source: str = "env") -> list[GroupData]:
     """A batch's groups with every policy call's tokens and behaviour log-probs, in step/call order."""
-    source, reward = _rewarded(reward_source)
-    members = sa.select(M.c.trajectory_id).where(M.c.batch_id == batch_id)
     with engine.connect() as conn:
         if conn.execute(sa.select(B.c.id).where(B.c.id == batch_id)).first() is None:
             raise KeyError(f"training batch {batch_id} does not exist")
+    return _load_groups(engine, sa.select(M.c.trajectory_id).where(M.c.batch_id == batch_id), reward_source)
+
+
+def load_trainable_groups(
+    engine: Engine, reward_source: str = "env", min_group_size: int = 2, max_groups: int = 64, min_version: int = 0
+) -> list[GroupData]:
+    """The oldest trainable groups, as `claim_batch` would choose them, without claiming them (read only)."""
+    source, reward = _rewarded(reward_source)
+    judged = sa.and_(_eligible(min_version), reward.is_not(None))
+    groups = (
+        sa.select(T.c.group_id)
+        .select_from(source)
+        .where(judged)
+        .group_by(T.c.group_id)
+        .having(sa.and_(sa.func.count() >= min_group_size, sa.func.max(reward) > sa.func.min(reward)))
+        .order_by(sa.func.min(T.c.finished_at), T.c.group_id)
+        .limit(max_groups)
+    )
+    members = sa.select(T.c.id).select_from(source).where(judged, T.c.group_id.in_(groups))
+    return _load_groups(engine, members, reward_source)
+
+
+def _load_groups(engine: Engine, members: Any, reward_source: str) -> list[GroupData]:
+    source, reward = _rewarded(reward_source)
+    with engine.connect() as conn:
         trajectories = conn.execute(
             sa.select(T.c.id, T.c.group_id, T.c.scenario_id, T.c.model_version, reward.label("reward"))
             .select_from(source)

@@ -127,3 +127,20 @@ def test_market_prefill_is_the_start_of_a_json_action():
     assert env.response_prefix == '{"type": "'
     assert env.step(env.response_prefix + 'hold"}').info["action"] == {"type": "hold"}
     assert make_env("market").response_prefix == ""
+
+
+def test_partial_format_credit_rewards_getting_closer_to_a_valid_action():
+    def format_term(reply: str, partial: bool = True) -> float:
+        env = make_env("market", partial_format=partial, format_penalty=0.3, format_bonus=0.1, ticks=2)
+        env.reset(5)
+        return env.step(reply).info["format"]
+
+    wrong_type, wrong_market = '{"type": "buy"}', '{"type": "buy_yes", "market": "Osaka", "amount": 10}'
+    wrong_amount, valid = (
+        '{"type": "buy_no", "market": 2, "amount": -1}',
+        '{"type": "buy_no", "market": 2, "amount": 10}',
+    )
+    assert [format_term(r) for r in (wrong_type, wrong_market, wrong_amount, valid)] == pytest.approx(
+        [-0.3, -0.2, -0.1, 0.1]
+    )
+    assert format_term(wrong_amount, partial=False) == pytest.approx(-0.3)

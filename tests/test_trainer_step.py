@@ -34,6 +34,10 @@ def test_token_logprobs_align_with_a_manual_computation(tiny_model_dir):
     logits = model(ids).logits
     expected = torch.log_softmax(logits[0, 2], -1)[70]
     assert got.shape == (1, 4) and got[0, 0] == 0 and got[0, 3].item() == pytest.approx(expected.item(), abs=1e-5)
+    # With a loss mask, only the trained positions are computed, and they are the same numbers.
+    mask = torch.tensor([[0, 0, 1, 1]])
+    masked = token_logprobs(model, ids, torch.ones_like(ids), mask)
+    assert torch.allclose(masked[:, 2:], got[:, 2:], atol=1e-5) and torch.all(masked[:, :2] == 0)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

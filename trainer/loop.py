@@ -62,7 +62,12 @@ def _old_logprobs(model: Any, batch: Any, micro: int) -> torch.Tensor:
         return torch.zeros_like(batch.loss_mask)
     with torch.no_grad():
         parts = [
-            token_logprobs(model, batch.input_ids[i : i + micro], batch.attention_mask[i : i + micro])
+            token_logprobs(
+                model,
+                batch.input_ids[i : i + micro],
+                batch.attention_mask[i : i + micro],
+                batch.loss_mask[i : i + micro],
+            )
             for i in range(0, batch.input_ids.shape[0], micro)
         ]
     return torch.cat(parts)

@@ -13,16 +13,28 @@ from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
 
 
-def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[rows, length] log p(token t | tokens < t); position 0 has no prediction and gets 0."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+def token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[rows, length] log p(token t | tokens < t); position 0 has no prediction and gets 0.
+
+    With `loss_mask`, the vocabulary projection runs only from the first position any row trains on (the
+    prompt's logits are never needed): for agent turns, long prompts and short replies, that skips most of
+    the lm-head work. Positions before it get 0.
+    """
+    length = input_ids.shape[1]
+    first = 1
+    if loss_mask is not None and bool(loss_mask.any()):
+        first = max(1, int(loss_mask.any(dim=0).nonzero()[0]))
+    keep = length - first + 1  # logits at positions first-1 .. length-1 predict tokens first .. length
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    targets = input_ids[:, first:]
     # cross_entropy avoids materialising a second [rows, length, vocab] tensor of log-softmax values
     logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return F.pad(logp, (1, 0))
+    return F.pad(logp, (first, 0))
 
 
-LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reference_logprobs(model: Any, config: TrainerConfig) -> LogprobFn | None:
@@ -36,9 +48,9 @@ def reference_logprobs(model: Any, config: TrainerConfig) -> LogprobFn | None:
     inner = getattr(model, "module", model)  # DDP wraps the model
     if config.mode == "lora":
 
-        def with_adapter_off(ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        def with_adapter_off(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             with inner.disable_adapter():
-                return token_logprobs(inner, ids, attention)
+                return token_logprobs(inner, ids, attention, mask)
 
         return with_adapter_off
     import copy
@@ -46,7 +58,7 @@ def reference_logprobs(model: Any, config: TrainerConfig) -> LogprobFn | None:
     frozen = copy.deepcopy(inner).eval()
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
-    return lambda ids, attention: token_logprobs(frozen, ids, attention)
+    return lambda ids, attention, mask: token_logprobs(frozen, ids, attention, mask)
 
 
 def clip_config(config: TrainerConfig) -> ClipConfig:
@@ -62,7 +74,7 @@ def grpo_update(
     old_logprobs: torch.Tensor,
     config: TrainerConfig,
     global_tokens: float,
-    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    reference: LogprobFn | None = None,
     micro_steps: int | None = None,
 ) -> dict[str, float]:
     """Accumulate gradients over micro-batches, clip, step. `global_tokens` = policy tokens on all workers.
@@ -85,12 +97,12 @@ def grpo_update(
             dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
             (model(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits.sum() * 0.0).backward()
             continue
-        logp = token_logprobs(model, ids, attention)
+        logp = token_logprobs(model, ids, attention, mask)
         terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
         per_token = terms.per_token
         if config.kl_beta > 0 and reference is not None:
             with torch.no_grad():
-                ref_logp = reference(ids, attention)
+                ref_logp = reference(ids, attention, mask)
             kl = kl_k3(logp, ref_logp) * mask
             per_token = per_token + config.kl_beta * kl
             totals["kl_ref"] += float((kl.sum() / max(global_tokens, 1.0)).detach())

@@ -61,15 +61,20 @@ class MarketEnv:
         format_penalty: float = 0.05,
         prefill: bool = False,
         lenient: bool = False,
+        partial_format: bool = False,
     ) -> None:
         """`prefill` starts every reply with '{"type": "' for the policy (small models rarely open a JSON object
         on their own); `lenient` also accepts an action whose fields are readable but whose JSON is broken
-        (extra text, a missing brace, the market id as "2" or 2.0)."""
+        (extra text, a missing brace, the market id as "2" or 2.0); `partial_format` shrinks the format penalty
+        of an invalid action by the share of its fields (type, market, amount) that were right, so a policy
+        that gets closer to a valid action scores better before it gets there."""
         self.n_markets, self.ticks, self.start_balance = markets, ticks, balance
         self.news_accuracy, self.pnl_scale = news_accuracy, pnl_scale
         self.format_bonus, self.format_penalty = format_bonus, format_penalty
         self.response_prefix = '{"type": "' if prefill else ""
         self.lenient = lenient
+        self.partial_format = partial_format
+        self._credit = 0.0  # share of the last action's fields that were valid
         self.markets: list[Market] = []
         self.balance = balance
         self.tick = 0
@@ -117,6 +122,7 @@ class MarketEnv:
         return "\n".join(lines)
 
     def _parse(self, text: str) -> tuple[dict[str, Any] | None, str | None]:
+        self._credit = 0.0
         match = _JSON_OBJECT.search(text)
         if match is None:
             if self.lenient and (fields := _fields(text)):
@@ -135,11 +141,13 @@ class MarketEnv:
             action = {**action, "market": _as_int(action.get("market")), "amount": _as_number(action.get("amount"))}
         if not isinstance(action, dict) or action.get("type") not in ACTIONS:
             return None, f"type must be one of {', '.join(ACTIONS)}"
+        self._credit = 1 / 3
         if action["type"] == "hold":
             return {"type": "hold"}, None
         market = action.get("market")
         if not isinstance(market, int) or not 1 <= market <= len(self.markets):
             return None, f"market must be an id from 1 to {len(self.markets)}"
+        self._credit = 2 / 3
         if action["type"] == "sell":
             return {"type": "sell", "market": market}, None
         amount = action.get("amount")
@@ -168,9 +176,10 @@ class MarketEnv:
         parsed, error = self._parse(action)
         if parsed is not None:
             self._apply(parsed)
-        format_term = self.format_bonus if error is None else -self.format_penalty
+        credit = self._credit if self.partial_format else 0.0
+        format_term = self.format_bonus if error is None else -self.format_penalty * (1 - credit)
         self.tick += 1
-        info: dict[str, Any] = {"action": parsed, "error": error, "format": format_term}
+        info: dict[str, Any] = {"action": parsed, "error": error, "format": round(format_term, 6)}
         if self.tick < self.ticks:
             self._publish_news()
             return StepResult(self._observation(), format_term, False, info)
