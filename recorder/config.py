@@ -13,9 +13,9 @@ class DatabaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
-    url: str = "sqlite:///ziggurat.db"
+    url: str = Field("sqlite:///ziggurat.db", validate_default=True)
     """SQLAlchemy URL without a password, e.g. `sqlite:///ziggurat.db` (relative to the working
-    directory) or `postgresql+psycopg://ziggurat@db-host:5432/ziggurat`. The environment variable
+    directory where the config is loaded, made absolute then) or `postgresql+psycopg://ziggurat@db-host:5432/ziggurat`. The environment variable
     ZIGGURAT_DB_URL, when set, replaces it whole."""
 
     password_env: str = "ZIGGURAT_DB_PASSWORD"
@@ -48,6 +48,11 @@ class DatabaseConfig(BaseModel):
             )
         if parsed.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError(f"backend {parsed.get_backend_name()!r} is not supported; use sqlite or postgresql")
+        database = parsed.database or ""
+        if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+            # Anchor a relative SQLite path where the config is read: Ray workers (the trainer's, the
+            # rollout actors') run in other working directories and must open the same file.
+            value = parsed.set(database=os.path.abspath(os.path.expanduser(database))).render_as_string()
         return value
 
     def resolved_url(self) -> URL:
