@@ -15,8 +15,9 @@ class DatabaseConfig(BaseModel):
 
     url: str = Field("sqlite:///ziggurat.db", validate_default=True)
     """SQLAlchemy URL without a password, e.g. `sqlite:///ziggurat.db` (relative to the working
-    directory where the config is loaded, made absolute then) or `postgresql+psycopg://ziggurat@db-host:5432/ziggurat`. The environment variable
-    ZIGGURAT_DB_URL, when set, replaces it whole."""
+    directory where the config is loaded, made absolute then) or
+    `postgresql+psycopg://ziggurat@db-host:5432/ziggurat`. The environment variable ZIGGURAT_DB_URL, when
+    set, replaces it whole."""
 
     password_env: str = "ZIGGURAT_DB_PASSWORD"
     """Name of the environment variable holding the database password, if the server needs one."""

@@ -141,3 +141,27 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres,
     store.dispose()
     assert registered["status"] == "ready" and registered["metrics"]["update"] == 25
     assert registered["metrics"]["resumed_from_update"] >= 1  # the restarted group continued, not restarted
+
+
+def test_full_weights_train_sharded_with_fsdp2_on_cpu_workers(ray_session, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    url = f"sqlite:///{tmp_path / 'fsdp.db'}"
+    upgrade(url)
+    _record_groups(url)
+    config = _config(
+        url, tiny_model_dir, tmp_path, mode="full", strategy="fsdp", updates_per_batch=2, learning_rate=1e-3
+    )
+    assert run_training(config) == 1
+    store = TrajectoryStore(url)
+    (registered,) = queries.list_versions(store.engine)
+    store.dispose()
+    assert registered["status"] == "ready" and registered["kind"] == "full" and registered["metrics"]["update"] == 2
+    trained = AutoModelForCausalLM.from_pretrained(registered["artifact_uri"])  # whole tensors, gathered from shards
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [
+        name for (name, a), (_, b) in zip(trained.named_parameters(), base.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]  # fmt: skip
+    assert any("layers.0." in n for n in changed) and any("layers.1." in n for n in changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LoraConfig(BaseModel):
@@ -79,7 +79,11 @@ class TrainerConfig(BaseModel):
     """Drop groups sampled by a version more than this many versions behind the one being trained."""
 
     num_workers: int = Field(2, ge=1)
-    """Ray Train workers (processes); DDP across them."""
+    """Ray Train workers (processes)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How workers share the model: `ddp` (a full copy each) or `fsdp` (FSDP2 `fully_shard` per decoder
+    layer: parameters, gradients and optimizer state sharded; for full fine-tunes, on GPUs or CPUs)."""
 
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
@@ -102,3 +106,9 @@ class TrainerConfig(BaseModel):
 
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""
+
+    @model_validator(mode="after")
+    def _fsdp_is_for_full_weights(self) -> TrainerConfig:
+        if self.strategy == "fsdp" and self.mode != "full":
+            raise ValueError("trainer.strategy fsdp shards full fine-tunes; use mode: full, or strategy: ddp for LoRA")
+        return self

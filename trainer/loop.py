@@ -83,6 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate, shard_groups
     from trainer.model import build_policy, save_policy
+    from trainer.parallel import checkpoint_state, restore_optimizer, wrap
     from trainer.step import grpo_update, reference_logprobs
 
     config = TrainerConfig.model_validate(loop_config["trainer"])
@@ -121,12 +122,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = build_policy(loop_config["base_model"], config, str(device), adapter=start_from)
     else:
         model = build_policy(start_from or loop_config["base_model"], config, str(device))
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp") if world > 1 else model
+    model = wrap(model, config.strategy, world)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
     )
     if state.get("optimizer"):
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(model, optimizer, state["optimizer"], config.strategy)
 
     n = stats.trajectories
     totals = _all_reduce(
@@ -150,6 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     reference = reference_logprobs(model, config)
     run = _start_wandb(loop_config, config) if rank == 0 else None
+    last_report_s, last_elapsed = 0.0, 1.0
     for update in range(state.get("updates_done", 0), config.updates_per_batch):
         started = time.perf_counter()
         metrics = grpo_update(
@@ -175,15 +177,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if run is not None:
             run.log(report, step=update + 1)
             report["wandb_run_id"] = run.id
+        # Reporting cost, measured (DESIGN: ray.train.report blocks ~2 s unless its health-check interval is
+        # lowered): the previous update's report time, against that update's compute time.
+        report.update(report_s=last_report_s, report_fraction=last_report_s / max(last_elapsed, 1e-9))
+        model_state, optimizer_state = checkpoint_state(model, optimizer, config.strategy)  # collective under FSDP
+        reported = time.perf_counter()
         if rank == 0:
             _record_progress(loop_config, update + 1, config.updates_per_batch, report)
             with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
-                save_policy(model, folder, {"kind": config.mode, "update": update + 1})
-                torch.save(
-                    {"updates_done": update + 1, "optimizer": optimizer.state_dict()}, os.path.join(folder, STATE_FILE)
-                )
+                save_policy(model, folder, {"kind": config.mode, "update": update + 1}, state_dict=model_state)
+                torch.save({"updates_done": update + 1, "optimizer": optimizer_state}, os.path.join(folder, STATE_FILE))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)
+        last_report_s, last_elapsed = time.perf_counter() - reported, elapsed
     if run is not None:
         run.finish()

@@ -44,12 +44,23 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
     return get_peft_model(model, lora)
 
 
-def save_policy(model: Any, out_dir: str | Path, manifest: dict[str, Any], tokenizer_source: str | None = None) -> Path:
-    """Write the adapter (LoRA) or the full weights as safetensors, plus a manifest with checksums."""
+def save_policy(
+    model: Any,
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    tokenizer_source: str | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter (LoRA) or the full weights as safetensors, plus a manifest with checksums.
+
+    `state_dict` is the gathered full state of a sharded (FSDP) model; otherwise the model's own is written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unwrapped = getattr(model, "module", model)  # DDP
-    unwrapped.save_pretrained(out, safe_serialization=True)
+    if state_dict is None:
+        unwrapped.save_pretrained(out, safe_serialization=True)
+    else:
+        unwrapped.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer_source is not None and manifest.get("kind") == "full":
         from transformers import AutoTokenizer
 
