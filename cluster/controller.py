@@ -106,17 +106,15 @@ class Controller:
         """The version's folder, which must lie inside the model store (never load from elsewhere)."""
         if version["kind"] == "base":
             return None
-        if version["kind"] != "lora":
-            raise ControllerError(
-                f"version {version['version']} holds full weights; hot-swapping full weights into vLLM is not "
-                "supported yet: train with trainer.mode: lora, or restart the rollout actors on its folder"
-            )
         uri = version["artifact_uri"]
         path = Path(uri or "").expanduser().resolve()
         if not uri or not path.is_relative_to(self.store):
             raise ControllerError(f"version {version['version']}'s artifact {uri!r} is outside the model store")
-        if not (path / "adapter_config.json").is_file():
-            raise ControllerError(f"version {version['version']}'s folder {path} holds no adapter_config.json")
+        expected = "adapter_config.json" if version["kind"] == "lora" else "config.json"
+        if not (path / expected).is_file() or not any(path.glob("*.safetensors")):
+            raise ControllerError(
+                f"version {version['version']}'s folder {path} holds no {expected} and safetensors weights"
+            )
         return str(path)
 
     def deployed_version(self) -> int:
@@ -151,7 +149,8 @@ class Controller:
         targets = names[: max(1, math.ceil(fraction * len(names)))] if canary else names
         started = time.perf_counter()
         loaded, errors = self._gather(
-            {n: workers[n].prepare.remote(version, artifact) for n in targets}, self.config.controller.swap_timeout_s
+            {n: workers[n].prepare.remote(version, artifact, row["kind"]) for n in targets},
+            self.config.controller.swap_timeout_s,
         )
         if errors:
             self._gather({n: workers[n].unload.remote(version) for n in loaded}, self.config.controller.swap_timeout_s)

@@ -142,14 +142,18 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         entry["training"] = outcome
         if outcome.get("trained"):
             version = outcome["version"]
-            if rollout.eval_seeds and settings.evaluate_before_deploy:
+            # Adapters are evaluated before anyone serves them; full weights can only be sampled once swapped in.
+            before = config.trainer.mode == "lora" and settings.evaluate_before_deploy
+            if rollout.eval_seeds and before:
                 evaluations[version] = call("evaluate", version)["mean_reward"]
             worse = evaluations.get(version, 0.0) < evaluations.get(served, float("-inf"))
-            if settings.deploy_only_if_better and worse:
+            if settings.deploy_only_if_better and before and worse:
                 entry["deployed"] = False
             else:
                 entry["swap"] = call("deploy", version)
                 entry["deployed"], served = True, version
+                if rollout.eval_seeds and not before:
+                    evaluations[version] = call("evaluate", version)["mean_reward"]
         iterations.append(entry)
     from cluster.report import version_rewards, write_report
     from recorder.store import create_db_engine

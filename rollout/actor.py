@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -71,6 +72,7 @@ class RolloutWorker:
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
         self._in_flight, self._calls, self._last_call = 0, 0, None
+        self._full_weights: dict[int, str] = {}  # prepared full-weight versions: version -> folder
 
     async def _policy(self) -> PolicyEngine:
         if self._starting is None:
@@ -87,17 +89,27 @@ class RolloutWorker:
     async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
         await (await self._policy()).set_adapter(version, adapter_dir)
 
-    async def prepare(self, version: int, adapter_dir: str | None) -> int:
-        """Hot-swap phase 1: load `version` (an adapter folder; None for the base) without serving it."""
+    async def prepare(self, version: int, artifact: str | None, kind: str = "lora") -> int:
+        """Hot-swap phase 1: make `version` ready to serve without serving it. A LoRA adapter is loaded into
+        the engine; full weights are checked now and swapped in by `activate` (vLLM replaces them in place)."""
         engine = await self._policy()
-        if adapter_dir is not None:
-            await engine.load_adapter(version, adapter_dir)
+        if kind == "full":
+            if artifact is None or not any(Path(artifact).glob("*.safetensors")):
+                raise EngineError(f"version {version}: {artifact} holds no .safetensors weights")
+            self._full_weights[version] = artifact
+        elif artifact is not None:
+            await engine.load_adapter(version, artifact)
         return version
 
     async def activate(self, version: int) -> int:
         """Hot-swap phase 2: serve a prepared version from the next LLM call on; returns the previous one."""
         engine = await self._policy()
         previous = engine.version
+        if version in self._full_weights:
+            await engine.load_weights(version, self._full_weights[version])
+            return previous
+        if engine.weights_version != 0:  # base or an adapter after a full-weights version: base weights first
+            await engine.load_weights(0, self._model_path)
         engine.activate(version)
         return previous
 

@@ -111,6 +111,10 @@ class PolicyEngine:
         self.version = version
         self._lora: Any = None  # the LoRARequest of the served version, None for the base weights
         self._loaded: dict[int, Any] = {}  # version -> LoRARequest of every adapter loaded in the engine
+        self.weights_version = 0  # whose full weights the engine holds (0: the base model's)
+        self._admitting = asyncio.Event()  # cleared while full weights are swapped in place
+        self._admitting.set()
+        self._running = 0  # requests inside vLLM now
 
     @classmethod
     async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
@@ -156,11 +160,56 @@ class PolicyEngine:
             ) from exc
         self._loaded[version] = request
 
+    async def load_weights(self, version: int, weights_dir: str, drain_timeout_s: float = 300.0) -> None:
+        """Serve full weights from `weights_dir` (safetensors, same architecture) as `version`; pass the base
+        model's folder as version 0 to return to it.
+
+        vLLM replaces the weights in place, so the engine stops admitting requests, waits (up to
+        `drain_timeout_s`) for the running ones to finish on the old weights, swaps, and admits again:
+        no request ever mixes two versions. Adapters loaded on the old weights are dropped.
+        """
+        folder = Path(weights_dir)
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise EngineError(f"{weights_dir} holds no .safetensors weights to load for version {version}")
+        self._admitting.clear()
+        try:
+            deadline = asyncio.get_running_loop().time() + drain_timeout_s
+            while self._running:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EngineError(
+                        f"{self._running} requests still running after {drain_timeout_s} s; weights unchanged"
+                    )
+                await asyncio.sleep(0.01)
+            try:
+                await self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_path": str(folder), "is_checkpoint_format": True}
+                )
+            except Exception as exc:
+                raise EngineError(
+                    f"vLLM could not load the weights in {weights_dir} ({type(exc).__name__}: {exc}); they must be "
+                    "a checkpoint of the same architecture as the served model"
+                ) from exc
+            await self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+            for stale in list(self._loaded):
+                self._loaded.pop(stale)
+                await self._llm.remove_lora(stale)
+            self._lora, self.version, self.weights_version = None, version, version
+        finally:
+            self._admitting.set()
+
     def activate(self, version: int) -> None:
         """Serve `version` from the next request on: 0 is the base weights, others must be loaded first.
 
         Requests already running finish on the version they started with and report it.
         """
+        if version == self.weights_version and version not in self._loaded:
+            self._lora, self.version = None, version
+            return
+        if self.weights_version != 0:
+            raise EngineError(
+                f"the engine holds version {self.weights_version}'s full weights; load the base weights "
+                f"(load_weights(0, base folder)) before serving version {version}"
+            )
         if version == 0:
             self._lora, self.version = None, 0
         elif version in self._loaded:
@@ -226,24 +275,29 @@ class PolicyEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
         )
         lora: Any = None  # the request keeps its version and adapter even if a swap happens meanwhile
+        await self._admitting.wait()  # a full-weights swap in progress: this request goes to the new weights
         if base_weights:
-            version = 0
+            version = self.weights_version
         if version is None:
             version, lora = self.version, self._lora
-        elif version == 0:
+        elif version == self.weights_version:
             lora = None
         elif version in self._loaded:
             lora = self._loaded[version]
         else:
             raise EngineError(f"version {version} is not loaded in this engine; load it before sampling from it")
         final = None
-        async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
-            params,
-            request_id=uuid.uuid4().hex,
-            lora_request=lora,
-        ):
-            final = output
+        self._running += 1
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
+                params,
+                request_id=uuid.uuid4().hex,
+                lora_request=lora,
+            ):
+                final = output
+        finally:
+            self._running -= 1
         if final is None:
             raise EngineError("vLLM returned no output for the request")
         completions = []
@@ -319,6 +373,13 @@ class EngineThread:
             self.engine.activate(version)
 
         self._call(_on_loop())
+
+    def load_weights(self, version: int, weights_dir: str, timeout_s: float | None = None) -> None:
+        self._call(self.engine.load_weights(version, weights_dir), timeout_s)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Any:
+        """Start a coroutine on the engine's loop without waiting; returns a concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def unload_adapter(self, version: int, timeout_s: float | None = None) -> None:
         self._call(self.engine.unload_adapter(version), timeout_s)

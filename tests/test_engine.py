@@ -114,3 +114,33 @@ def test_adapters_load_without_serving_then_flip_reload_in_place_and_unload(tiny
         tiny_engine.activate(7)
     with pytest.raises(EngineError, match="not a LoRA adapter folder"):
         tiny_engine.load_adapter(8, str(tmp_path))
+
+
+def test_full_weights_swap_in_place_after_running_requests_finish(tiny_engine, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = tiny_engine.chat_prompt([{"role": "user", "content": "Hold, buy or sell?"}])
+
+    def greedy() -> tuple[int, list[int]]:
+        generation = tiny_engine.generate(prompt, max_tokens=12, temperature=0.0)
+        return generation.model_version, generation.completions[0].token_ids
+
+    _, base = greedy()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.save_pretrained(tmp_path / "v3")  # a "full fine-tune" of the same architecture
+
+    running = tiny_engine.submit(tiny_engine.engine.generate(prompt, max_tokens=64, min_tokens=64, temperature=0.0))
+    tiny_engine.load_weights(3, str(tmp_path / "v3"))
+    assert running.result(timeout=120).model_version == 0  # admitted before the swap: finished on the old weights
+    version, tuned = greedy()
+    assert version == 3 and tuned != base
+    with pytest.raises(EngineError, match="full weights"):
+        tiny_engine.activate(0)
+    with pytest.raises(EngineError, match="no .safetensors"):
+        tiny_engine.load_weights(4, str(tmp_path))
+    tiny_engine.load_weights(0, tiny_model_dir)  # back to the base model
+    assert greedy() == (0, base)
