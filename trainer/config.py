@@ -75,6 +75,10 @@ class TrainerConfig(BaseModel):
     micro_batch_rows: int = Field(8, ge=1)
     """Rows per forward/backward pass; gradients accumulate over a worker's rows."""
 
+    threads_per_worker: int | None = Field(None, ge=1)
+    """CPU workers: torch threads per worker. `None` splits this machine's cores evenly between the workers
+    (Ray starts each worker with OMP_NUM_THREADS=1, which leaves cores idle)."""
+
     max_staleness: int | None = Field(4, ge=0)
     """Drop groups sampled by a version more than this many versions behind the one being trained."""
 

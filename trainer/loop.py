@@ -89,7 +89,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainerConfig.model_validate(loop_config["trainer"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(int(loop_config.get("threads_per_worker", 1)))
+    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
 
     engine = create_db_engine(DatabaseConfig.model_validate(loop_config["database"]).resolved_url())
