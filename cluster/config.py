@@ -47,6 +47,10 @@ class RayConfig(_Section):
     include_dashboard: bool = True
     """Start the Ray dashboard (http://127.0.0.1:8265) with a `local` Ray."""
 
+    dashboard_host: str = "127.0.0.1"
+    """Interface the dashboard of a `local` Ray listens on. Only this machine by default; `0.0.0.0` exposes
+    it (and the job-submission API behind it) to the network."""
+
     call_timeout_s: float = Field(120.0, gt=0)
     """Default deadline for a remote call made by the driver."""
 

@@ -110,6 +110,12 @@ class Controller:
         path = Path(uri or "").expanduser().resolve()
         if not uri or not path.is_relative_to(self.store):
             raise ControllerError(f"version {version['version']}'s artifact {uri!r} is outside the model store")
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise ControllerError(
+                f"version {version['version']}'s folder {path} holds pickled files {pickles}; only safetensors "
+                "weights are served (loading a pickle runs arbitrary code)"
+            )
         expected = "adapter_config.json" if version["kind"] == "lora" else "config.json"
         if not (path / expected).is_file() or not any(path.glob("*.safetensors")):
             raise ControllerError(

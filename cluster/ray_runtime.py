@@ -11,6 +11,19 @@ from cluster.config import RayConfig
 log = logging.getLogger(__name__)
 
 
+def init_kwargs(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> dict[str, Any]:
+    """What `init_ray` passes to `ray.init` for this config."""
+    kwargs: dict[str, Any] = {"address": config.address, "namespace": config.namespace, "log_to_driver": True}
+    if config.address == "local":
+        kwargs.update(
+            num_cpus=config.num_cpus, include_dashboard=config.include_dashboard, dashboard_host=config.dashboard_host
+        )
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+    kwargs.update(extra)
+    return kwargs
+
+
 def init_ray(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> Any:
     """`ray.init` for this config; a no-op returning the current context if Ray is already up.
 
@@ -23,17 +36,6 @@ def init_ray(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> An
     os.environ.setdefault("RAY_AUTH_MODE", config.auth_mode)
     if ray.is_initialized():
         return ray.get_runtime_context()
-    kwargs: dict[str, Any] = {
-        "address": config.address,
-        "namespace": config.namespace,
-        "log_to_driver": True,
-    }
-    if config.address == "local":
-        kwargs["num_cpus"] = config.num_cpus
-        kwargs["include_dashboard"] = config.include_dashboard
-        if temp_dir:
-            kwargs["_temp_dir"] = temp_dir
-    kwargs.update(extra)
-    context = ray.init(**kwargs)
+    context = ray.init(**init_kwargs(config, temp_dir, **extra))
     log.info("connected to Ray at %s (namespace %s)", context.address_info.get("address"), config.namespace)
     return context

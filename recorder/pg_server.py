@@ -102,6 +102,7 @@ class ThrowawayPostgres:
     def create_database(self, name: str) -> str:
         """Create an empty database and return its SQLAlchemy URL."""
         import psycopg
+        from psycopg import sql
 
         connection = psycopg.connect(
             host="127.0.0.1",
@@ -112,7 +113,7 @@ class ThrowawayPostgres:
             connect_timeout=10,
         )
         with connection as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
     def destroy(self) -> None:

@@ -245,12 +245,19 @@ class TrajectoryStore:
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
         if self.dialect == "postgresql":
+            from psycopg import sql
+
             stage, columns = self._stage(conn, table, rows)
-            updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in _OUTCOME_COLUMNS)
-            conn.exec_driver_sql(
-                f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {stage} "
-                f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
+            updates = sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in _OUTCOME_COLUMNS
             )
+            statement = sql.SQL(
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
+                "ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
+            ).format(
+                table=sql.Identifier(table.name), columns=_names(columns), stage=sql.Identifier(stage), updates=updates
+            )
+            _execute(conn, statement)
             return
         insert = sqlite.insert(table)
         updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
@@ -325,47 +332,58 @@ class TrajectoryStore:
                     self._copy_encoded(conn, table, rows)
         except psycopg.errors.UniqueViolation:
             for table, rows in encoded.items():
+                from psycopg import sql
+
                 stage = self._create_stage(conn, table)
                 self._copy_encoded(conn, table, rows, target=stage)
-                columns = ", ".join(_ENCODED_COLUMNS[table])
-                conn.exec_driver_sql(
-                    f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING"
+                statement = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING").format(
+                    sql.Identifier(table), sql.Identifier(stage), cols=_names(_ENCODED_COLUMNS[table])
                 )
+                _execute(conn, statement)
 
     @staticmethod
     def _create_stage(conn: Connection, table: str) -> str:
+        from psycopg import sql
+
         stage = f"_stage_{table}"
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
+        statement = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        _execute(conn, statement.format(sql.Identifier(stage), sql.Identifier(table)))
         return stage
 
     @staticmethod
     def _copy_encoded(conn: Connection, table: str, rows: list[bytes], target: str | None = None) -> None:
-        columns = ", ".join(_ENCODED_COLUMNS[table])
+        from psycopg import sql
+
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(target or table), _names(_ENCODED_COLUMNS[table])
+        )
         with conn.connection.driver_connection.cursor() as cursor:
-            with cursor.copy(f"COPY {target or table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            with cursor.copy(statement) as copy:
                 copy.write(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
 
     def _stage(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> tuple[str, str]:
         """COPY rows into a transaction-scoped staging copy of `table`; returns its name and the column list."""
         stage = self._create_stage(conn, table.name)
         self._copy(conn, table, stage, rows)
-        return stage, ", ".join(rows[0])
+        return stage, list(rows[0])
 
     def _copy(self, conn: Connection, table: sa.Table, target: str, rows: list[dict[str, Any]]) -> None:
         """Binary COPY (C-encoded by psycopg; bytea travels raw instead of hex) of rows into `target`."""
+        from psycopg import sql
         from psycopg.types.json import Jsonb
 
         columns = list(rows[0])
         raw = conn.connection.driver_connection
         key = (table.name, tuple(columns))
         if key not in self._copy_types:
-            described = raw.execute(f"SELECT {', '.join(columns)} FROM {table.name} LIMIT 0").description
-            self._copy_types[key] = [column.type_code for column in described]
+            probe = sql.SQL("SELECT {} FROM {} LIMIT 0").format(_names(columns), sql.Identifier(table.name))
+            self._copy_types[key] = [column.type_code for column in raw.execute(probe).description]
         json_positions = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
+        copy_statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(target), _names(columns)
+        )
         with raw.cursor() as cursor:
-            with cursor.copy(f"COPY {target} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            with cursor.copy(copy_statement) as copy:
                 copy.set_types(self._copy_types[key])
                 for row in rows:
                     values = list(row.values())
@@ -373,3 +391,15 @@ class TrajectoryStore:
                         if values[i] is not None:
                             values[i] = Jsonb(values[i])
                     copy.write_row(values)
+
+
+def _names(columns: Any) -> Any:
+    """A quoted, comma-separated identifier list (psycopg composes identifiers; values are always bound)."""
+    from psycopg import sql
+
+    return sql.SQL(", ").join(sql.Identifier(name) for name in columns)
+
+
+def _execute(conn: Connection, statement: Any) -> None:
+    """Run a psycopg-composed statement on the connection's current transaction."""
+    conn.connection.driver_connection.execute(statement)

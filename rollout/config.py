@@ -51,6 +51,9 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(2, ge=1)
     """How many adapters may be active in one batch (the serving version and the next one)."""
 
+    trust_remote_code: bool = False
+    """Let vLLM run Python code shipped with a hub model. Off: only architectures built into vLLM load."""
+
     start_timeout_s: float = Field(300.0, gt=0)
     """Deadline for the engine to start and for every call into it made through `EngineThread`."""
 

@@ -93,6 +93,8 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
         "seed": config.seed,
         "disable_log_stats": True,
         "enable_lora": config.enable_lora,
+        "trust_remote_code": config.trust_remote_code,
+        "load_format": "safetensors",  # never unpickle weights (.bin/.pt) from a folder
     }
     if config.enable_lora:
         kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
