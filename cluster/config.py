@@ -78,6 +78,10 @@ class ControllerConfig(_Section):
     name: str = "ziggurat-controller"
     """Ray actor name of the controller; rollout actors are `<name>-rollout-<i>`."""
 
+    detached: bool = False
+    """Start the controller as a detached actor: it outlives the driver that started it (a cluster service
+    that `ziggurat status/deploy/rollback` talk to); stop it with `ray.kill` or `ray stop`."""
+
     min_groups: int = Field(4, ge=1)
     """Readiness: trainable groups (judged, unused, >= trainer.min_group_size, reward variance > 0,
     within trainer.max_staleness, passing the quality gate) needed before a batch is claimed."""

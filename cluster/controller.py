@@ -426,17 +426,16 @@ class Controller:
 
 def start_controller(config: ZigguratConfig) -> Any:
     """The named controller actor (an existing one is reused), restarted by Ray if it dies."""
-    actor = (
-        ray.remote(Controller)
-        .options(
-            name=config.controller.name,
-            namespace=config.ray.namespace,
-            get_if_exists=True,
-            max_restarts=-1,
-            max_concurrency=8,  # status and health answer while train() waits on a job
-            num_cpus=0,
-        )
-        .remote(config)
-    )
+    options: dict[str, Any] = {
+        "name": config.controller.name,
+        "namespace": config.ray.namespace,
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_concurrency": 8,  # status and health answer while train() waits on a job
+        "num_cpus": 0,
+    }
+    if config.controller.detached:
+        options["lifetime"] = "detached"
+    actor = ray.remote(Controller).options(**options).remote(config)
     ray.get(actor.deployed_version.remote(), timeout=config.ray.call_timeout_s)
     return actor
