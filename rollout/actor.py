@@ -59,6 +59,17 @@ class EpisodeResult:
     version: int
 
 
+class _RolloutMetrics:
+    """Episodes and their rewards on Ray's metrics endpoint (exported with a `ray_` prefix)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.episodes = Counter("ziggurat_episodes", "Episodes played", tag_keys=("version", "status"))
+        self.reward = Gauge("ziggurat_group_mean_reward", "Mean reward of the latest group", tag_keys=("version",))
+        self.tokens_per_s = Gauge("ziggurat_rollout_tokens_per_s", "Completion tokens/s of the latest group")
+
+
 class RolloutWorker:
     """Create with `start_rollout_worker`; call `run_group` as often as you like, concurrently."""
 
@@ -73,6 +84,7 @@ class RolloutWorker:
         self._flushing: asyncio.Lock | None = None
         self._in_flight, self._calls, self._last_call = 0, 0, None
         self._full_weights: dict[int, str] = {}  # prepared full-weight versions: version -> folder
+        self._metrics: _RolloutMetrics | None = None
 
     async def _policy(self) -> PolicyEngine:
         if self._starting is None:
@@ -161,6 +173,7 @@ class RolloutWorker:
         report = await self._flush()
         elapsed = time.perf_counter() - started
         tokens = sum(e.completion_tokens for e in episodes)
+        self._record_metrics(episodes, tokens / max(elapsed, 1e-9))
         return {
             "group_id": spec.group_id,
             "scenario_id": f"{env_name}:{seed}",
@@ -175,6 +188,18 @@ class RolloutWorker:
             "model_versions": [e.version for e in episodes],
             "is_eval": is_eval,
         }
+
+    def _record_metrics(self, episodes: list[EpisodeResult], tokens_per_s: float) -> None:
+        if self._metrics is None:
+            self._metrics = _RolloutMetrics()
+        for episode in episodes:
+            self._metrics.episodes.inc(1, tags={"version": str(episode.version), "status": episode.status})
+        by_version: dict[int, list[float]] = {}
+        for episode in episodes:
+            by_version.setdefault(episode.version, []).append(episode.reward)
+        for version, rewards in by_version.items():
+            self._metrics.reward.set(sum(rewards) / len(rewards), tags={"version": str(version)})
+        self._metrics.tokens_per_s.set(tokens_per_s)
 
     async def _judge_group(self, engine: PolicyEngine, finished: list[EpisodeResult]) -> list[Any]:
         assert self._judge is not None
