@@ -99,6 +99,9 @@ class ControllerConfig(_Section):
     canary_fraction: float = Field(0.0, ge=0, le=1)
     """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once)."""
 
+    canary_tolerance: float = Field(0.0, ge=0)
+    """A canary is promoted if its mean reward is at least the deployed version's minus this much."""
+
     swap_timeout_s: float = Field(120.0, gt=0)
     """Deadline for every actor to load a version; if one misses it, nobody flips."""
 

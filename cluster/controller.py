@@ -193,6 +193,41 @@ class Controller:
             "swap_s": swap_s,
         }
 
+    def settle_canary(self, version: int, min_episodes: int = 8) -> dict[str, Any]:
+        """Promote a canary version to every actor if its episodes since the canary began score at least the
+        deployed version's (within `controller.canary_tolerance`), else roll it back."""
+        import sqlalchemy as sa
+
+        from recorder import queries
+        from recorder.schema import Trajectory
+
+        row = queries.get_version(self.db, version)
+        if row["status"] != "canary":
+            raise ControllerError(f"version {version} is {row['status']}, not a canary")
+        deployed = self.deployed_version()
+        t = Trajectory.__table__
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.model_version, sa.func.avg(t.c.total_reward), sa.func.count())
+                .where(
+                    t.c.status == "finished",
+                    t.c.is_eval.is_(False),
+                    t.c.started_at >= row["updated_at"],
+                    t.c.model_version.in_([version, deployed]),
+                )
+                .group_by(t.c.model_version)
+            ).all()
+        means = {v: (float(mean), count) for v, mean, count in rows}
+        if min(means.get(version, (0, 0))[1], means.get(deployed, (0, 0))[1]) < min_episodes:
+            return {"decided": False, "episodes": {v: c for v, (_, c) in means.items()}, "needed": min_episodes}
+        canary_mean, deployed_mean = means[version][0], means[deployed][0]
+        outcome = {"canary_mean_reward": canary_mean, "deployed_mean_reward": deployed_mean, "decided": True}
+        if canary_mean >= deployed_mean - self.config.controller.canary_tolerance:
+            return {**outcome, "promoted": True, **self.deploy(version, canary_fraction=1.0)}
+        result = self.deploy(deployed, canary_fraction=1.0)
+        queries.update_version(self.db, version, status="rolled_back", metrics={"canary": outcome})
+        return {**outcome, "promoted": False, **result}
+
     def rollback(self, version: int | None = None) -> dict[str, Any]:
         """Serve `version` (default: the newest earlier version that was deployed) and mark the current
         one rolled back."""

@@ -104,6 +104,21 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, p
             )
         assert sorted(set(versions.values())) == [0, 1]
         db.dispose()
+
+        # Canary: half the actors get version 1; after enough episodes it is promoted or rolled back on reward.
+        canary = ray.get(controller.deploy.remote(1, 0.5), timeout=120)
+        assert canary["canary"] and canary["actors"] == ["e2e-rollout-0"]
+        served = ray.get(controller.health.remote(), timeout=60)["actors"]
+        assert {n: a["served_version"] for n, a in served.items()} == {"e2e-rollout-0": 1, "e2e-rollout-1": 0}
+        assert not ray.get(controller.settle_canary.remote(1), timeout=60)["decided"]  # no episodes yet
+        play(config, actors, list(range(6000, 6004)), "canary")
+        settled = ray.get(controller.settle_canary.remote(1), timeout=120)
+        assert settled["decided"] and settled["promoted"] == (
+            settled["canary_mean_reward"] >= settled["deployed_mean_reward"]
+        )
+        final = ray.get(controller.health.remote(), timeout=60)["actors"]
+        expected = 1 if settled["promoted"] else 0
+        assert all(a["served_version"] == expected for a in final.values())
     finally:
         shutdown(config)
 
