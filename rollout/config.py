@@ -141,6 +141,16 @@ class RolloutConfig(BaseModel):
     """Sampling temperature during evaluation."""
 
     @model_validator(mode="after")
+    def _env_exists_with_these_settings(self) -> RolloutConfig:
+        from rollout.envs import make_env
+
+        try:
+            make_env(self.env, **self.env_settings)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(str(exc).strip("\"'")) from None
+        return self
+
+    @model_validator(mode="after")
     def _eval_scenarios_are_held_out(self) -> RolloutConfig:
         if self.eval_seeds and max(self.eval_seeds) >= self.train_seed_start:
             raise ValueError(

@@ -43,7 +43,13 @@ def loop_config(url: str, model: str, tmp_path: Path, name: str, **controller: o
                 update={"name": name, "min_groups": 2, "iterations": 1, "poll_interval_s": 0.2, **controller}
             ),
             "trainer": base.trainer.model_copy(
-                update={"num_workers": 2, "micro_batch_rows": 8, "reward_source": "combined", "learning_rate": 1e-3}
+                update={
+                    "num_workers": 2,
+                    "micro_batch_rows": 8,
+                    "reward_source": "combined",
+                    "learning_rate": 1e-3,
+                    "updates_per_batch": 1,
+                }  # fmt: skip
             ),
         }
     )

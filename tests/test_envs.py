@@ -144,3 +144,8 @@ def test_partial_format_credit_rewards_getting_closer_to_a_valid_action():
         [-0.3, -0.2, -0.1, 0.1]
     )
     assert format_term(wrong_amount, partial=False) == pytest.approx(-0.3)
+
+
+def test_unknown_env_settings_are_named():
+    with pytest.raises(ValueError, match=r"'lowercase' does not take the setting\(s\) \['ticks'\].*takes: none"):
+        make_env("lowercase", ticks=2)

@@ -51,4 +51,14 @@ def register_env(name: str) -> Callable[[Callable[..., Environment]], Callable[.
 def make_env(name: str, **settings: Any) -> Environment:
     if name not in ENVIRONMENTS:
         raise KeyError(f"unknown environment {name!r}; registered: {', '.join(sorted(ENVIRONMENTS))}")
-    return ENVIRONMENTS[name](**settings)
+    import inspect
+
+    factory = ENVIRONMENTS[name]
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"environment {name!r} does not take the setting(s) {unknown} (rollout.env_settings); "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )
+    return factory(**settings)
