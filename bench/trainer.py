@@ -52,8 +52,8 @@ class ZigguratSide:
 
         from trainer.config import LoraConfig, TrainerConfig
         from trainer.data import TrainingTensors
-        from trainer.loop import _old_logprobs
         from trainer.model import build_policy
+        from trainer.step import policy_logprobs
 
         self.config = TrainerConfig(
             mode="lora", lora=LoraConfig(rank=8, alpha=16.0, target_modules=TARGETS), learning_rate=lr,
@@ -72,7 +72,7 @@ class ZigguratSide:
             behaviour_logprobs=torch.zeros_like(loss_mask),
             advantages=data["advantages"].float(),
         )
-        self.old = _old_logprobs(self.model, self.batch, micro)  # on-policy: old = behaviour = current policy
+        self.old = policy_logprobs(self.model, self.batch, micro)  # on-policy: old = behaviour = current policy
         self.batch.behaviour_logprobs = self.old.clone()
         self.tokens = float(loss_mask.sum())
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)

@@ -29,6 +29,7 @@ def loop_config(url: str, model: str, tmp_path: Path, name: str, **controller: o
             "rollout": base.rollout.model_copy(
                 update={
                     "env": "lowercase",
+                    "env_settings": {},
                     "actors": 2,
                     "group_size": 4,
                     "groups_per_iteration": 4,

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_restarted_controller_resumes_waiting_for_the_running_job(ray_session, postgres, tiny_model_dir, tmp_path):
+    from recorder.migrate import upgrade
+
     url = postgres.create_database("controller_restart")
+    upgrade(url)
     _record_groups(url, groups=3, size=4)
     config = loop_config(url, tiny_model_dir, tmp_path, "restart")
     config = config.model_copy(

@@ -115,4 +115,8 @@ class TrainerConfig(BaseModel):
     def _fsdp_is_for_full_weights(self) -> TrainerConfig:
         if self.strategy == "fsdp" and self.mode != "full":
             raise ValueError("trainer.strategy fsdp shards full fine-tunes; use mode: full, or strategy: ddp for LoRA")
+        if self.strategy == "fsdp" and self.kl_beta > 0:
+            raise ValueError(
+                "trainer.kl_beta > 0 needs a reference copy, not supported with strategy fsdp yet; use ddp"
+            )
         return self

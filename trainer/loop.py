@@ -55,24 +55,6 @@ def _record_progress(loop_config: dict[str, Any], done: int, total: int, report:
         engine.dispose()
 
 
-def _old_logprobs(model: Any, batch: Any, micro: int) -> torch.Tensor:
-    from trainer.step import token_logprobs
-
-    if batch.input_ids.shape[0] == 0:
-        return torch.zeros_like(batch.loss_mask)
-    with torch.no_grad():
-        parts = [
-            token_logprobs(
-                model,
-                batch.input_ids[i : i + micro],
-                batch.attention_mask[i : i + micro],
-                batch.loss_mask[i : i + micro],
-            )
-            for i in range(0, batch.input_ids.shape[0], micro)
-        ]
-    return torch.cat(parts)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -84,7 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.data import build_rows, collate, shard_groups
     from trainer.model import build_policy, save_policy
     from trainer.parallel import checkpoint_state, restore_optimizer, wrap
-    from trainer.step import grpo_update, reference_logprobs
+    from trainer.step import grpo_update, policy_logprobs, reference_logprobs
 
     config = TrainerConfig.model_validate(loop_config["trainer"])
     context = ray.train.get_context()
@@ -148,7 +130,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     global_tokens = totals[0]
     rows_here = batch.input_ids.shape[0]
     (micro_steps,) = _all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
-    old = _old_logprobs(model, batch, config.micro_batch_rows)  # the policy before this batch's updates
+    # the policy before this batch's updates; under FSDP every forward is a collective, so all workers run
+    # the same number of them
+    old = policy_logprobs(model, batch, config.micro_batch_rows, steps=int(micro_steps))
 
     reference = reference_logprobs(model, config)
     run = _start_wandb(loop_config, config) if rank == 0 else None

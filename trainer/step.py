@@ -34,6 +34,34 @@ def token_logprobs(
     return F.pad(logp, (first, 0))
 
 
+def _dummy_forward(model: Any, device: torch.device) -> torch.Tensor:
+    """A one-token pass that keeps a worker with fewer rows in step with the others' collectives."""
+    dummy = torch.zeros((1, 1), dtype=torch.long, device=device)
+    return model(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits
+
+
+def policy_logprobs(model: Any, batch: TrainingTensors, micro: int, steps: int | None = None) -> torch.Tensor:
+    """Log-probs of every row under the current policy, without gradients, `micro` rows per forward.
+
+    `steps`: forwards every worker must run (the largest count on any worker); under FSDP each forward
+    all-gathers parameters, so a worker with fewer rows runs one-token passes to keep in step."""
+    rows = batch.input_ids.shape[0]
+    chunks = range(0, rows, micro)
+    with torch.no_grad():
+        parts = [
+            token_logprobs(
+                model,
+                batch.input_ids[i : i + micro],
+                batch.attention_mask[i : i + micro],
+                batch.loss_mask[i : i + micro],
+            )
+            for i in chunks
+        ]
+        for _ in range(max(0, (steps or 0) - len(parts))):
+            _dummy_forward(model, batch.input_ids.device)
+    return torch.cat(parts) if parts else torch.zeros_like(batch.loss_mask)
+
+
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -93,9 +121,12 @@ def grpo_update(
     for step in range(max(micro_steps or local_steps, local_steps)):
         part = slice(step * micro, (step + 1) * micro)
         ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
-        if ids.numel() == 0:  # out of rows: a zero-weighted pass keeps DDP's collectives in step
-            dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
-            (model(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits.sum() * 0.0).backward()
+        if ids.numel() == 0:  # out of rows: a zero-weighted pass keeps DDP's/FSDP's collectives in step
+            if config.kl_beta > 0 and reference is not None:
+                with torch.no_grad():
+                    dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
+                    reference(dummy, torch.ones_like(dummy), torch.ones_like(dummy, dtype=torch.float32))
+            (_dummy_forward(model, batch.input_ids.device).sum() * 0.0).backward()
             continue
         logp = token_logprobs(model, ids, attention, mask)
         terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])

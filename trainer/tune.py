@@ -32,9 +32,9 @@ SEARCH_SPACE = {
 
 def heldout_gain(model: Any, batch: Any, old: torch.Tensor, micro: int) -> float:
     """sum(A * (logp_new - logp_old)) over held-out completion tokens, per token."""
-    from trainer.loop import _old_logprobs
+    from trainer.step import policy_logprobs
 
-    new = _old_logprobs(model, batch, micro)
+    new = policy_logprobs(model, batch, micro)
     weighted = (batch.advantages[:, None] * (new - old) * batch.loss_mask).sum()
     return float(weighted / batch.loss_mask.sum().clamp(min=1.0))
 
@@ -52,9 +52,8 @@ def trial(params: dict[str, Any], data: dict[str, Any]) -> None:
 
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate
-    from trainer.loop import _old_logprobs
     from trainer.model import build_policy
-    from trainer.step import grpo_update, reference_logprobs
+    from trainer.step import grpo_update, policy_logprobs, reference_logprobs
 
     torch.set_num_threads(data["threads"])
     config = TrainerConfig.model_validate({**data["trainer"], **params})
@@ -65,8 +64,8 @@ def trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     train, heldout = tensors
     model = build_policy(data["base_model"], config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    old_train = _old_logprobs(model, train, config.micro_batch_rows)
-    old_heldout = _old_logprobs(model, heldout, config.micro_batch_rows)
+    old_train = policy_logprobs(model, train, config.micro_batch_rows)
+    old_heldout = policy_logprobs(model, heldout, config.micro_batch_rows)
     reference = reference_logprobs(model, config)
     tokens = float(train.loss_mask.sum())
     for update in range(1, data["updates"] + 1):
