@@ -167,11 +167,15 @@ def greedy_answer(model_path: str, question: str, max_new_tokens: int = 24) -> s
     return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def build_tiny_llama(tokenizer_source: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_llama(
+    tokenizer_source: str | Path, out_dir: str | Path, seed: int = 0, initializer_range: float = 0.02
+) -> Path:
     """Save a random ~3 M-parameter Llama (2 layers, hidden 64) with a real tokenizer, for fast tests.
 
     Most of its parameters are the tied 49k x 64 embedding; everything downstream (vLLM, peft, the
-    trainer) treats it exactly like a real checkpoint.
+    trainer) treats it exactly like a real checkpoint. With the default init its next-token distribution is
+    almost uniform over 49k tokens (logits are bounded by the final norm), which no few-step policy update
+    can reshape; a larger `initializer_range` gives a peaked, trainable one, like a real model's.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -190,6 +194,7 @@ def build_tiny_llama(tokenizer_source: str | Path, out_dir: str | Path, seed: in
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)

@@ -35,9 +35,16 @@ def test_a_restarted_controller_resumes_waiting_for_the_running_job(ray_session,
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
         ray.kill(controller, no_restart=False)  # Ray restarts it; the call in flight is lost with it
-        with pytest.raises(ray.exceptions.RayActorError):
+        with pytest.raises((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
             ray.get(training, timeout=120)
-        (outcome,) = ray.get(controller.recover.remote(), timeout=600)  # the restarted controller
+        deadline = time.monotonic() + 120
+        while True:  # the restarted controller answers once its __init__ has run again
+            try:
+                (outcome,) = ray.get(controller.recover.remote(), timeout=600)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.monotonic() < deadline, "the controller never came back"
+                time.sleep(0.5)
         assert outcome["recovered"] == "resumed" and outcome["trained"] is True
         batch = queries.get_batch(db, batches[0]["id"])
         assert batch["status"] == "completed" and batch["stats"]["progress"] == {

@@ -102,6 +102,9 @@ def test_lowercase_env_rewards_the_share_of_lowercase_letters():
     assert env.step("   ").reward == 0.0
     with pytest.raises(RuntimeError, match="reset"):
         make_env("lowercase").step("x")
+    narrow = make_env("lowercase", alphabet="abcde ")
+    narrow.reset(1)
+    assert narrow.step("a bad deed").reward == 1.0 and narrow.step("beef!").reward == pytest.approx(3 / 5)
 
 
 @pytest.mark.parametrize(
@@ -147,5 +150,5 @@ def test_partial_format_credit_rewards_getting_closer_to_a_valid_action():
 
 
 def test_unknown_env_settings_are_named():
-    with pytest.raises(ValueError, match=r"'lowercase' does not take the setting\(s\) \['ticks'\].*takes: none"):
+    with pytest.raises(ValueError, match=r"'lowercase' does not take the setting\(s\) \['ticks'\].*takes: alphabet"):
         make_env("lowercase", ticks=2)
