@@ -5,7 +5,8 @@
 
 Both sides get the same base model with the same LoRA (rank 8, alpha 16, all attention and MLP
 projections), the same rows (prompt + completion token ids), the same advantages, the same micro-batch
-size, clip range (0.2 / 0.28), token-mean ("dapo") aggregation, no KL, AdamW and grad clipping 1.0. One
+size, clip range (0.2 / 0.28), token-mean ("dapo") aggregation, no KL, AdamW, grad clipping 1.0, float32,
+and no gradient checkpointing (TRL turns it on by default; that would only slow TRL down here). One
 step = every micro-batch forward + backward, then the optimizer step. TRL's step is its own `compute_loss`
 (what `GRPOTrainer.training_step` runs after generation), so generation is excluded on both sides. Steps
 alternate between the two (after a warm-up step each) so machine noise hits both alike. Prints a summary
@@ -71,6 +72,8 @@ class ZigguratSide:
             loss_mask=loss_mask,
             behaviour_logprobs=torch.zeros_like(loss_mask),
             advantages=data["advantages"].float(),
+            model_versions=torch.zeros(input_ids.shape[0], dtype=torch.long),
+            group_index=torch.zeros(input_ids.shape[0], dtype=torch.long),  # not used by the update
         )
         self.old = policy_logprobs(self.model, self.batch, micro)  # on-policy: old = behaviour = current policy
         self.batch.behaviour_logprobs = self.old.clone()
@@ -98,7 +101,7 @@ class TrlSide:
             gradient_accumulation_steps=rows // micro, num_generations=group_size,
             max_completion_length=data["completion_ids"].shape[1], learning_rate=lr, beta=0.0, epsilon=0.2,
             epsilon_high=0.28, loss_type="dapo", max_grad_norm=1.0, use_cpu=True, bf16=False, report_to="none",
-            logging_steps=1000, save_strategy="no",
+            logging_steps=1000, save_strategy="no", gradient_checkpointing=False,
         )  # fmt: skip
         self.trainer = GRPOTrainer(
             model=base,
@@ -108,6 +111,8 @@ class TrlSide:
             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"),
         )
         self.trainer.create_optimizer()
+        # set by HF Trainer's training loop, which this bench bypasses to keep generation out of the timing
+        self.trainer.current_gradient_accumulation_steps = rows // micro
         self.model = self.trainer.model
         self.model.train()
         completion_mask = torch.ones_like(data["completion_ids"])
