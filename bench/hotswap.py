@@ -150,7 +150,7 @@ def main() -> None:
             "database": base.database.model_copy(update={"url": url}),
             "engine": EngineConfig(device="cpu", max_model_len=1024, kv_cache_gib=1, max_num_seqs=32),
             "rollout": base.rollout.model_copy(
-                update={"env": "arithmetic", "actors": args.actors, "group_size": 4, "max_turns": 1}
+                update={"env": "arithmetic", "env_settings": {}, "actors": args.actors, "group_size": 4, "max_turns": 1}
             ),
             "controller": base.controller.model_copy(update={"name": "bench-hotswap"}),
         }

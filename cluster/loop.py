@@ -192,6 +192,8 @@ def shutdown(config: ZigguratConfig) -> None:
             continue
         try:
             ray.get(actor.close.remote(), timeout=120)
+        except Exception as exc:  # a busy or dead actor: what it had not flushed is reported, not waited on
+            log.warning("rollout actor %d did not close cleanly (%s: %s)", index, type(exc).__name__, exc)
         finally:
             ray.kill(actor, no_restart=True)
     for name in (config.controller.name,):
