@@ -382,17 +382,8 @@ class Controller:
         )
         refs = {
             f"{seed}": workers[names[i % len(names)]].run_group.remote(
-                rollout.env,
-                seed=seed,
-                group_size=rollout.eval_group_size,
-                env_settings=rollout.env_settings,
-                max_turns=rollout.max_turns,
-                max_tokens=rollout.max_tokens,
-                temperature=rollout.eval_temperature,
-                episode_timeout_s=rollout.episode_timeout_s,
-                is_eval=True,
-                version=version,
-            )  # fmt: skip
+                **rollout.group_call(seed, evaluation=True), version=version
+            )
             for i, seed in enumerate(rollout.eval_seeds)
         }
         groups, errors = self._gather(refs, self.config.controller.call_timeout_s)

@@ -68,18 +68,9 @@ def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, A
 
 def play(config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc: str) -> list[dict[str, Any]]:
     """One GRPO group per seed, spread over the actors; returns each group's summary."""
-    rollout, names = config.rollout, sorted(actors)
+    names = sorted(actors)
     refs = [
-        actors[names[i % len(names)]].run_group.remote(
-            rollout.env,
-            seed=seed,
-            group_size=rollout.group_size,
-            env_settings=rollout.env_settings,
-            max_turns=rollout.max_turns,
-            max_tokens=rollout.max_tokens,
-            temperature=rollout.temperature,
-            episode_timeout_s=rollout.episode_timeout_s,
-        )  # fmt: skip
+        actors[names[i % len(names)]].run_group.remote(**config.rollout.group_call(seed))
         for i, seed in enumerate(seeds)
     ]
     deadline = time.monotonic() + config.controller.call_timeout_s

@@ -144,6 +144,20 @@ def readiness(engine: Engine, reward_source: str = "env", min_group_size: int = 
     )
 
 
+def _trainable_groups(reward_source: str, min_group_size: int, min_version: int, max_groups: int) -> Any:
+    """(group_id, size) of the oldest whole, judged groups with reward variance: what a batch takes."""
+    source, reward = _rewarded(reward_source)
+    return (
+        sa.select(T.c.group_id, sa.func.count().label("size"))
+        .select_from(source)
+        .where(_eligible(min_version), reward.is_not(None))
+        .group_by(T.c.group_id)
+        .having(sa.and_(sa.func.count() >= min_group_size, sa.func.max(reward) > sa.func.min(reward)))
+        .order_by(sa.func.min(T.c.finished_at), T.c.group_id)
+        .limit(max_groups)
+    )
+
+
 def claim_batch(
     engine: Engine,
     *,
@@ -184,15 +198,7 @@ def _claim_once(
 ) -> int | None:
     source, reward = _rewarded(reward_source)
     judged = sa.and_(_eligible(min_version), reward.is_not(None))
-    groups = conn.execute(
-        sa.select(T.c.group_id, sa.func.count().label("size"))
-        .select_from(source)
-        .where(judged)
-        .group_by(T.c.group_id)
-        .having(sa.and_(sa.func.count() >= min_group_size, sa.func.max(reward) > sa.func.min(reward)))
-        .order_by(sa.func.min(T.c.finished_at), T.c.group_id)
-        .limit(max_groups)
-    ).all()
+    groups = conn.execute(_trainable_groups(reward_source, min_group_size, min_version, max_groups)).all()
     if not groups:
         return None
     sizes = {g.group_id: g.size for g in groups}
@@ -267,15 +273,7 @@ def load_trainable_groups(
     """The oldest trainable groups, as `claim_batch` would choose them, without claiming them (read only)."""
     source, reward = _rewarded(reward_source)
     judged = sa.and_(_eligible(min_version), reward.is_not(None))
-    groups = (
-        sa.select(T.c.group_id)
-        .select_from(source)
-        .where(judged)
-        .group_by(T.c.group_id)
-        .having(sa.and_(sa.func.count() >= min_group_size, sa.func.max(reward) > sa.func.min(reward)))
-        .order_by(sa.func.min(T.c.finished_at), T.c.group_id)
-        .limit(max_groups)
-    )
+    groups = _trainable_groups(reward_source, min_group_size, min_version, max_groups).with_only_columns(T.c.group_id)
     members = sa.select(T.c.id).select_from(source).where(judged, T.c.group_id.in_(groups))
     return _load_groups(engine, members, reward_source)
 

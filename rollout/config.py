@@ -140,6 +140,20 @@ class RolloutConfig(BaseModel):
     eval_temperature: float = Field(1.0, ge=0)
     """Sampling temperature during evaluation."""
 
+    def group_call(self, seed: int, evaluation: bool = False) -> dict[str, Any]:
+        """Keyword arguments of `RolloutWorker.run_group` for one training (or held-out) scenario."""
+        return {
+            "env_name": self.env,
+            "seed": seed,
+            "group_size": self.eval_group_size if evaluation else self.group_size,
+            "env_settings": self.env_settings,
+            "max_turns": self.max_turns,
+            "max_tokens": self.max_tokens,
+            "temperature": self.eval_temperature if evaluation else self.temperature,
+            "episode_timeout_s": self.episode_timeout_s,
+            "is_eval": evaluation,
+        }
+
     @model_validator(mode="after")
     def _env_exists_with_these_settings(self) -> RolloutConfig:
         from rollout.envs import make_env
