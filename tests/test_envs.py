@@ -152,3 +152,15 @@ def test_partial_format_credit_rewards_getting_closer_to_a_valid_action():
 def test_unknown_env_settings_are_named():
     with pytest.raises(ValueError, match=r"'lowercase' does not take the setting\(s\) \['ticks'\].*takes: alphabet"):
         make_env("lowercase", ticks=2)
+
+
+def test_market_order_limit_rejects_larger_orders_and_is_in_the_prompt():
+    env = make_env("market", max_amount=100)
+    env.reset(3)
+    assert "Orders are limited to $100." in env.system_prompt()
+    too_big = env.step('{"type": "buy_yes", "market": 1, "amount": 150}')
+    assert too_big.info["action"] is None and "(0, 100.00]" in too_big.info["error"]
+    assert env.step('{"type": "buy_yes", "market": 1, "amount": 100}').info["error"] is None
+    assert env.balance == pytest.approx(900)
+    with pytest.raises(ValueError, match="max_amount must be a positive number of dollars"):
+        make_env("market", max_amount=0)

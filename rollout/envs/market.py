@@ -62,18 +62,23 @@ class MarketEnv:
         prefill: bool = False,
         lenient: bool = False,
         partial_format: bool = False,
+        max_amount: float | None = None,
     ) -> None:
         """`prefill` starts every reply with '{"type": "' for the policy (small models rarely open a JSON object
         on their own); `lenient` also accepts an action whose fields are readable but whose JSON is broken
         (extra text, a missing brace, the market id as "2" or 2.0); `partial_format` shrinks the format penalty
         of an invalid action by the share of its fields (type, market, amount) that were right, so a policy
-        that gets closer to a valid action scores better before it gets there."""
+        that gets closer to a valid action scores better before it gets there. `max_amount` is the exchange's
+        order limit in dollars (default: the whole balance); a larger order is rejected like any invalid one."""
+        if max_amount is not None and max_amount <= 0:
+            raise ValueError(f"max_amount must be a positive number of dollars, got {max_amount}")
         self.n_markets, self.ticks, self.start_balance = markets, ticks, balance
         self.news_accuracy, self.pnl_scale = news_accuracy, pnl_scale
         self.format_bonus, self.format_penalty = format_bonus, format_penalty
         self.response_prefix = '{"type": "' if prefill else ""
         self.lenient = lenient
         self.partial_format = partial_format
+        self.max_amount = max_amount
         self._credit = 0.0  # share of the last action's fields that were valid
         self.markets: list[Market] = []
         self.balance = balance
@@ -81,11 +86,15 @@ class MarketEnv:
         self._rng = random.Random(0)
 
     def system_prompt(self) -> str:
+        # One concrete action: small models copy the schema's "a" | "b" alternatives literally without it.
+        example = '{"type": "buy_yes", "market": 2, "amount": 50}'
+        limit = f" Orders are limited to ${self.max_amount:g}." if self.max_amount is not None else ""
         return (
             "You trade binary prediction markets. Each turn answer with exactly one JSON object: "
             '{"type": "buy_yes" | "buy_no" | "sell" | "hold", "market": <id>, "amount": <dollars>}. '
             "buy_yes/buy_no spend `amount` dollars at the current price; sell closes your position in a market; "
             "hold does nothing. Markets resolve after the last turn: a YES share pays $1 if the event happens."
+            f"{limit} Example reply: {example}"
         )
 
     def reset(self, seed: int) -> str:
@@ -151,8 +160,9 @@ class MarketEnv:
         if action["type"] == "sell":
             return {"type": "sell", "market": market}, None
         amount = action.get("amount")
-        if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount <= self.balance:
-            return None, f"amount must be a number of dollars in (0, {self.balance:.2f}]"
+        ceiling = self.balance if self.max_amount is None else min(self.balance, self.max_amount)
+        if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount <= ceiling:
+            return None, f"amount must be a number of dollars in (0, {ceiling:.2f}]"
         return {"type": action["type"], "market": market, "amount": float(amount)}, None
 
     def _apply(self, action: dict[str, Any]) -> None:
