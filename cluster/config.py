@@ -114,6 +114,13 @@ class ControllerConfig(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
     """How often a running training job's state is read from the database."""
 
+    group_retries: int = Field(2, ge=0)
+    """How often a rollout group lost with a crashed rollout actor is replayed (on the restarted actor, once
+    the controller has restored its version) before the loop gives up."""
+
+    restart_timeout_s: float = Field(300.0, gt=0)
+    """Deadline for a crashed actor (rollout actor or controller) to come back before the loop gives up."""
+
 
 class ZigguratConfig(_Section):
     """A complete Ziggurat configuration file."""

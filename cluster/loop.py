@@ -41,13 +41,49 @@ def serving_config(config: ZigguratConfig) -> ZigguratConfig:
     return config.model_copy(update={"engine": engine})
 
 
+def rollout_placement(config: ZigguratConfig) -> Any:
+    """The rollout actors' placement group (one bundle per actor), created and ready, or None if not asked for.
+    Named, so a restarted driver reuses it instead of reserving the GPUs twice."""
+    from ray.util.placement_group import get_placement_group, placement_group
+
+    rollout = config.rollout
+    if rollout.placement_strategy is None:
+        return None
+    name = f"{config.controller.name}-rollout"
+    try:
+        group = get_placement_group(name)
+    except ValueError:
+        bundle = {**rollout.actor_resources, **({"GPU": rollout.gpus_per_actor} if rollout.gpus_per_actor else {})}
+        group = placement_group(
+            [dict(bundle) for _ in range(rollout.actors)],
+            strategy=rollout.placement_strategy,
+            name=name,
+            lifetime="detached" if config.controller.detached else None,
+        )
+    try:
+        ray.get(group.ready(), timeout=config.engine.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"the rollout placement group ({rollout.actors} x {group.bundle_specs[0]}) could not be placed within "
+            f"engine.start_timeout_s: the cluster lacks those resources (check `ray status` and ray_cluster.yaml)"
+        ) from None
+    return group
+
+
 def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, Any]:
     """The named rollout actors (existing ones are reused), all started before returning."""
     from rollout.actor import RolloutWorker
 
+    rollout = config.rollout
+    placement = rollout_placement(config)
     actors = {}
-    for index in range(config.rollout.actors):
+    for index in range(rollout.actors):
         name = rollout_actor_name(config, index)
+        scheduling = {}
+        if placement is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            scheduling["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, index)
         actors[name] = (
             ray.remote(RolloutWorker)
             .options(
@@ -57,6 +93,9 @@ def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, A
                 max_restarts=3,
                 max_concurrency=256,
                 num_cpus=0,
+                num_gpus=rollout.gpus_per_actor,
+                resources=rollout.actor_resources or None,
+                **scheduling,
             )  # fmt: skip
             .remote(model_path, config.engine, config.recorder, config.judge)
         )
@@ -66,23 +105,65 @@ def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, A
     return actors
 
 
-def play(config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc: str) -> list[dict[str, Any]]:
-    """One GRPO group per seed, spread over the actors; returns each group's summary."""
+_ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _lost_with_actor(exc: BaseException) -> bool:
+    """A group that failed because its actor crashed (or came back and is not yet restored), not on its own."""
+    from rollout.actor import RolloutRestarted
+
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    return isinstance(exc, _ACTOR_LOST) or isinstance(cause, RolloutRestarted)
+
+
+def wait_until_back(actor: Any, method: str, timeout_s: float, call_timeout_s: float = 10.0) -> Any:
+    """Call `method` on a restarting actor until it answers (each try within `call_timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(getattr(actor, method).remote(), timeout=call_timeout_s)
+        except (*_ACTOR_LOST, ray.exceptions.GetTimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor did not come back within {timeout_s:.0f} s ({type(exc).__name__})") from exc
+            time.sleep(0.5)
+
+
+def play(
+    config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc: str, controller: Any = None
+) -> list[dict[str, Any]]:
+    """One GRPO group per seed, spread over the actors; returns each group's summary.
+
+    A group lost with a crashed actor is played again (a new group, same seed) once the actor is back and the
+    controller has restored the version it serves, up to `controller.group_retries` times. What the lost group
+    had recorded stays in the database as an unfinished trajectory, which is never trained on."""
     names = sorted(actors)
-    refs = [
-        actors[names[i % len(names)]].run_group.remote(**config.rollout.group_call(seed))
-        for i, seed in enumerate(seeds)
-    ]
-    deadline = time.monotonic() + config.controller.call_timeout_s
+    settings = config.controller
+
+    def submit(seed: int, name: str) -> Any:
+        return actors[name].run_group.remote(**config.rollout.group_call(seed))
+
+    pending = {submit(seed, names[i % len(names)]): (seed, names[i % len(names)], 0) for i, seed in enumerate(seeds)}
+    deadline = time.monotonic() + settings.call_timeout_s
     results = []
-    with tqdm(total=len(refs), desc=desc, unit="group") as bar:
-        pending = refs
+    with tqdm(total=len(seeds), desc=desc, unit="group") as bar:
         while pending:
-            done, pending = ray.wait(pending, timeout=max(deadline - time.monotonic(), 0))
+            done, _ = ray.wait(list(pending), timeout=max(deadline - time.monotonic(), 0))
             if not done:
                 raise TimeoutError(f"{len(pending)} rollout groups missed controller.call_timeout_s")
-            results += ray.get(done, timeout=10)
-            bar.update(len(done))
+            for ref in done:
+                seed, name, tries = pending.pop(ref)
+                try:
+                    results.append(ray.get(ref, timeout=10))
+                    bar.update(1)
+                    continue
+                except Exception as exc:
+                    if not _lost_with_actor(exc) or tries >= settings.group_retries:
+                        raise
+                    log.warning("group %d lost with actor %s (%s); replaying it", seed, name, type(exc).__name__)
+                wait_until_back(actors[name], "health", settings.restart_timeout_s)
+                if controller is not None:
+                    ray.get(controller.sync_workers.remote(), timeout=settings.call_timeout_s)
+                pending[submit(seed, name)] = (seed, name, tries + 1)
     return results
 
 
@@ -108,7 +189,26 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
     controller = _keep_alive.setdefault(config.controller.name, start_controller(config))
 
     def call(method: str, *args: Any, timeout: float = settings.call_timeout_s) -> Any:
-        return ray.get(getattr(controller, method).remote(*args), timeout=timeout)
+        """A controller call, made again if the controller crashed under it (these calls are idempotent)."""
+        for attempt in range(settings.group_retries + 1):
+            try:
+                return ray.get(getattr(controller, method).remote(*args), timeout=timeout)
+            except _ACTOR_LOST:
+                if attempt == settings.group_retries:
+                    raise
+                log.warning("the controller crashed during %s; calling it again once it is back", method)
+                wait_until_back(controller, "recover", settings.restart_timeout_s, settings.training_timeout_s)
+                call("sync_workers")
+
+    def train() -> dict[str, Any]:
+        """controller.train; if the controller crashes meanwhile, its restart picks the job up from the database."""
+        try:
+            return ray.get(controller.train.remote(), timeout=settings.training_timeout_s + 60)
+        except _ACTOR_LOST:
+            log.warning("the controller crashed during training; its restart picks the job up")
+        resumed = wait_until_back(controller, "recover", settings.restart_timeout_s, settings.training_timeout_s)
+        call("sync_workers")
+        return resumed[-1] if resumed else call("train", timeout=settings.training_timeout_s + 60)
 
     call("recover", timeout=settings.training_timeout_s)
     call("sync_workers")
@@ -119,7 +219,7 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
     for iteration in range(1, settings.iterations + 1):
         seeds = list(range(next_seed, next_seed + rollout.groups_per_iteration))
         next_seed += rollout.groups_per_iteration
-        groups = play(config, actors, seeds, f"iteration {iteration}: rollouts")
+        groups = play(config, actors, seeds, f"iteration {iteration}: rollouts", controller)
         rewards = [r for g in groups for r in g["rewards"]]
         entry: dict[str, Any] = {
             "iteration": iteration,
@@ -129,7 +229,7 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
             "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
         }
         log.info("iteration %d: mean reward %s on version %d; training", iteration, entry["train_mean_reward"], served)
-        outcome = call("train", timeout=settings.training_timeout_s + 60)
+        outcome = train()
         entry["training"] = outcome
         if outcome.get("trained"):
             version = outcome["version"]
@@ -196,4 +296,11 @@ def shutdown(config: ZigguratConfig) -> None:
         stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
     except ValueError:
         pass
+    if config.rollout.placement_strategy is not None:
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        try:
+            remove_placement_group(get_placement_group(f"{config.controller.name}-rollout"))
+        except ValueError:
+            pass
     _keep_alive.clear()

@@ -70,12 +70,28 @@ class _RolloutMetrics:
         self.tokens_per_s = Gauge("ziggurat_rollout_tokens_per_s", "Completion tokens/s of the latest group")
 
 
+class RolloutRestarted(RuntimeError):
+    """A restarted rollout actor that has not been told which version to serve yet."""
+
+
 class RolloutWorker:
-    """Create with `start_rollout_worker`; call `run_group` as often as you like, concurrently."""
+    """Create with `start_rollout_worker`; call `run_group` as often as you like, concurrently.
+
+    With `restore_on_restart`, an incarnation that Ray restarted after a crash serves nothing until the
+    controller restores the deployed version (`Controller.sync_workers` -> `prepare` + `activate`): it comes up
+    on the base weights, and serving those would change the served version behind the controller's back."""
 
     def __init__(
-        self, model_path: str, engine: EngineConfig, recorder: RecorderConfig, judge: JudgeConfig | None = None
+        self,
+        model_path: str,
+        engine: EngineConfig,
+        recorder: RecorderConfig,
+        judge: JudgeConfig | None = None,
+        restore_on_restart: bool = True,
     ) -> None:
+        self._awaiting_restore = restore_on_restart and ray.get_runtime_context().was_current_actor_reconstructed
+        if self._awaiting_restore:
+            log.warning("rollout actor restarted: it serves no version until the controller restores one")
         self._model_path, self._engine_config = model_path, engine
         self._judge = judge
         self._client = RecorderClient(recorder)
@@ -119,10 +135,12 @@ class RolloutWorker:
         previous = engine.version
         if version in self._full_weights:
             await engine.load_weights(version, self._full_weights[version])
+            self._awaiting_restore = False
             return previous
         if engine.weights_version != 0:  # base or an adapter after a full-weights version: base weights first
             await engine.load_weights(0, self._model_path)
         engine.activate(version)
+        self._awaiting_restore = False
         return previous
 
     async def unload(self, version: int) -> None:
@@ -134,7 +152,8 @@ class RolloutWorker:
         """Served version, loaded adapters, episodes in flight and when the last LLM call finished."""
         engine = await self._policy()
         return {
-            "served_version": engine.version,
+            "served_version": None if self._awaiting_restore else engine.version,
+            "awaiting_restore": self._awaiting_restore,
             "loaded_versions": engine.loaded_versions,
             "episodes_in_flight": self._in_flight,
             "llm_calls": self._calls,
@@ -158,6 +177,11 @@ class RolloutWorker:
         """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on), and
         `version` plays a loaded version other than the served one (evaluation before a deploy)."""
         engine = await self._policy()
+        if self._awaiting_restore and version is None:
+            raise RolloutRestarted(
+                "this rollout actor was restarted after a crash and serves no version yet: the controller restores "
+                "the deployed one (Controller.sync_workers, called by the loop and `ziggurat deploy`)"
+            )
         spec = EpisodeSpec(
             env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s,
             min_tokens, is_eval, version,
@@ -323,6 +347,8 @@ def start_rollout_worker(
     options: dict[str, Any] = {"max_restarts": 3, "max_concurrency": 256, "num_cpus": 0}
     if name:
         options["name"] = name
-    worker = ray.remote(RolloutWorker).options(**options).remote(model_path, engine, recorder, judge)
+    # Without a controller there is nobody to restore a version: a restarted worker serves the base model,
+    # which is all a standalone worker ever serves.
+    worker = ray.remote(RolloutWorker).options(**options).remote(model_path, engine, recorder, judge, False)
     ray.get(worker.ready.remote(), timeout=engine.start_timeout_s)
     return worker

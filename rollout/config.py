@@ -110,6 +110,17 @@ class RolloutConfig(BaseModel):
     actors: int = Field(1, ge=1)
     """Rollout actors, each hosting one vLLM engine (named `<controller name>-rollout-<i>`)."""
 
+    gpus_per_actor: float = Field(0.0, ge=0)
+    """GPUs each rollout actor reserves (1 for a vLLM engine on its own GPU; 0 on CPUs)."""
+
+    actor_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each rollout actor reserves, e.g. `{rollout_gpu: 1}` to keep rollout on the node
+    type that `ray_cluster.yaml` labels for it (so training never lands on those GPUs)."""
+
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    """If set, all rollout actors are placed at once through one placement group with this strategy: either
+    every actor gets its GPU or none starts (no half-started fleet holding GPUs that training needs)."""
+
     group_size: int = Field(4, ge=2)
     """Episodes per scenario (the GRPO group)."""
 
@@ -162,6 +173,15 @@ class RolloutConfig(BaseModel):
             make_env(self.env, **self.env_settings)
         except (KeyError, ValueError) as exc:
             raise ValueError(str(exc).strip("\"'")) from None
+        return self
+
+    @model_validator(mode="after")
+    def _placement_reserves_something(self) -> RolloutConfig:
+        if self.placement_strategy is not None and not self.gpus_per_actor and not self.actor_resources:
+            raise ValueError(
+                "rollout.placement_strategy needs something for each actor's bundle to reserve: set "
+                "rollout.gpus_per_actor or rollout.actor_resources"
+            )
         return self
 
     @model_validator(mode="after")

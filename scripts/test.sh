@@ -5,14 +5,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 
+# Debian packages the suite drives for real: PostgreSQL's server binaries (the throwaway test database),
+# and sshd + rsync (the local `ray up` test: the autoscaler reaches the head over ssh and syncs with rsync).
+packages=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 && [ -z "${PG_BINDIR:-}" ]; then
+  packages+=(postgresql)
+fi
+[ -x /usr/sbin/sshd ] || command -v sshd >/dev/null 2>&1 || packages+=(openssh-server)
+command -v rsync >/dev/null 2>&1 || packages+=(rsync)
+if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[test] installing Debian's postgresql (server binaries for the throwaway test database)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    # the package starts a cluster of its own; the tests do not use it
+    echo "[test] installing Debian packages: ${packages[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+    # the packages start services of their own; the tests use none of them
     service postgresql stop >/dev/null 2>&1 || true
+    service ssh stop >/dev/null 2>&1 || true
   else
-    echo "[test] PostgreSQL server binaries not found: install the postgresql package (or set PG_BINDIR)"; exit 1
+    echo "[test] missing Debian packages: ${packages[*]} (install them, or set PG_BINDIR for PostgreSQL)"; exit 1
   fi
 fi
 

@@ -58,8 +58,13 @@ def ray_session() -> Iterator[object]:
     temp_dir = tempfile.mkdtemp(prefix="zr-", dir="/tmp")
     # Workers import test helpers (tests.*) as well as the packages.
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+    # `rollout_slot`: a custom resource for rollout actors' placement-group bundles (tests place CPU actors
+    # through one without taking CPUs from the Ray Train workers).
     context = init_ray(
-        RayConfig(address="local", num_cpus=2, include_dashboard=False), temp_dir=temp_dir, runtime_env=runtime_env
+        RayConfig(address="local", num_cpus=2, include_dashboard=False),
+        temp_dir=temp_dir,
+        runtime_env=runtime_env,
+        resources={"rollout_slot": 8},
     )
     yield context
     ray.shutdown()

@@ -103,3 +103,10 @@ def test_password_and_url_come_from_the_environment(monkeypatch: pytest.MonkeyPa
 def test_unsupported_backend_is_refused():
     with pytest.raises(ConfigError, match="backend 'mysql' is not supported"):
         parse_config({"database": {"url": "mysql://u@h/db"}})
+
+
+def test_a_placement_group_without_anything_to_reserve_is_refused(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  placement_strategy: SPREAD\n")
+    with pytest.raises(ConfigError, match="placement_strategy needs .* set rollout.gpus_per_actor or rollout.actor_"):
+        load_config(path)

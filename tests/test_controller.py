@@ -31,6 +31,8 @@ def loop_config(url: str, model: str, tmp_path: Path, name: str, **controller: o
                     "env": "lowercase",
                     "env_settings": {},
                     "actors": 2,
+                    "placement_strategy": "PACK",  # both actors placed at once, through one placement group
+                    "actor_resources": {"rollout_slot": 1},
                     "group_size": 4,
                     "groups_per_iteration": 4,
                     "max_turns": 1,
@@ -153,3 +155,22 @@ def test_readiness_says_what_is_missing_and_artifacts_must_come_from_the_store(r
         queries.update_version(controller.db, version, status="ready")
         with pytest.raises(ControllerError, match="outside the model store"):
             controller.deploy(version)
+
+
+def test_rollout_actors_that_cannot_be_placed_fail_with_the_missing_resources(ray_session, tiny_model_dir, tmp_path):
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    from cluster.loop import rollout_placement
+
+    config = loop_config(f"sqlite:///{tmp_path / 'p.db'}", tiny_model_dir, tmp_path, "unplaceable")
+    config = config.model_copy(
+        update={
+            "rollout": config.rollout.model_copy(update={"gpus_per_actor": 1, "placement_strategy": "STRICT_SPREAD"}),
+            "engine": config.engine.model_copy(update={"start_timeout_s": 2}),
+        }
+    )
+    try:
+        with pytest.raises(TimeoutError, match=r"'GPU': 1.0\}\) could not be placed .*check `ray status`"):
+            rollout_placement(config)
+    finally:
+        remove_placement_group(get_placement_group("unplaceable-rollout"))  # a pending group would hold nothing

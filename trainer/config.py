@@ -89,6 +89,10 @@ class TrainerConfig(BaseModel):
     """How workers share the model: `ddp` (a full copy each) or `fsdp` (FSDP2 `fully_shard` per decoder
     layer: parameters, gradients and optimizer state sharded; for full fine-tunes, on GPUs or CPUs)."""
 
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Ray resources per training worker beyond the default CPU/GPU, e.g. `{GPU: 1, train_gpu: 1}`: a custom
+    resource that only the training node type has keeps Ray Train's placement group off the rollout GPUs."""
+
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
 

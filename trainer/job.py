@@ -101,7 +101,11 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 "pad_token_id": pad or 0,
                 "wandb_dir": str(store),
             },
-            scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=settings.num_workers,
+                use_gpu=settings.use_gpu,
+                resources_per_worker=settings.resources_per_worker or None,
+            ),
             run_config=RunConfig(
                 name=f"v{version}-batch{batch_id}",
                 storage_path=str(store / "ray_runs"),
