@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recorder.config import DatabaseConfig, RecorderConfig
 from rollout.config import EngineConfig, JudgeConfig, RolloutConfig
@@ -151,6 +151,19 @@ class ZigguratConfig(_Section):
 
     trainer: TrainerConfig = TrainerConfig()
     """GRPO training as a Ray Train job."""
+
+    @model_validator(mode="after")
+    def _merged_serving_keeps_what_needs_the_base(self) -> ZigguratConfig:
+        if self.engine.lora_serving == "merged" and self.judge.llm:
+            raise ValueError(
+                "judge.llm samples the base weights of the rollout engine, which engine.lora_serving: merged "
+                "replaces; use lora_serving: adapter with the LLM judge"
+            )
+        return self
+
+    def serves_merged(self) -> bool:
+        """LoRA versions are merged into the base weights and served as full weights."""
+        return self.trainer.mode == "lora" and self.engine.lora_serving == "merged"
 
 
 def _key_path(location: tuple[Any, ...]) -> str:

@@ -102,21 +102,34 @@ class Controller:
         return results, errors
 
     # ---- versions -------------------------------------------------------------------------------
-    def _artifact(self, version: dict[str, Any]) -> str | None:
+    def _served_artifact(self, version: dict[str, Any]) -> tuple[str | None, str]:
+        """What rollout actors load to serve `version`, and as what kind: the adapter, or (with
+        engine.lora_serving: merged) the adapter merged into the base weights, served as full weights."""
+        from trainer.model import MERGED_DIR
+
+        if version["kind"] == "lora" and self.config.serves_merged():
+            return self._artifact(version, subfolder=MERGED_DIR), "full"
+        return self._artifact(version), version["kind"]
+
+    def _artifact(self, version: dict[str, Any], subfolder: str | None = None) -> str | None:
         """The version's folder, which must lie inside the model store (never load from elsewhere)."""
         if version["kind"] == "base":
             return None
         uri = version["artifact_uri"]
         path = Path(uri or "").expanduser().resolve()
+        if subfolder is not None:
+            path = (path / subfolder).resolve()
         if not uri or not path.is_relative_to(self.store):
             raise ControllerError(f"version {version['version']}'s artifact {uri!r} is outside the model store")
+        if not path.is_dir():
+            raise ControllerError(f"version {version['version']}'s folder {path} does not exist")
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         if pickles:
             raise ControllerError(
                 f"version {version['version']}'s folder {path} holds pickled files {pickles}; only safetensors "
                 "weights are served (loading a pickle runs arbitrary code)"
             )
-        expected = "adapter_config.json" if version["kind"] == "lora" else "config.json"
+        expected = "adapter_config.json" if version["kind"] == "lora" and subfolder is None else "config.json"
         if not (path / expected).is_file() or not any(path.glob("*.safetensors")):
             raise ControllerError(
                 f"version {version['version']}'s folder {path} holds no {expected} and safetensors weights"
@@ -145,7 +158,7 @@ class Controller:
         row = queries.get_version(self.db, version)
         if row["status"] not in LIVE_STATUSES:
             raise ControllerError(f"version {version} is {row['status']}; only {', '.join(LIVE_STATUSES)} deploy")
-        artifact = self._artifact(row)
+        artifact, kind = self._served_artifact(row)
         workers = self._workers()
         if not workers:
             raise ControllerError("no rollout actors are running; start them (ziggurat run) before deploying")
@@ -155,7 +168,7 @@ class Controller:
         targets = names[: max(1, math.ceil(fraction * len(names)))] if canary else names
         started = time.perf_counter()
         loaded, errors = self._gather(
-            {n: workers[n].prepare.remote(version, artifact, row["kind"]) for n in targets},
+            {n: workers[n].prepare.remote(version, artifact, kind) for n in targets},
             self.config.controller.swap_timeout_s,
         )
         if errors:
@@ -375,11 +388,19 @@ class Controller:
         if not workers:
             raise ControllerError("no rollout actors are running to evaluate on")
         row = queries.get_version(self.db, version)
-        artifact = self._artifact(row)
         names = sorted(workers)
-        self._gather(
-            {n: workers[n].prepare.remote(version, artifact) for n in names}, self.config.controller.swap_timeout_s
-        )
+        if row["kind"] == "lora" and self.config.serves_merged():
+            if version != self.deployed_version():  # merged weights can only be sampled once swapped in
+                raise ControllerError(
+                    f"version {version} is not deployed; with engine.lora_serving: merged a LoRA version is "
+                    "evaluated after it is deployed"
+                )
+        else:
+            artifact = self._artifact(row)
+            self._gather(
+                {n: workers[n].prepare.remote(version, artifact) for n in names},
+                self.config.controller.swap_timeout_s,
+            )
         refs = {
             f"{seed}": workers[names[i % len(names)]].run_group.remote(
                 **rollout.group_call(seed, evaluation=True), version=version

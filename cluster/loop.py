@@ -234,7 +234,7 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         if outcome.get("trained"):
             version = outcome["version"]
             # Adapters are evaluated before anyone serves them; full weights can only be sampled once swapped in.
-            before = config.trainer.mode == "lora" and settings.evaluate_before_deploy
+            before = config.trainer.mode == "lora" and not config.serves_merged() and settings.evaluate_before_deploy
             if rollout.eval_seeds and before:
                 evaluations[version] = call("evaluate", version)["mean_reward"]
             worse = evaluations.get(version, 0.0) < evaluations.get(served, float("-inf"))

@@ -110,3 +110,10 @@ def test_a_placement_group_without_anything_to_reserve_is_refused(tmp_path: Path
     path.write_text("rollout:\n  placement_strategy: SPREAD\n")
     with pytest.raises(ConfigError, match="placement_strategy needs .* set rollout.gpus_per_actor or rollout.actor_"):
         load_config(path)
+
+
+def test_the_llm_judge_needs_the_base_weights_that_merged_serving_replaces(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  lora_serving: merged\njudge:\n  llm: true\n")
+    with pytest.raises(ConfigError, match="judge.llm samples the base weights .* use lora_serving: adapter"):
+        load_config(path)

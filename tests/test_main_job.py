@@ -21,7 +21,8 @@ def test_ziggurat_run_then_status_report_and_deploy_without_a_controller(ray_ses
                 "model": {"name": tiny_model_dir, "store_dir": str(tmp_path / "store")},
                 "database": {"url": f"sqlite:///{tmp_path / 'z.db'}", "auto_upgrade": True},
                 "recorder": {"actor_name": "main-job-recorder"},
-                "engine": {"device": "cpu", "max_model_len": 1024, "kv_cache_gib": 1},
+                # LoRA versions merged into the base weights: trained, merged, swapped in, then evaluated
+                "engine": {"device": "cpu", "max_model_len": 1024, "kv_cache_gib": 1, "lora_serving": "merged"},
                 "rollout": {
                     "env": "lowercase",
                     "actors": 1,

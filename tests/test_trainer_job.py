@@ -78,6 +78,24 @@ def _served_adapter_matches_peft(tiny_engine, base: str, adapter: str) -> None:
     assert (tuned - logprobs(base_model)).abs().max() > 1e-2  # and the adapter really changed the policy
 
 
+def _merged_weights_serve_like_the_adapter(tiny_engine, base: str, artifact: Path) -> None:
+    """engine.lora_serving: merged: the job also wrote the adapter merged into the base weights; swapped in as
+    full weights, they give the adapter's log-probs."""
+    prompt = tiny_engine.chat_prompt([{"role": "user", "content": "Sell NO?"}])
+    tiny_engine.set_adapter(1, str(artifact))
+    try:
+        adapter = tiny_engine.generate(prompt, temperature=0.0, max_tokens=8).completions[0]
+    finally:
+        tiny_engine.set_adapter(0, None)
+    tiny_engine.load_weights(1, str(artifact / "merged"))
+    try:
+        merged = tiny_engine.generate(prompt, temperature=0.0, max_tokens=8)
+    finally:
+        tiny_engine.load_weights(0, base)  # the engine is shared by the session
+    assert merged.model_version == 1 and merged.completions[0].token_ids == adapter.token_ids
+    assert np.allclose(merged.completions[0].logprobs, adapter.logprobs, atol=2e-3)
+
+
 def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     ray_session, postgres, tiny_model_dir, tiny_engine, tmp_path
 ):
@@ -85,6 +103,7 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     upgrade(url)
     _record_groups(url)
     config = _config(url, tiny_model_dir, tmp_path, updates_per_batch=2, learning_rate=2e-2)
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"lora_serving": "merged"})})
     version = run_training(config)
     assert version == 1
     store = TrajectoryStore(url)
@@ -104,6 +123,8 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     batch = queries.get_batch(store.engine, registered["training_batch_id"])
     assert batch["status"] == "completed" and batch["target_version"] == 1 and len(batch["trajectory_ids"]) == 12
     _served_adapter_matches_peft(tiny_engine, tiny_model_dir, str(artifact))
+    _merged_weights_serve_like_the_adapter(tiny_engine, tiny_model_dir, artifact)
+    assert registered["metrics"]["merge_s"] > 0
     assert run_training(config) is None  # every group is used now: nothing to train, no junk version
     assert len(queries.list_versions(store.engine)) == 1
     store.dispose()

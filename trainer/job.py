@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     from recorder.migrate import check_schema
     from recorder.store import create_db_engine
     from trainer.loop import STATE_FILE, train_loop_per_worker
-    from trainer.model import MANIFEST
+    from trainer.model import MANIFEST, MERGED_DIR
 
     settings = config.trainer
     init_ray(config.ray)
@@ -123,6 +124,12 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
         manifest.update(version=version, base_model=base, training_batch=batch_id, parent=parent and parent["version"])
         (artifact / MANIFEST).write_text(json.dumps(manifest, indent=2))
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+        if config.serves_merged():  # rollout engines serve the adapter folded into the base weights
+            from trainer.model import merge_adapter
+
+            started = time.perf_counter()
+            merge_adapter(base, artifact, artifact / MERGED_DIR)
+            metrics["merge_s"] = round(time.perf_counter() - started, 3)
         queries.update_version(
             engine,
             version,

@@ -12,6 +12,8 @@ from cluster.models import sha256_file
 from trainer.config import TrainerConfig
 
 MANIFEST = "ziggurat_version.json"
+MERGED_DIR = "merged"
+"""Subfolder of a LoRA version holding its adapter merged into the base weights (engine.lora_serving: merged)."""
 
 
 def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", adapter: str | None = None) -> Any:
@@ -42,6 +44,19 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """The base weights with a LoRA adapter folded in, saved as a full checkpoint (safetensors) that vLLM
+    swaps in like any full-weights version."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def save_policy(
