@@ -129,6 +129,18 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     assert len(queries.list_versions(store.engine)) == 1
     store.dispose()
 
+    # A fresh database numbers its versions and batches from 1 again, into the same model store: its job
+    # trains on its own batch (8 rows here, not 12) instead of restoring the earlier job's checkpoint.
+    fresh = postgres.create_database(f"train_again_{uuid.uuid4().hex[:8]}")
+    upgrade(fresh)
+    _record_groups(fresh, groups=2)
+    again = config.model_copy(update={"database": config.database.model_copy(update={"url": fresh})})
+    assert run_training(again) == 1
+    store = TrajectoryStore(fresh)
+    (retrained,) = queries.list_versions(store.engine)
+    store.dispose()
+    assert retrained["metrics"]["rows"] == 8 and retrained["metrics"]["update"] == 2
+
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres, tiny_model_dir, tmp_path):
     import os

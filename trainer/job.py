@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,10 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 resources_per_worker=settings.resources_per_worker or None,
             ),
             run_config=RunConfig(
-                name=f"v{version}-batch{batch_id}",
+                # Ray Train restores a run whose folder already exists. Version and batch numbers restart with
+                # every fresh database while the store stays, so the name is unique per job: a new job never
+                # picks up another database's checkpoint (worker failures resume within this fit()).
+                name=f"v{version}-batch{batch_id}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(store / "ray_runs"),
                 failure_config=FailureConfig(max_failures=settings.max_failures),
             ),
