@@ -309,14 +309,16 @@ def test_kill9_training_worker_mid_training(system):
     killed: list[int] = []
 
     def kill_a_worker() -> None:
-        deadline = time.monotonic() + 120
-        while not (workers := _training_worker_pids()):
-            assert time.monotonic() < deadline, "no training worker process appeared"
-            time.sleep(0.1)
+        workers = _training_worker_pids()
+        assert workers, "the training workers were gone before the fault"
         killed.append(workers[-1])
         kill9(workers[-1])
 
-    fault = Fault(lambda: _running_batch(system, after), rng.uniform(0, 5), kill_a_worker)
+    # once this batch's workers exist (no other training runs now), within the first seconds of their work
+    def training() -> bool:
+        return _running_batch(system, after) and bool(_training_worker_pids())
+
+    fault = Fault(training, rng.uniform(0, 2), kill_a_worker)
     iteration, facts = _training_run_under(system, fault)
     assert killed
     if iteration["training"].get("trained"):  # Ray Train restarted the worker group from the last checkpoint
