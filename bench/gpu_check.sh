@@ -14,7 +14,7 @@ mkdir -p "$out"
 nvidia-smi -L || { echo "[gpu-check] no CUDA GPU visible (nvidia-smi -L failed)"; exit 1; }
 ZIGGURAT_EXTRA=gpu bash scripts/install.sh
 .venv/bin/python - <<'PY'
-import torch, torch.distributed as dist
+import torch
 assert torch.cuda.is_available(), "torch was installed without CUDA"
 print(f"[gpu-check] torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
       f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")

@@ -102,12 +102,16 @@ class Controller:
         return results, errors
 
     # ---- versions -------------------------------------------------------------------------------
+    def _merged(self, version: dict[str, Any]) -> bool:
+        """Served as the adapter merged into the base weights (engine.lora_serving: merged)."""
+        return version["kind"] == "lora" and self.config.serves_merged()
+
     def _served_artifact(self, version: dict[str, Any]) -> tuple[str | None, str]:
         """What rollout actors load to serve `version`, and as what kind: the adapter, or (with
         engine.lora_serving: merged) the adapter merged into the base weights, served as full weights."""
         from trainer.model import MERGED_DIR
 
-        if version["kind"] == "lora" and self.config.serves_merged():
+        if self._merged(version):
             return self._artifact(version, subfolder=MERGED_DIR), "full"
         return self._artifact(version), version["kind"]
 
@@ -389,7 +393,7 @@ class Controller:
             raise ControllerError("no rollout actors are running to evaluate on")
         row = queries.get_version(self.db, version)
         names = sorted(workers)
-        if row["kind"] == "lora" and self.config.serves_merged():
+        if self._merged(row):
             if version != self.deployed_version():  # merged weights can only be sampled once swapped in
                 raise ControllerError(
                     f"version {version} is not deployed; with engine.lora_serving: merged a LoRA version is "

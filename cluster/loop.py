@@ -41,6 +41,10 @@ def serving_config(config: ZigguratConfig) -> ZigguratConfig:
     return config.model_copy(update={"engine": engine})
 
 
+def rollout_placement_name(config: ZigguratConfig) -> str:
+    return f"{config.controller.name}-rollout"
+
+
 def rollout_placement(config: ZigguratConfig) -> Any:
     """The rollout actors' placement group (one bundle per actor), created and ready, or None if not asked for.
     Named, so a restarted driver reuses it instead of reserving the GPUs twice."""
@@ -49,7 +53,7 @@ def rollout_placement(config: ZigguratConfig) -> Any:
     rollout = config.rollout
     if rollout.placement_strategy is None:
         return None
-    name = f"{config.controller.name}-rollout"
+    name = rollout_placement_name(config)
     try:
         group = get_placement_group(name)
     except ValueError:
@@ -300,7 +304,7 @@ def shutdown(config: ZigguratConfig) -> None:
         from ray.util.placement_group import get_placement_group, remove_placement_group
 
         try:
-            remove_placement_group(get_placement_group(f"{config.controller.name}-rollout"))
+            remove_placement_group(get_placement_group(rollout_placement_name(config)))
         except ValueError:
             pass
     _keep_alive.clear()

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster.config import ModelConfig
 
@@ -167,22 +168,11 @@ def greedy_answer(model_path: str, question: str, max_new_tokens: int = 24) -> s
     return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def build_tiny_llama(
-    tokenizer_source: str | Path, out_dir: str | Path, seed: int = 0, initializer_range: float = 0.02
-) -> Path:
-    """Save a random ~3 M-parameter Llama (2 layers, hidden 64) with a real tokenizer, for fast tests.
+def tiny_llama_config(tokenizer: Any) -> Any:
+    """The tiny test architecture (2 layers, hidden 64) for `tokenizer`'s vocabulary and special tokens."""
+    from transformers import LlamaConfig
 
-    Most of its parameters are the tied 49k x 64 embedding; everything downstream (vLLM, peft, the
-    trainer) treats it exactly like a real checkpoint. With the default init its next-token distribution is
-    almost uniform over 49k tokens (logits are bounded by the final norm), which no few-step policy update
-    can reshape; a larger `initializer_range` gives a peaked, trainable one, like a real model's.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=256,
@@ -194,10 +184,24 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=initializer_range,
     )
+
+
+def build_tiny_llama(tokenizer_source: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a random ~3 M-parameter Llama (2 layers, hidden 64) with a real tokenizer, for fast tests.
+
+    Most of its parameters are the tied 49k x 64 embedding; everything downstream (vLLM, peft, the
+    trainer) treats it exactly like a real checkpoint. Its next-token distribution is almost uniform over
+    49k tokens (logits are bounded by the final norm), so it serves plumbing tests, not learning checks
+    (tests/tiny_lm.py pretrains one for that).
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer)).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

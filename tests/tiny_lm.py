@@ -65,25 +65,15 @@ def _reply(rng: random.Random) -> str:
 def pretrain_tiny_chat_model(out_dir: Path, prompts: list[tuple[str, str]], steps: int = 400, seed: int = 0) -> Path:
     """Pretrain the tiny model on (system, user) prompts answered with `_reply`-style text; save it."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from cluster.models import tiny_llama_config
 
     build_char_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... only
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
