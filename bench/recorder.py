@@ -7,6 +7,11 @@ against a raw bulk load of the same rows into the same server, measured in the s
 A "step" is one steps row plus its llm_calls row (300 prompt + 100 completion tokens, packed, with log-probs:
 about 2 KB). `ratio` = pipeline rows/s / baseline rows/s (target >= 0.8). Prints a one-line summary, then
 JSON as the last line.
+
+Where the time goes, measured in the same run: `cpu_s` is the CPU time each part used while the pipeline ran
+(database server, recorder actor, producers, the rest), `cpu_floor_s` that total spread over all cores (no
+run can be faster), and `transport_only_s` the same producers sending the same calls to an actor that only
+acknowledges them (Ray alone, no database).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
+import psutil
 import ray
 import sqlalchemy as sa
 
@@ -38,7 +44,8 @@ from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import upgrade
 from recorder.pg_server import ThrowawayPostgres
 from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord
-from recorder.store import TrajectoryStore
+from recorder.store import TrajectoryStore, WriteResult
+from recorder.wire import EncodedRows
 
 STEPS_PER_TRAJECTORY = 10
 
@@ -75,16 +82,28 @@ def make_records(producer: int, steps: int) -> list[Record]:
 
 
 @ray.remote(num_cpus=0)
+class NullRecorder:
+    """Acknowledges every call without storing anything: what the producers and Ray cost on their own."""
+
+    async def wire_format(self) -> str:
+        return "pg-binary"
+
+    async def write(self, payload: list[Record | EncodedRows], source: str | None = None) -> WriteResult:
+        return WriteResult(written=sum(len(item.keys) if isinstance(item, EncodedRows) else 1 for item in payload))
+
+
+@ray.remote(num_cpus=0)
 class Producer:
     def __init__(self, producer: int, steps: int, settings: RecorderConfig) -> None:
         self.records = make_records(producer, steps)
-        self.client = RecorderClient(settings)
+        self.settings = settings
 
-    def run(self, flush_every: int) -> dict[str, Any]:
+    def run(self, flush_every: int, recorder: Any = None) -> dict[str, Any]:
+        client = RecorderClient(self.settings, actor=recorder)
         acknowledged = retries = 0
         for start in range(0, len(self.records), flush_every):
-            self.client.extend(self.records[start : start + flush_every])
-            report = self.client.flush()
+            client.extend(self.records[start : start + flush_every])
+            report = client.flush()
             acknowledged += report.acknowledged
             retries += report.retries
         return {"acknowledged": acknowledged, "retries": retries}
@@ -154,6 +173,33 @@ def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> float:
     return elapsed
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by every process on this machine, with its command line."""
+    seen = {}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        seen[process.pid] = (" ".join(process.info["cmdline"] or []), times.user + times.system)
+    return seen
+
+
+def cpu_by_part(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    parts = {"database": 0.0, "recorder": 0.0, "producers": 0.0, "other": 0.0}
+    for pid, (command, seconds) in after.items():
+        used = seconds - before.get(pid, (command, 0.0))[1]
+        if command.startswith("postgres"):
+            parts["database"] += used
+        elif command.startswith("ray::Recorder"):
+            parts["recorder"] += used
+        elif command.startswith("ray::Producer"):
+            parts["producers"] += used
+        else:
+            parts["other"] += used
+    return {part: round(seconds, 2) for part, seconds in parts.items()}
+
+
 def stored_keys(url: str) -> tuple[int, int, int]:
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -209,10 +255,18 @@ def main() -> None:
         recorder = start_recorder(DatabaseConfig(url=url), settings)
         producers = [Producer.remote(p, per_producer, settings) for p in range(args.producers)]
         ray.get([p.__ray_ready__.remote() for p in producers], timeout=300)
+        cpu_before = cpu_seconds()
         started = time.perf_counter()
         results = ray.get([p.run.remote(args.flush_every) for p in producers], timeout=1800)
         elapsed = time.perf_counter() - started
+        cpu = cpu_by_part(cpu_before, cpu_seconds())
         stats = stop_recorder(recorder)
+
+        null = NullRecorder.options(max_concurrency=1000).remote()
+        ray.get(null.wire_format.remote(), timeout=300)  # started, like the recorder above
+        started = time.perf_counter()
+        ray.get([p.run.remote(args.flush_every, null) for p in producers], timeout=1800)
+        transport_only_s = time.perf_counter() - started
         ray.shutdown()
 
         baseline_after = baseline()
@@ -235,6 +289,10 @@ def main() -> None:
             "retries": sum(r["retries"] for r in results),
             "transactions": stats["transactions"],
             "elapsed_s": round(elapsed, 2),
+            "db_write_s": stats["write_s"],
+            "cpu_s": cpu,
+            "cpu_floor_s": round(sum(cpu.values()) / (os.cpu_count() or 1), 2),
+            "transport_only_s": round(transport_only_s, 2),
         }
     finally:
         if server is not None:

@@ -1,7 +1,9 @@
 """The recorder as a Ray actor: producers' batches are group-committed, and acknowledged only once stored.
 
 Calls that arrive while a write is in flight are merged into the next transaction, so many small calls
-cost one commit. The buffer is bounded; a full buffer makes callers wait, then fail with RecorderBusy.
+cost one commit. On PostgreSQL several writer connections ("lanes") commit side by side, so the server
+ingests one batch while the recorder prepares the next; each producer keeps to one lane, in order.
+The buffer is bounded; a full buffer makes callers wait, then fail with RecorderBusy.
 A database error fails exactly the calls whose records were in that transaction (RecorderUnavailable):
 nothing they sent was stored, and the producer, which still holds them, retries.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -80,31 +83,71 @@ class _RecorderMetrics:
         self.pending = Gauge("ziggurat_recorder_pending_rows", "Rows waiting for the database", tag_keys=keys)
 
 
+_Call = tuple[list[Record | EncodedRows], asyncio.Future[WriteResult]]
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One writer connection with its own queue: calls queued while a transaction runs are merged into the next."""
+
+    store: TrajectoryStore
+    pending: list[_Call] = field(default_factory=list)
+    writer: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
+    sources: int = 0
+    """Producers assigned to this lane."""
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
+
+
 class Recorder:
     """Create with `start_recorder`; producers use `recorder.client.RecorderClient`."""
 
     def __init__(self, database: DatabaseConfig, settings: RecorderConfig) -> None:
         self._settings = settings
         # Refuses to start (with a message saying to run `ziggurat db upgrade`) on a stale schema.
-        self._store = TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
-        self._pending: list[tuple[list[Record], asyncio.Future[WriteResult]]] = []
+        first = TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
+        lanes = settings.writer_connections if first.dialect == "postgresql" else 1  # SQLite has one writer
+        stores = [first] + [
+            TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
+            for _ in range(lanes - 1)
+        ]
+        self._lanes = [_Lane(store) for store in stores]
+        self._lane_of_source: dict[str, _Lane] = {}
         self._pending_records = 0
-        self._writer: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._space = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stats = {"calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0}
+        # write_s: seconds inside database transactions; close to the busy time, the database write is the bottleneck
+        self._stats: dict[str, float] = {
+            "calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0, "write_s": 0.0,
+        }  # fmt: skip
         self._metrics = _RecorderMetrics(settings.actor_name)
         self._started = time.time()
 
-    def _ensure_writer(self) -> None:
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+    def _lane(self, source: str | None) -> _Lane:
+        """A producer's calls always go through the same lane, so they are committed in the order they came
+        (a step never overtakes its trajectory's start). New producers join the lane with the fewest."""
+        if source is None:
+            return self._lanes[0]
+        lane = self._lane_of_source.get(source)
+        if lane is None:
+            lane = min(self._lanes, key=lambda candidate: candidate.sources)
+            lane.sources += 1
+            self._lane_of_source[source] = lane
+        return lane
 
-    async def write(self, records: list[Record | EncodedRows]) -> WriteResult:
-        """Store `records`; returns once they are committed, with the positions of rejected ones."""
-        self._ensure_writer()
+    async def write(self, records: list[Record | EncodedRows], source: str | None = None) -> WriteResult:
+        """Store `records`; returns once they are committed, with the positions of rejected ones.
+
+        `source` names the producer (RecorderClient sends one per client): its calls share one writer
+        connection and are committed in order. Calls without one go through the first connection.
+        """
+        lane = self._lane(source)
+        if lane.writer is None or lane.writer.done():
+            lane.writer = asyncio.get_running_loop().create_task(self._write_loop(lane))
         self._stats["calls"] += 1
         size = _width(records)
         if size > self._settings.max_buffer_records:
@@ -125,31 +168,33 @@ class Recorder:
             except TimeoutError:
                 pass
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._pending.append((records, future))
+        lane.pending.append((records, future))
         self._pending_records += size
-        self._idle.clear()
-        self._wake.set()
+        lane.idle.clear()
+        lane.wake.set()
         return await future
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self, lane: _Lane) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
+            await lane.wake.wait()
+            lane.wake.clear()
+            while lane.pending:
+                batch, lane.pending = lane.pending, []
                 size = sum(_width(call_records) for call_records, _ in batch)
                 try:
-                    await self._write(batch, size)
+                    await self._write(lane.store, batch, size)
                 finally:
                     self._pending_records -= size
                     self._space.set()
-            self._idle.set()
+            lane.idle.set()
 
-    async def _write(self, batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], size: int) -> None:
+    async def _write(self, store: TrajectoryStore, batch: list[_Call], size: int) -> None:
         records = [record for call_records, _ in batch for record in call_records]
+        started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(self._store.write, records)
+            result = await asyncio.to_thread(store.write, records)
         except Exception as exc:
+            self._stats["write_s"] += time.perf_counter() - started
             self._stats["db_errors"] += 1
             self._metrics.db_errors.inc(1, tags=self._metrics.tags)
             if _is_connectivity(exc) or len(batch) == 1:
@@ -158,8 +203,9 @@ class Recorder:
             # One call's data broke the merged transaction: write the calls one by one, so only that call
             # fails and the others are not held hostage by it.
             for call in batch:
-                await self._write([call], _width(call[0]))
+                await self._write(store, [call], _width(call[0]))
             return
+        self._stats["write_s"] += time.perf_counter() - started
         self._stats["transactions"] += 1
         self._stats["written"] += result.written
         self._stats["rejected"] += len(result.rejected)
@@ -170,7 +216,7 @@ class Recorder:
         self._resolve(batch, result)
 
     @staticmethod
-    def _fail(batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], exc: Exception, size: int) -> None:
+    def _fail(batch: list[_Call], exc: Exception, size: int) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         log.warning("database write of %d records failed: %s: %s", size, type(exc).__name__, reason)
         if _is_connectivity(exc):
@@ -188,7 +234,7 @@ class Recorder:
                 future.set_exception(error)
 
     @staticmethod
-    def _resolve(batch: list[tuple[list[Record], asyncio.Future[WriteResult]]], result: WriteResult) -> None:
+    def _resolve(batch: list[_Call], result: WriteResult) -> None:
         """Hand each caller the part of the merged result that concerns its own records."""
         rejected = dict(result.rejected)
         offset = 0
@@ -201,26 +247,29 @@ class Recorder:
 
     async def wire_format(self) -> str:
         """`pg-binary`: send steps and LLM calls as `recorder.wire.EncodedRows`; `records`: as objects."""
-        return "pg-binary" if self._store.dialect == "postgresql" else "records"
+        return "pg-binary" if self._lanes[0].store.dialect == "postgresql" else "records"
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until everything received so far is committed (or failed back to its producer)."""
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await asyncio.wait_for(asyncio.gather(*(lane.idle.wait() for lane in self._lanes)), timeout_s)
 
     async def stats(self) -> dict[str, Any]:
         return {
             **self._stats,
+            "write_s": round(self._stats["write_s"], 3),
             "pending_records": self._pending_records,
             "uptime_s": round(time.time() - self._started, 1),
-            "dialect": self._store.dialect,
+            "dialect": self._lanes[0].store.dialect,
+            "writer_connections": len(self._lanes),
         }
 
     async def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Flush, stop the writer and close the database connections; returns the final stats."""
         await self.flush(timeout_s)
-        if self._writer is not None:
-            self._writer.cancel()
-        self._store.dispose()
+        for lane in self._lanes:
+            if lane.writer is not None:
+                lane.writer.cancel()
+            lane.store.dispose()
         return await self.stats()
 
 

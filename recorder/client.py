@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class RecorderClient:
         self.unacked: list[Record] = []
         self._starts: OrderedDict[str, TrajectoryRecord] = OrderedDict()
         self._wire: str | None = None
+        self._source = uuid.uuid4().hex  # the recorder commits one source's calls in order
 
     def add(self, *records: Record) -> None:
         self.extend(records)
@@ -190,7 +192,7 @@ class _Flush:
             try:
                 client._discover_wire()
                 call = client._cut(self.next_position)
-                ref = client._handle().write.remote(call.payload)
+                ref = client._handle().write.remote(call.payload, client._source)
             except (RayActorError, GetTimeoutError) as exc:
                 self.error = exc
                 return

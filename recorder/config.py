@@ -79,9 +79,14 @@ class RecorderConfig(BaseModel):
     buffer_wait_s: float = Field(10.0, ge=0)
     """How long a call waits for buffer space before failing (the producer then retries later)."""
 
-    max_call_bytes: int = Field(100_000, ge=1_000)
-    """Producers keep each call under this many bytes: larger Ray arguments go through the object store
-    and throughput drops 2-4x."""
+    max_call_bytes: int = Field(1_000_000, ge=1_000)
+    """Producers keep each call under this many bytes (one record larger than this travels alone). Arguments
+    over 100 KiB go through Ray's object store; on Ray 2.60 that is cheaper per byte, not dearer: 1 MB calls
+    cost a quarter of the CPU per record that 100 KB calls do (bench/recorder.py, `transport_only_s`)."""
+
+    writer_connections: int = Field(2, ge=1, le=16)
+    """Database connections the recorder writes through side by side (PostgreSQL; SQLite always uses one).
+    Each producer's calls go through one of them, in order."""
 
     call_timeout_s: float = Field(60.0, gt=0)
     """Deadline for one producer call (the database commit included)."""

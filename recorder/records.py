@@ -212,7 +212,29 @@ def _validate_trajectory(r: TrajectoryRecord) -> str | None:
     return None
 
 
+def _plain_id(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= 64
+
+
+def _plain_index(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _plain_number(value: object) -> bool:
+    return (type(value) is float and math.isfinite(value)) or type(value) is int
+
+
 def _validate_step(r: StepRecord) -> str | None:
+    # Fast path for the common, well-formed record; it accepts nothing the checks below would refuse.
+    if (
+        _plain_id(r.trajectory_id)
+        and _plain_index(r.step_index)
+        and _plain_number(r.env_reward)
+        and type(r.observation) is str
+        and (r.action is None or type(r.action) is dict)
+        and type(r.done) is bool
+    ):
+        return None
     problem = _first(
         _check_id("trajectory_id", r.trajectory_id),
         _check_index("step_index", r.step_index),
@@ -230,6 +252,26 @@ def _validate_step(r: StepRecord) -> str | None:
 
 
 def _validate_call(r: LlmCallRecord) -> str | None:
+    # Fast path for the common, well-formed record; it accepts nothing the checks below would refuse.
+    if (
+        _plain_id(r.trajectory_id)
+        and _plain_index(r.step_index)
+        and _plain_index(r.call_index)
+        and _plain_index(r.model_version)
+        and (r.latency_ms is None or _plain_number(r.latency_ms))
+        and type(r.prompt_token_ids) is bytes
+        and type(r.completion_token_ids) is bytes
+        and type(r.completion_logprobs) is bytes
+        and r.prompt_token_ids
+        and not len(r.prompt_token_ids) % 4
+        and not len(r.completion_token_ids) % 4
+        and len(r.completion_token_ids) == len(r.completion_logprobs)
+        and type(r.text) is str
+        and type(r.purpose) is str
+        and 0 < len(r.purpose) <= 32
+        and (r.finish_reason is None or (type(r.finish_reason) is str and len(r.finish_reason) <= 16))
+    ):
+        return None
     problem = _first(
         _check_id("trajectory_id", r.trajectory_id),
         _check_index("step_index", r.step_index),
@@ -252,6 +294,10 @@ def _validate_call(r: LlmCallRecord) -> str | None:
         )
     if not isinstance(r.text, str):
         return f"text must be a string, got {type(r.text).__name__}"
+    if not isinstance(r.purpose, str) or not 0 < len(r.purpose) <= 32:
+        return f"purpose must be a string of 1 to 32 characters, got {r.purpose!r}"
+    if r.finish_reason is not None and (not isinstance(r.finish_reason, str) or len(r.finish_reason) > 16):
+        return f"finish_reason must be None or a string of at most 16 characters, got {r.finish_reason!r}"
     return None
 
 

@@ -8,6 +8,7 @@ SQLite through executemany with INSERT OR IGNORE.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,28 @@ log = logging.getLogger(__name__)
 _KNOWN_IDS_CAPACITY = 100_000
 _ENCODED_COLUMNS = {"steps": STEP_COLUMNS, "llm_calls": CALL_COLUMNS}
 _OUTCOME_COLUMNS = ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
+_TRAJECTORY_TYPES = {
+    "id": "text", "environment": "text", "scenario_id": "text", "group_id": "text", "agent_id": "text",
+    "model_version": "int4", "status": "text", "total_reward": "float8", "reward_components": "jsonb",
+    "metrics": "jsonb", "metadata": "jsonb", "step_count": "int4", "is_eval": "bool", "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+}  # fmt: skip
+
+
+def _trajectory_upsert() -> str:
+    """One statement, one round trip for any number of trajectories: each column travels as an array (JSON
+    as text). A start on an existing id changes nothing; an end fills in the outcome."""
+    names = ", ".join(f'"{name}"' for name in _TRAJECTORY_TYPES)
+    values = ", ".join(f'"{name}"' + ("::jsonb" if kind == "jsonb" else "") for name, kind in _TRAJECTORY_TYPES.items())
+    arrays = ", ".join(f"%s::{'text' if kind == 'jsonb' else kind}[]" for kind in _TRAJECTORY_TYPES.values())
+    updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in _OUTCOME_COLUMNS)
+    return (
+        f"INSERT INTO trajectories ({names}) SELECT {values} FROM unnest({arrays}) AS u({names}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
+    )
+
+
+_TRAJECTORY_UPSERT = _trajectory_upsert()
 
 
 @dataclass
@@ -104,7 +127,6 @@ class TrajectoryStore:
         check_schema(self.engine)
         self._known_ids: OrderedDict[str, None] = OrderedDict()
         self._conn: Connection | None = None
-        self._copy_types: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     def dispose(self) -> None:
         if self._conn is not None:
@@ -149,7 +171,14 @@ class TrajectoryStore:
 
         conn = self._connection()
         try:
-            written = self._write_batch(conn, batch)
+            try:
+                written = self._write_batch(conn, batch, resent=False)
+            except Exception as exc:
+                if not _is_unique_violation(exc):
+                    raise
+                # Some rows were stored before (a producer resent after a timeout or a recorder restart):
+                # the transaction rolled back; write it again, skipping rows that exist.
+                written = self._write_batch(conn, batch, resent=True)
         except Exception:
             self._conn = None  # a broken connection must not be reused; the pool invalidates dead ones
             conn.close()
@@ -167,8 +196,13 @@ class TrajectoryStore:
             return "EncodedRows keys must be (kind, trajectory_id, step_index, ...) tuples"
         return None
 
-    def _write_batch(self, conn: Connection, batch: _Batch) -> int:
-        """Write in one transaction; reject rows of unknown trajectories into `batch`. Returns rows written."""
+    def _write_batch(self, conn: Connection, batch: _Batch, resent: bool) -> int:
+        """Write in one transaction; reject rows of unknown trajectories into `batch`. Returns rows written.
+
+        On PostgreSQL steps and calls are COPYed straight into their tables unless `resent`: a row that
+        exists then fails the whole transaction with a unique violation, and the caller retries with
+        `resent=True`, which goes through staging tables and ON CONFLICT DO NOTHING.
+        """
         with conn.begin():
             new_ids = {r.id for _, r in batch.records if isinstance(r, TrajectoryRecord)}
             referenced = {r.trajectory_id for _, r in batch.records if not isinstance(r, TrajectoryRecord)}
@@ -181,12 +215,16 @@ class TrajectoryStore:
             for _, record in batch.records:
                 by_type[type(record)].append(record)
             now = utcnow()
-            self._write_trajectories(conn, _dedupe_trajectories(by_type[TrajectoryRecord]), now)  # sorted: no deadlocks
+            trajectories = _dedupe_trajectories(by_type[TrajectoryRecord])  # sorted: one lock order, no deadlocks
+            # A start of a trajectory already stored changes nothing (producers repeat starts so that each call
+            # stands alone): skip it rather than make the server lock the row.
+            trajectories = [r for r in trajectories if r.status != "running" or r.id not in self._known_ids]
+            self._write_trajectories(conn, trajectories, now)
             if self.dialect == "postgresql":
                 encoded = {table: [row for _, _, row in rows] for table, rows in batch.encoded.items()}
                 for block in encode(by_type[StepRecord] + by_type[LlmCallRecord], now):
                     encoded.setdefault(block.table, []).extend(block.rows)
-                self._copy_ignoring_resends(conn, encoded)
+                self._copy_bulk(conn, encoded, resent)
                 judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
                 if judgments:
                     conn.execute(postgresql.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
@@ -245,19 +283,12 @@ class TrajectoryStore:
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
         if self.dialect == "postgresql":
-            from psycopg import sql
-
-            stage, columns = self._stage(conn, table, rows)
-            updates = sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in _OUTCOME_COLUMNS
-            )
-            statement = sql.SQL(
-                "INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
-                "ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
-            ).format(
-                table=sql.Identifier(table.name), columns=_names(columns), stage=sql.Identifier(stage), updates=updates
-            )
-            _execute(conn, statement)
+            convert = {"jsonb": _json_text, "float8": _float_or_none}
+            columns = [
+                [convert[kind](row[name]) for row in rows] if kind in convert else [row[name] for row in rows]
+                for name, kind in _TRAJECTORY_TYPES.items()
+            ]
+            _execute(conn, _TRAJECTORY_UPSERT, columns)
             return
         insert = sqlite.insert(table)
         updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
@@ -318,28 +349,21 @@ class TrajectoryStore:
             "created_at": now,
         }
 
-    def _copy_ignoring_resends(self, conn: Connection, encoded: dict[str, list[bytes]]) -> None:
-        """COPY encoded rows straight into their tables. Resends are rare, so only when a key already exists
-        do we roll back to the savepoint and go through staging tables with ON CONFLICT DO NOTHING."""
-        import psycopg
+    def _copy_bulk(self, conn: Connection, encoded: dict[str, list[bytes]], resent: bool) -> None:
+        from psycopg import sql
 
-        encoded = {table: rows for table, rows in encoded.items() if rows}
-        if not encoded:
-            return
-        try:
-            with conn.begin_nested():
-                for table, rows in encoded.items():
-                    self._copy_encoded(conn, table, rows)
-        except psycopg.errors.UniqueViolation:
-            for table, rows in encoded.items():
-                from psycopg import sql
-
-                stage = self._create_stage(conn, table)
-                self._copy_encoded(conn, table, rows, target=stage)
-                statement = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING").format(
-                    sql.Identifier(table), sql.Identifier(stage), cols=_names(_ENCODED_COLUMNS[table])
-                )
-                _execute(conn, statement)
+        for table, rows in encoded.items():
+            if not rows:
+                continue
+            if not resent:
+                self._copy_encoded(conn, table, rows)
+                continue
+            stage = self._create_stage(conn, table)
+            self._copy_encoded(conn, table, rows, target=stage)
+            statement = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING").format(
+                sql.Identifier(table), sql.Identifier(stage), cols=_names(_ENCODED_COLUMNS[table])
+            )
+            _execute(conn, statement)
 
     @staticmethod
     def _create_stage(conn: Connection, table: str) -> str:
@@ -361,37 +385,6 @@ class TrajectoryStore:
             with cursor.copy(statement) as copy:
                 copy.write(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
 
-    def _stage(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> tuple[str, str]:
-        """COPY rows into a transaction-scoped staging copy of `table`; returns its name and the column list."""
-        stage = self._create_stage(conn, table.name)
-        self._copy(conn, table, stage, rows)
-        return stage, list(rows[0])
-
-    def _copy(self, conn: Connection, table: sa.Table, target: str, rows: list[dict[str, Any]]) -> None:
-        """Binary COPY (C-encoded by psycopg; bytea travels raw instead of hex) of rows into `target`."""
-        from psycopg import sql
-        from psycopg.types.json import Jsonb
-
-        columns = list(rows[0])
-        raw = conn.connection.driver_connection
-        key = (table.name, tuple(columns))
-        if key not in self._copy_types:
-            probe = sql.SQL("SELECT {} FROM {} LIMIT 0").format(_names(columns), sql.Identifier(table.name))
-            self._copy_types[key] = [column.type_code for column in raw.execute(probe).description]
-        json_positions = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
-        copy_statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-            sql.Identifier(target), _names(columns)
-        )
-        with raw.cursor() as cursor:
-            with cursor.copy(copy_statement) as copy:
-                copy.set_types(self._copy_types[key])
-                for row in rows:
-                    values = list(row.values())
-                    for i in json_positions:
-                        if values[i] is not None:
-                            values[i] = Jsonb(values[i])
-                    copy.write_row(values)
-
 
 def _names(columns: Any) -> Any:
     """A quoted, comma-separated identifier list (psycopg composes identifiers; values are always bound)."""
@@ -400,6 +393,18 @@ def _names(columns: Any) -> Any:
     return sql.SQL(", ").join(sql.Identifier(name) for name in columns)
 
 
-def _execute(conn: Connection, statement: Any) -> None:
+def _execute(conn: Connection, statement: Any, params: Any = None) -> None:
     """Run a psycopg-composed statement on the connection's current transaction."""
-    conn.connection.driver_connection.execute(statement)
+    conn.connection.driver_connection.execute(statement, params)
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)  # an array parameter must not mix ints and floats
+
+
+def _is_unique_violation(exc: BaseException) -> bool:
+    return type(exc).__name__ == "UniqueViolation" and type(exc).__module__.startswith("psycopg")

@@ -39,30 +39,32 @@ class EncodedRows:
     rows: list[bytes]
 
 
+_INT4 = struct.Struct(">i").pack
+_FLOAT8 = struct.Struct(">id").pack
+_STEP_HEAD = struct.Struct(">hi").pack  # field count, then the trajectory id's length
+_STEP_INDEX_AND_TEXT = struct.Struct(">iii").pack  # step index (4 bytes), then the observation's length
+_CALL_INDEXES_AND_TEXT = struct.Struct(">iiiiiii").pack  # step, call, model version, then the purpose's length
+_TOKEN_COUNTS = struct.Struct(">iiii").pack
+_TRUE, _FALSE = b"\x00\x00\x00\x01\x01", b"\x00\x00\x00\x01\x00"
+_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(separators=...) builds one per call
+
+
 def _text(value: str | None) -> bytes:
     if value is None:
         return _NULL
     data = value.encode()
-    return struct.pack(">i", len(data)) + data
-
-
-def _bytea(value: bytes) -> bytes:
-    return struct.pack(">i", len(value)) + value
+    return _INT4(len(data)) + data
 
 
 def _jsonb(value: Any) -> bytes:
     if value is None:
         return _NULL
-    data = b"\x01" + json.dumps(value, separators=(",", ":")).encode()
-    return struct.pack(">i", len(data)) + data
-
-
-def _int4(value: int) -> bytes:
-    return b"\x00\x00\x00\x04" + struct.pack(">i", value)
+    data = _json(value).encode()
+    return _INT4(len(data) + 1) + b"\x01" + data  # jsonb binary format: version 1, then the JSON text
 
 
 def _float8(value: float | None) -> bytes:
-    return _NULL if value is None else b"\x00\x00\x00\x08" + struct.pack(">d", value)
+    return _NULL if value is None else _FLOAT8(8, value)
 
 
 def timestamp_field(moment: datetime) -> bytes:
@@ -73,15 +75,17 @@ def timestamp_field(moment: datetime) -> bytes:
 
 def encode_step(r: StepRecord, created: bytes) -> bytes:
     """One `steps` tuple; `created` is `timestamp_field(now)`, shared by a batch."""
+    trajectory_id = r.trajectory_id.encode()
+    observation = r.observation.encode()
     return b"".join(
         (
-            b"\x00\x08",
-            _text(r.trajectory_id),
-            _int4(r.step_index),
-            _text(r.observation),
+            _STEP_HEAD(8, len(trajectory_id)),
+            trajectory_id,
+            _STEP_INDEX_AND_TEXT(4, r.step_index, len(observation)),
+            observation,
             _jsonb(r.action),
-            _float8(float(r.env_reward)),
-            b"\x00\x00\x00\x01\x01" if r.done else b"\x00\x00\x00\x01\x00",
+            _FLOAT8(8, float(r.env_reward)),
+            _TRUE if r.done else _FALSE,
             _text(r.error),
             created,
         )
@@ -90,24 +94,29 @@ def encode_step(r: StepRecord, created: bytes) -> bytes:
 
 def encode_call(r: LlmCallRecord, created: bytes) -> bytes:
     """One `llm_calls` tuple; `created` is `timestamp_field(now)`, shared by a batch."""
+    trajectory_id = r.trajectory_id.encode()
+    purpose = r.purpose.encode()
+    text = r.text.encode()
+    prompt, completion, logprobs = r.prompt_token_ids, r.completion_token_ids, r.completion_logprobs
     return b"".join(
         (
-            b"\x00\x10",
-            _text(r.trajectory_id),
-            _int4(r.step_index),
-            _int4(r.call_index),
-            _int4(r.model_version),
-            _text(r.purpose),
+            _STEP_HEAD(16, len(trajectory_id)),
+            trajectory_id,
+            _CALL_INDEXES_AND_TEXT(4, r.step_index, 4, r.call_index, 4, r.model_version, len(purpose)),
+            purpose,
             _jsonb(r.messages),
-            _bytea(r.prompt_token_ids),
-            _bytea(r.completion_token_ids),
-            _bytea(r.completion_logprobs),
-            _text(r.text),
+            _INT4(len(prompt)),
+            prompt,
+            _INT4(len(completion)),
+            completion,
+            _INT4(len(logprobs)),
+            logprobs,
+            _INT4(len(text)),
+            text,
             _text(r.finish_reason),
             _jsonb(r.sampling_params),
             _float8(r.latency_ms),
-            _int4(len(r.prompt_token_ids) // 4),
-            _int4(len(r.completion_token_ids) // 4),
+            _TOKEN_COUNTS(4, len(prompt) // 4, 4, len(completion) // 4),
             created,
         )
     )

@@ -11,7 +11,7 @@ import pytest
 import ray
 import sqlalchemy as sa
 
-from recorder.actor import RecorderBusy, RecorderRejected, start_recorder, stop_recorder
+from recorder.actor import Recorder, RecorderBusy, RecorderRejected, start_recorder, stop_recorder
 from recorder.client import RecorderClient, RecorderUnreachable
 from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import SchemaOutOfDate, upgrade
@@ -81,6 +81,7 @@ def test_recorder_killed_mid_stream_loses_and_duplicates_nothing(ray_session, db
     _assert_exactly_once(db_url, acknowledged)
     stats = ray.get(recorder.stats.remote(), timeout=30)  # the restarted actor serves
     assert stats["calls"] > 0 and stats["pending_records"] == 0
+    assert stats["writer_connections"] == (2 if db_url.startswith("postgresql") else 1)  # producers in parallel
     stop_recorder(recorder)
 
 
@@ -158,6 +159,22 @@ def test_a_full_buffer_makes_callers_wait_then_fail_busy(ray_session, postgres):
         lock.rollback()
     assert ray.get(first, timeout=30).written == 60
     stop_recorder(recorder)
+
+
+def test_each_producer_keeps_to_one_writer_connection_and_producers_are_spread(ray_session, postgres, tmp_path):
+    url = postgres.create_database(f"lanes_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    recorder = Recorder(DatabaseConfig(url=url), _settings(writer_connections=2))
+    lanes = [recorder._lane(source) for source in ("a", "b", "a", "c", "b", "d", None)]
+    assert lanes[0] is lanes[2] and lanes[1] is lanes[4]  # a producer's calls are committed in order
+    assert lanes[0] is not lanes[1] and lanes[3] is not lanes[5]  # producers are spread over the connections
+    assert lanes[6] is recorder._lanes[0]
+    sqlite_url = f"sqlite:///{tmp_path / 'lanes.db'}"
+    upgrade(sqlite_url)
+    on_sqlite = Recorder(DatabaseConfig(url=sqlite_url), _settings(writer_connections=4))
+    assert len(on_sqlite._lanes) == 1  # SQLite has a single writer
+    for lane in recorder._lanes + on_sqlite._lanes:
+        lane.store.dispose()
 
 
 def test_the_recorder_refuses_a_stale_schema(ray_session, postgres):
