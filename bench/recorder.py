@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=4)
     parser.add_argument("--flush-every", type=int, default=2000, help="records a producer hands over per flush")
     parser.add_argument("--max-call-bytes", type=int, default=RecorderConfig().max_call_bytes)
+    parser.add_argument("--writers", type=int, default=RecorderConfig().writer_connections, help="writer connections")
     args = parser.parse_args()
 
     server = None
@@ -251,7 +252,9 @@ def main() -> None:
 
         init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
         url = fresh_db("pipeline")
-        settings = RecorderConfig(actor_name="bench-recorder", max_call_bytes=args.max_call_bytes)
+        settings = RecorderConfig(
+            actor_name="bench-recorder", max_call_bytes=args.max_call_bytes, writer_connections=args.writers
+        )
         recorder = start_recorder(DatabaseConfig(url=url), settings)
         producers = [Producer.remote(p, per_producer, settings) for p in range(args.producers)]
         ray.get([p.__ray_ready__.remote() for p in producers], timeout=300)
@@ -276,6 +279,7 @@ def main() -> None:
         summary = {
             "db": args.db,
             "max_call_bytes": args.max_call_bytes,
+            "writer_connections": args.writers,
             "steps": expected_steps,
             "bytes_per_step": round(bytes_per_step),
             "steps_per_s": round(expected_steps / elapsed, 1),
