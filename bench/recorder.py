@@ -9,9 +9,10 @@ about 2 KB). `ratio` = pipeline rows/s / baseline rows/s (target >= 0.8). Prints
 JSON as the last line.
 
 Where the time goes, measured in the same run: `cpu_s` is the CPU time each part used while the pipeline ran
-(database server, recorder actor, producers, the rest), `cpu_floor_s` that total spread over all cores (no
-run can be faster), and `transport_only_s` the same producers sending the same calls to an actor that only
-acknowledges them (Ray alone, no database).
+(database server, recorder actor, producers, the rest), `baseline_db_cpu_s` the server's CPU for the raw
+load, `cpu_floor_s` the pipeline's total spread over all cores (no run can be faster), and
+`transport_only_s` the same producers sending the same calls to an actor that only acknowledges them (Ray
+alone, no database).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def baseline_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     return tables
 
 
-def copy_postgres(url: str, tables: dict[str, list[dict[str, Any]]]) -> float:
+def copy_postgres(url: str, tables: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
+    """Seconds the raw COPY took, and the CPU seconds its server process used meanwhile."""
     import psycopg
     from psycopg.types.json import Jsonb
 
@@ -143,6 +145,8 @@ def copy_postgres(url: str, tables: dict[str, list[dict[str, Any]]]) -> float:
         for table, rows in tables.items():  # binary COPY needs the column types: the fastest raw load
             described = conn.execute(f"SELECT {', '.join(rows[0])} FROM {table} LIMIT 0").description
             oids[table] = [column.type_code for column in described]
+        server = psutil.Process(conn.info.backend_pid)
+        cpu_before = sum(server.cpu_times()[:2])
         started = time.perf_counter()
         with conn.cursor() as cursor:
             for table, rows in tables.items():
@@ -152,13 +156,15 @@ def copy_postgres(url: str, tables: dict[str, list[dict[str, Any]]]) -> float:
                     for row in rows:
                         copy.write_row([Jsonb(v) if isinstance(v, dict | list) else v for v in row.values()])
         conn.commit()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, sum(server.cpu_times()[:2]) - cpu_before
 
 
-def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> float:
+def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
+    """Seconds the raw insert took, and the CPU seconds it used (SQLite runs in this process)."""
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    cpu_before = time.process_time()
     started = time.perf_counter()
     with conn:
         for table, rows in tables.items():
@@ -168,9 +174,9 @@ def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> float:
                 f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
                 [[json.dumps(v) if isinstance(v, dict | list) else v for v in row.values()] for row in rows],
             )
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_before
     conn.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -243,9 +249,12 @@ def main() -> None:
         bytes_per_step = (call_bytes
             + sum(len(r["observation"]) + 60 for r in rows["steps"])) / len(rows["steps"])  # fmt: skip
 
+        baseline_db_cpu: list[float] = []
+
         def baseline() -> float:
             url = fresh_db("baseline")
-            seconds = copy_postgres(url, rows) if server else insert_sqlite(url.removeprefix("sqlite:///"), rows)
+            seconds, cpu = copy_postgres(url, rows) if server else insert_sqlite(url.removeprefix("sqlite:///"), rows)
+            baseline_db_cpu.append(cpu)
             return total_rows / seconds
 
         baseline_before = baseline()
@@ -279,7 +288,6 @@ def main() -> None:
         summary = {
             "db": args.db,
             "max_call_bytes": args.max_call_bytes,
-            "writer_connections": args.writers,
             "steps": expected_steps,
             "bytes_per_step": round(bytes_per_step),
             "steps_per_s": round(expected_steps / elapsed, 1),
@@ -291,10 +299,12 @@ def main() -> None:
             "duplicated": total - distinct,
             "acknowledged_records": sum(r["acknowledged"] for r in results),
             "retries": sum(r["retries"] for r in results),
+            "writer_connections": stats["writer_connections"],
             "transactions": stats["transactions"],
             "elapsed_s": round(elapsed, 2),
             "db_write_s": stats["write_s"],
             "cpu_s": cpu,
+            "baseline_db_cpu_s": round(sum(baseline_db_cpu) / len(baseline_db_cpu), 2),
             "cpu_floor_s": round(sum(cpu.values()) / (os.cpu_count() or 1), 2),
             "transport_only_s": round(transport_only_s, 2),
         }

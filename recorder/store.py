@@ -232,13 +232,39 @@ class TrajectoryStore:
                 for table, rows in (
                     (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
                     (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
-                    (RewardJudgment.__table__, [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]),
                 ):
                     if rows:
-                        conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
+                        self._insert_or_ignore(conn, table, rows)
+                judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+                if judgments:
+                    conn.execute(sqlite.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
         for trajectory_id in new_ids:
             self._remember(trajectory_id)
         return len(batch.records) + sum(len(rows) for rows in batch.encoded.values())
+
+    def _insert_or_ignore(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """SQLite bulk rows through the driver's executemany, each value converted by its column type's own
+        SQLAlchemy bind processor (what an ORM insert would store), without SQLAlchemy's per-row work."""
+        columns = list(rows[0])
+        dialect = self.engine.dialect
+        processors = [
+            (position, processor)
+            for position, name in enumerate(columns)
+            if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        values = []
+        for row in rows:
+            converted = list(row.values())
+            for position, processor in processors:
+                converted[position] = processor(converted[position])
+            values.append(converted)
+        names = ", ".join(f'"{name}"' for name in columns)
+        marks = ", ".join("?" for _ in columns)
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.executemany(f'INSERT OR IGNORE INTO "{table.name}" ({names}) VALUES ({marks})', values)
+        finally:
+            cursor.close()
 
     def _remember(self, trajectory_id: str) -> None:
         self._known_ids[trajectory_id] = None
