@@ -39,14 +39,14 @@ _TRAJECTORY_TYPES = {
 
 
 def _trajectory_upsert() -> str:
-    """One statement, one round trip for any number of trajectories: each column travels as an array (JSON
-    as text). A start on an existing id changes nothing; an end fills in the outcome."""
+    """One statement, one round trip for any number of trajectories, passed as one JSON array of rows (a JSON
+    text is encoded in C; per-column array parameters cost psycopg a Python loop per value). A start on an
+    existing id changes nothing; an end fills in the outcome."""
     names = ", ".join(f'"{name}"' for name in _TRAJECTORY_TYPES)
-    values = ", ".join(f'"{name}"' + ("::jsonb" if kind == "jsonb" else "") for name, kind in _TRAJECTORY_TYPES.items())
-    arrays = ", ".join(f"%s::{'text' if kind == 'jsonb' else kind}[]" for kind in _TRAJECTORY_TYPES.values())
+    typed = ", ".join(f'"{name}" {kind}' for name, kind in _TRAJECTORY_TYPES.items())
     updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in _OUTCOME_COLUMNS)
     return (
-        f"INSERT INTO trajectories ({names}) SELECT {values} FROM unnest({arrays}) AS u({names}) "
+        f"INSERT INTO trajectories ({names}) SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({typed}) "
         f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
     )
 
@@ -309,12 +309,7 @@ class TrajectoryStore:
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
         if self.dialect == "postgresql":
-            convert = {"jsonb": _json_text, "float8": _float_or_none}
-            columns = [
-                [convert[kind](row[name]) for row in rows] if kind in convert else [row[name] for row in rows]
-                for name, kind in _TRAJECTORY_TYPES.items()
-            ]
-            _execute(conn, _TRAJECTORY_UPSERT, columns)
+            _execute(conn, _TRAJECTORY_UPSERT, [json.dumps(rows, separators=(",", ":"), default=_isoformat)])
             return
         insert = sqlite.insert(table)
         updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
@@ -424,12 +419,10 @@ def _execute(conn: Connection, statement: Any, params: Any = None) -> None:
     conn.connection.driver_connection.execute(statement, params)
 
 
-def _json_text(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def _float_or_none(value: float | None) -> float | None:
-    return None if value is None else float(value)  # an array parameter must not mix ints and floats
+def _isoformat(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _is_unique_violation(exc: BaseException) -> bool:
