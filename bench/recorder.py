@@ -90,7 +90,7 @@ class NullRecorder:
         return "pg-binary"
 
     async def write(self, payload: list[Record | EncodedRows], source: str | None = None) -> WriteResult:
-        return WriteResult(written=sum(len(item.keys) if isinstance(item, EncodedRows) else 1 for item in payload))
+        return WriteResult(written=sum(len(item) if isinstance(item, EncodedRows) else 1 for item in payload))
 
 
 @ray.remote(num_cpus=0)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _width(items: list[Record | EncodedRows]) -> int:
     """Positions a payload spans: one per record, one per row of an encoded block."""
-    return sum(len(item.keys) if isinstance(item, EncodedRows) else 1 for item in items)
+    return sum(len(item) if isinstance(item, EncodedRows) else 1 for item in items)
 
 
 class RecorderUnavailable(RuntimeError):

@@ -27,7 +27,7 @@ from recorder.config import RecorderConfig
 from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord, record_size, validate_many
 from recorder.schema import utcnow
 from recorder.store import WriteResult
-from recorder.wire import EncodedRows, encode
+from recorder.wire import EncodedRows, encode, encoded_keys
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class RecorderClient:
             else:
                 plain.append(record)
         blocks = encode(bulk, utcnow())
-        keys = [r.key for r in plain] + [key for block in blocks for key in block.keys]
+        keys = [r.key for r in plain] + encoded_keys(bulk)
         return _Call(records, plain + blocks, keys, len(starts), rejected)
 
     @staticmethod

@@ -263,6 +263,7 @@ def _validate_call(r: LlmCallRecord) -> str | None:
         and type(r.completion_token_ids) is bytes
         and type(r.completion_logprobs) is bytes
         and r.prompt_token_ids
+        and r.completion_token_ids
         and not len(r.prompt_token_ids) % 4
         and not len(r.completion_token_ids) % 4
         and len(r.completion_token_ids) == len(r.completion_logprobs)
@@ -287,6 +288,8 @@ def _validate_call(r: LlmCallRecord) -> str | None:
             return f"{name} must be packed 4-byte values (use LlmCallRecord.from_tokens)"
     if not r.prompt_token_ids:
         return "prompt_token_ids is empty"
+    if not r.completion_token_ids:
+        return "completion_token_ids is empty: a recorded LLM call produced at least one token"
     if len(r.completion_token_ids) != len(r.completion_logprobs):
         return (
             f"completion_logprobs has {len(r.completion_logprobs) // 4} values for "

@@ -89,7 +89,8 @@ class _Batch:
     """One write, sorted out: valid records and encoded rows with their positions, and the rejected ones."""
 
     records: list[tuple[int, Record]] = field(default_factory=list)
-    encoded: dict[str, list[tuple[int, tuple[Any, ...], bytes]]] = field(default_factory=dict)
+    encoded: list[tuple[int, EncodedRows]] = field(default_factory=list)
+    """Blocks of COPY rows with the position of their first row."""
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
     def drop_unknown(self, unknown: set[str]) -> None:
@@ -103,9 +104,20 @@ class _Batch:
             else:
                 kept.append((position, record))
         self.records = kept
-        for table, rows in self.encoded.items():
-            self.rejected += [(position, problem(key[1])) for position, key, _ in rows if key[1] in unknown]
-            self.encoded[table] = [row for row in rows if row[1][1] not in unknown]
+        blocks: list[tuple[int, EncodedRows]] = []
+        for start, block in self.encoded:
+            if unknown.isdisjoint(block.trajectory_ids):
+                blocks.append((start, block))
+                continue
+            ids, rows = [], []
+            for offset, (trajectory_id, row) in enumerate(zip(block.trajectory_ids, block.rows(), strict=True)):
+                if trajectory_id in unknown:
+                    self.rejected.append((start + offset, problem(trajectory_id)))
+                else:
+                    ids.append(trajectory_id)
+                    rows.append(row)
+            blocks.append((start, EncodedRows.of_rows(block.table, ids, rows)))
+        self.encoded = blocks
 
 
 def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[TrajectoryRecord]:
@@ -155,12 +167,11 @@ class TrajectoryStore:
         for item in items:
             if isinstance(item, EncodedRows):
                 problem = self._check_block(item)
-                for offset, key in enumerate(item.keys):
-                    if problem:
-                        batch.rejected.append((position + offset, problem))
-                    else:
-                        batch.encoded.setdefault(item.table, []).append((position + offset, key, item.rows[offset]))
-                position += len(item.keys)
+                if problem:
+                    batch.rejected += [(position + offset, problem) for offset in range(len(item))]
+                else:
+                    batch.encoded.append((position, item))
+                position += len(item)
                 continue
             problem = next(problems)
             if problem:
@@ -190,10 +201,14 @@ class TrajectoryStore:
             return "EncodedRows are PostgreSQL COPY rows; send record objects to a SQLite recorder"
         if block.table not in ("steps", "llm_calls"):
             return f"EncodedRows.table must be steps or llm_calls, got {block.table!r}"
-        if len(block.keys) != len(block.rows) or not all(isinstance(row, bytes) for row in block.rows):
-            return "EncodedRows needs one bytes row per key"
-        if not all(isinstance(key, tuple) and len(key) >= 3 and isinstance(key[1], str) for key in block.keys):
-            return "EncodedRows keys must be (kind, trajectory_id, step_index, ...) tuples"
+        if not isinstance(block.data, bytes) or not isinstance(block.trajectory_ids, list):
+            return "EncodedRows needs data as bytes and a list of trajectory ids"
+        if not isinstance(block.sizes, list) or not all(type(size) is int and size > 0 for size in block.sizes):
+            return "EncodedRows sizes must be a list of positive integers"
+        if len(block.trajectory_ids) != len(block.sizes) or sum(block.sizes) != len(block.data):
+            return "EncodedRows needs one trajectory id and one size per row, and sizes that add up to the data"
+        if not all(isinstance(trajectory_id, str) for trajectory_id in set(block.trajectory_ids)):
+            return "EncodedRows trajectory ids must be strings"
         return None
 
     def _write_batch(self, conn: Connection, batch: _Batch, resent: bool) -> int:
@@ -206,7 +221,8 @@ class TrajectoryStore:
         with conn.begin():
             new_ids = {r.id for _, r in batch.records if isinstance(r, TrajectoryRecord)}
             referenced = {r.trajectory_id for _, r in batch.records if not isinstance(r, TrajectoryRecord)}
-            referenced |= {key[1] for rows in batch.encoded.values() for _, key, _ in rows}
+            for _, block in batch.encoded:
+                referenced.update(block.trajectory_ids)
             unknown = self._unknown_trajectories(conn, referenced - new_ids)
             if unknown:
                 batch.drop_unknown(unknown)
@@ -221,9 +237,11 @@ class TrajectoryStore:
             trajectories = [r for r in trajectories if r.status != "running" or r.id not in self._known_ids]
             self._write_trajectories(conn, trajectories, now)
             if self.dialect == "postgresql":
-                encoded = {table: [row for _, _, row in rows] for table, rows in batch.encoded.items()}
-                for block in encode(by_type[StepRecord] + by_type[LlmCallRecord], now):
-                    encoded.setdefault(block.table, []).extend(block.rows)
+                encoded: dict[str, list[bytes]] = {}
+                for block in [block for _, block in batch.encoded] + encode(
+                    by_type[StepRecord] + by_type[LlmCallRecord], now
+                ):
+                    encoded.setdefault(block.table, []).append(block.data)
                 self._copy_bulk(conn, encoded, resent)
                 judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
                 if judgments:
@@ -240,7 +258,7 @@ class TrajectoryStore:
                     conn.execute(sqlite.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
         for trajectory_id in new_ids:
             self._remember(trajectory_id)
-        return len(batch.records) + sum(len(rows) for rows in batch.encoded.values())
+        return len(batch.records) + sum(len(block) for _, block in batch.encoded)
 
     def _insert_or_ignore(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """SQLite bulk rows through the driver's executemany, each value converted by its column type's own
@@ -371,6 +389,7 @@ class TrajectoryStore:
         }
 
     def _copy_bulk(self, conn: Connection, encoded: dict[str, list[bytes]], resent: bool) -> None:
+        """COPY each table's rows (chunks of concatenated COPY tuples)."""
         from psycopg import sql
 
         for table, rows in encoded.items():

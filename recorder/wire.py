@@ -1,8 +1,9 @@
 """PostgreSQL binary COPY rows for the bulk tables, encoded wherever it is cheapest (usually the producer).
 
 Producers talking to a PostgreSQL-backed recorder send steps and LLM calls as `EncodedRows`: one
-binary COPY tuple per record, built from a record that already passed `validate`. The recorder then streams
-them into the table without touching each value again. The same encoder serves records that arrive as
+binary COPY tuple per record, built from a record that already passed `validate`, laid end to end in one
+bytes object (one object to pickle, not one per row). The recorder then streams them into the table
+without touching each row again. The same encoder serves records that arrive as
 objects. Column order is fixed here and checked against the schema by the tests.
 """
 
@@ -31,12 +32,30 @@ CALL_COLUMNS = (
 
 @dataclass(slots=True)
 class EncodedRows:
-    """Rows of one bulk table as binary COPY tuples, with the natural key of each row."""
+    """Rows of one bulk table as binary COPY tuples, back to back, with each row's trajectory id and size."""
 
     table: str
-    keys: list[tuple[Any, ...]]
-    """("step", trajectory_id, step_index) or ("llm_call", trajectory_id, step_index, call_index), per row."""
-    rows: list[bytes]
+    trajectory_ids: list[str]
+    """The trajectory each row belongs to (the recorder checks that it exists)."""
+    data: bytes
+    """The COPY tuples, concatenated (no header or trailer)."""
+    sizes: list[int]
+    """Length in bytes of each row in `data`."""
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def rows(self) -> list[bytes]:
+        """Each row's tuple, split out of `data` (needed only when some rows are dropped)."""
+        rows, start = [], 0
+        for size in self.sizes:
+            rows.append(self.data[start : start + size])
+            start += size
+        return rows
+
+    @classmethod
+    def of_rows(cls, table: str, trajectory_ids: list[str], rows: list[bytes]) -> EncodedRows:
+        return cls(table, trajectory_ids, b"".join(rows), [len(row) for row in rows])
 
 
 _INT4 = struct.Struct(">i").pack
@@ -123,15 +142,25 @@ def encode_call(r: LlmCallRecord, created: bytes) -> bytes:
 
 
 def encode(records: list[StepRecord | LlmCallRecord], now: datetime) -> list[EncodedRows]:
-    """Encode valid steps and calls into at most two blocks (steps, llm_calls), keeping their order."""
+    """Encode valid steps and calls into at most two blocks: the steps, then the LLM calls, each in the
+    order given (`encoded_keys` lists the records' keys in the same order)."""
     created = timestamp_field(now)
-    steps = EncodedRows("steps", [], [])
-    calls = EncodedRows("llm_calls", [], [])
+    step_ids: list[str] = []
+    step_rows: list[bytes] = []
+    call_ids: list[str] = []
+    call_rows: list[bytes] = []
     for record in records:
         if isinstance(record, StepRecord):
-            steps.keys.append(record.key)
-            steps.rows.append(encode_step(record, created))
+            step_ids.append(record.trajectory_id)
+            step_rows.append(encode_step(record, created))
         else:
-            calls.keys.append(record.key)
-            calls.rows.append(encode_call(record, created))
-    return [block for block in (steps, calls) if block.rows]
+            call_ids.append(record.trajectory_id)
+            call_rows.append(encode_call(record, created))
+    blocks = [EncodedRows.of_rows("steps", step_ids, step_rows), EncodedRows.of_rows("llm_calls", call_ids, call_rows)]
+    return [block for block in blocks if len(block)]
+
+
+def encoded_keys(records: list[StepRecord | LlmCallRecord]) -> list[tuple[Any, ...]]:
+    """The keys of `records` in the order `encode` lays out their rows."""
+    steps = [record.key for record in records if isinstance(record, StepRecord)]
+    return steps + [record.key for record in records if not isinstance(record, StepRecord)]

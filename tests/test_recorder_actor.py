@@ -191,7 +191,7 @@ def test_one_calls_bad_data_does_not_fail_the_calls_merged_with_it(ray_session, 
     client = RecorderClient(settings)
     client.add(trajectory("t1"))
     client.flush()
-    poison = EncodedRows("steps", [("step", "t1", 99)], [b"\x00\x08not a COPY tuple"])
+    poison = EncodedRows.of_rows("steps", ["t1"], [b"\x00\x08not a COPY tuple"])
     with psycopg.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname=url.rsplit("/", 1)[1]) as lock:
         lock.execute("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
         first = recorder.write.remote(encode([step("t1", 0)], utcnow()))

@@ -89,6 +89,7 @@ BAD_RECORDS = [
         "completion_logprobs has 2 values for 3",
     ),
     (LlmCallRecord.from_tokens("t1", 0, 2, 0, [], [3], [-0.1]), "prompt_token_ids is empty"),
+    (LlmCallRecord.from_tokens("t1", 0, 6, 0, [1], [], []), "completion_token_ids is empty"),
     (LlmCallRecord.from_tokens("t1", 0, 3, 0, [1], [3], [math.nan]), "completion_logprobs must be finite"),
     (LlmCallRecord.from_tokens("t1", 0, 4, 0, [1], [3], [-0.1], purpose=None), "purpose must be a string"),
     (LlmCallRecord.from_tokens("t1", 0, 5, 0, [1], [3], [-0.1], finish_reason="x" * 17), "finish_reason must be"),

@@ -79,10 +79,12 @@ def test_encoded_rows_of_unknown_trajectories_are_rejected_by_position(pg_store)
 
 
 def test_malformed_blocks_are_rejected_whole(pg_store, tmp_path):
-    bad = EncodedRows("steps", [("step", "t1", 0), ("step", "t1", 1)], [b"only one row"])
+    bad = EncodedRows("steps", ["t1", "t1"], b"only one row", [12, 1])
     result = pg_store.write([trajectory("t1"), bad])
     assert result.written == 1 and [p for p, _ in result.rejected] == [1, 2]
-    assert "one bytes row per key" in result.rejected[0][1]
+    assert "sizes that add up to the data" in result.rejected[0][1]
+    bad_sizes = EncodedRows("steps", ["t1"], b"row", ["3"])
+    assert "sizes must be a list of positive integers" in pg_store.write([bad_sizes]).rejected[0][1]
     sqlite_url = f"sqlite:///{tmp_path / 's.db'}"
     upgrade(sqlite_url)
     sqlite_store = TrajectoryStore(sqlite_url)
