@@ -360,7 +360,7 @@ def validate_many(records: Sequence[object]) -> list[str | None]:
     problems = [_validate_fields(record) for record in records]
     calls = [r for r, p in zip(records, problems, strict=True) if p is None and isinstance(r, LlmCallRecord)]
     if calls:
-        tokens = unpack_tokens(b"".join(r.prompt_token_ids + r.completion_token_ids for r in calls))
+        tokens = unpack_tokens(b"".join(blob for r in calls for blob in (r.prompt_token_ids, r.completion_token_ids)))
         logprobs = unpack_logprobs(b"".join(r.completion_logprobs for r in calls))
         clean = (tokens.size == 0 or tokens.min() >= 0) and np.isfinite(logprobs).all() and not (logprobs > 1e-3).any()
         if not clean:  # rare: find the culprits one by one
