@@ -79,10 +79,11 @@ class RecorderConfig(BaseModel):
     buffer_wait_s: float = Field(10.0, ge=0)
     """How long a call waits for buffer space before failing (the producer then retries later)."""
 
-    max_call_bytes: int = Field(1_000_000, ge=1_000)
+    max_call_bytes: int = Field(4_000_000, ge=1_000)
     """Producers keep each call under this many bytes (one record larger than this travels alone). Arguments
-    over 100 KiB go through Ray's object store; on Ray 2.60 that is cheaper per byte, not dearer: 1 MB calls
-    cost a quarter of the CPU per record that 100 KB calls do (bench/recorder.py, `transport_only_s`)."""
+    over 100 KiB go through Ray's object store; on Ray 2.60 that is cheaper per record, not dearer: the CPU
+    Ray spends per record falls as calls grow (bench/recorder.py: ratio 0.78 at 1 MB, 0.83 at 2 MB, 0.87 at
+    4 MB). A client has at most 8 calls in flight, so this also bounds what it holds in the object store."""
 
     writer_connections: int = Field(2, ge=1, le=16)
     """Database connections the recorder writes through side by side (PostgreSQL; SQLite always uses one).
