@@ -86,8 +86,11 @@ def make_records(producer: int, steps: int) -> list[Record]:
 class NullRecorder:
     """Acknowledges every call without storing anything: what the producers and Ray cost on their own."""
 
+    def __init__(self, wire: str) -> None:
+        self.wire = wire  # the payload the real recorder asked for, so producers encode the same way
+
     async def wire_format(self) -> str:
-        return "pg-binary"
+        return self.wire
 
     async def write(self, payload: list[Record | EncodedRows], source: str | None = None) -> WriteResult:
         return WriteResult(written=sum(len(item) if isinstance(item, EncodedRows) else 1 for item in payload))
@@ -274,7 +277,7 @@ def main() -> None:
         cpu = cpu_by_part(cpu_before, cpu_seconds())
         stats = stop_recorder(recorder)
 
-        null = NullRecorder.options(max_concurrency=1000).remote()
+        null = NullRecorder.options(max_concurrency=1000).remote("pg-binary" if server else "records")
         ray.get(null.wire_format.remote(), timeout=300)  # started, like the recorder above
         started = time.perf_counter()
         ray.get([p.run.remote(args.flush_every, null) for p in producers], timeout=1800)

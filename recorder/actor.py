@@ -94,14 +94,12 @@ class _Lane:
     pending: list[_Call] = field(default_factory=list)
     writer: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     sources: int = 0
     """Producers assigned to this lane."""
 
-
-def _set(event: asyncio.Event) -> asyncio.Event:
-    event.set()
-    return event
+    def __post_init__(self) -> None:
+        self.idle.set()  # nothing queued yet
 
 
 class Recorder:

@@ -1,9 +1,10 @@
 """The database side of the recorder: validate, then write a batch of records in one transaction.
 
 Writes are idempotent on natural keys (trajectory id; trajectory + step; trajectory + step + call;
-trajectory + judge), so a producer may resend anything it was not sure about. On PostgreSQL the bulk
-tables go through COPY into a temporary staging table and one INSERT ... ON CONFLICT DO NOTHING; on
-SQLite through executemany with INSERT OR IGNORE.
+trajectory + judge), so a producer may resend anything it was not sure about. On PostgreSQL steps and
+LLM calls are COPYed straight into their tables; a resend that hits an existing key rolls the transaction
+back, and it is written again through staging tables with INSERT ... ON CONFLICT DO NOTHING. On SQLite
+they go through executemany with INSERT OR IGNORE.
 """
 
 from __future__ import annotations
@@ -237,10 +238,10 @@ class TrajectoryStore:
             trajectories = [r for r in trajectories if r.status != "running" or r.id not in self._known_ids]
             self._write_trajectories(conn, trajectories, now)
             if self.dialect == "postgresql":
+                blocks = [block for _, block in batch.encoded]
+                blocks += encode(by_type[StepRecord] + by_type[LlmCallRecord], now)  # records sent as objects
                 encoded: dict[str, list[bytes]] = {}
-                for block in [block for _, block in batch.encoded] + encode(
-                    by_type[StepRecord] + by_type[LlmCallRecord], now
-                ):
+                for block in blocks:
                     encoded.setdefault(block.table, []).append(block.data)
                 self._copy_bulk(conn, encoded, resent)
                 judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]

@@ -151,19 +151,15 @@ def assert_groups_stored_exactly_once(system: System, groups: list[dict[str, Any
         rows = conn.execute(
             sa.select(Trajectory.id, Trajectory.status, Trajectory.step_count).where(Trajectory.id.in_(ids))
         ).all()
-        steps = dict(
-            conn.execute(
-                sa.select(Step.trajectory_id, sa.func.count())
-                .where(Step.trajectory_id.in_(ids))
-                .group_by(Step.trajectory_id)
-            ).all()
-        )
-        calls = dict(
-            conn.execute(
-                sa.select(LlmCall.trajectory_id, sa.func.count())
-                .where(LlmCall.trajectory_id.in_(ids))
-                .group_by(LlmCall.trajectory_id)
-            ).all()
+        steps, calls = (
+            dict(
+                conn.execute(
+                    sa.select(table.trajectory_id, sa.func.count())
+                    .where(table.trajectory_id.in_(ids))
+                    .group_by(table.trajectory_id)
+                ).all()
+            )
+            for table in (Step, LlmCall)
         )
         scenarios = [f"{system.config.rollout.env}:{s}" for s in seeds]
         unfinished = conn.execute(
