@@ -54,7 +54,7 @@ class ZigguratSide:
         from trainer.config import LoraConfig, TrainerConfig
         from trainer.data import TrainingTensors
         from trainer.model import build_policy
-        from trainer.step import policy_logprobs
+        from trainer.step import policy_logprobs, single_worker_scale
 
         self.config = TrainerConfig(
             mode="lora", lora=LoraConfig(rank=8, alpha=16.0, target_modules=TARGETS), learning_rate=lr,
@@ -71,20 +71,21 @@ class ZigguratSide:
             attention_mask=torch.ones_like(input_ids),
             loss_mask=loss_mask,
             behaviour_logprobs=torch.zeros_like(loss_mask),
+            temperatures=torch.ones_like(loss_mask),  # TRL's side samples and scores at temperature 1
             advantages=data["advantages"].float(),
             model_versions=torch.zeros(input_ids.shape[0], dtype=torch.long),
             group_index=torch.zeros(input_ids.shape[0], dtype=torch.long),  # not used by the update
         )
         self.old = policy_logprobs(self.model, self.batch, micro)  # on-policy: old = behaviour = current policy
         self.batch.behaviour_logprobs = self.old.clone()
-        self.tokens = float(loss_mask.sum())
+        self.scale = single_worker_scale(self.batch, self.config)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
 
     def step(self) -> float:
         from trainer.step import grpo_update
 
         started = time.perf_counter()
-        grpo_update(self.model, self.optimizer, self.batch, self.old, self.config, self.tokens)
+        grpo_update(self.model, self.optimizer, self.batch, self.old, self.config, self.scale)
         return time.perf_counter() - started
 
 

@@ -64,6 +64,10 @@ class EngineConfig(BaseModel):
     start_timeout_s: float = Field(300.0, gt=0)
     """Deadline for the engine to start and for every call into it made through `EngineThread`."""
 
+    swap_timeout_s: float = Field(300.0, gt=0)
+    """Deadline for vLLM to reload full weights in place (a full or merged version); past it the swap fails
+    and the engine refuses requests, since its weights may be half replaced: restart its rollout actor."""
+
 
 class JudgeConfig(BaseModel):
     """How finished groups are scored (the `judge:` section). Every judgment is a reward_judgments row."""
@@ -90,6 +94,10 @@ class JudgeConfig(BaseModel):
 
     max_transcript_chars: int = Field(1200, ge=100)
     """Each trajectory's transcript is cut to this many characters in the judge's prompt."""
+
+    timeout_s: float = Field(120.0, gt=0)
+    """Deadline for one judge generation; past it the group falls back to the env reward and the judgment
+    says so (a slow judge never holds a group, or the rollout actor, hostage)."""
 
     @model_validator(mode="after")
     def _weights_name_judges(self) -> JudgeConfig:
@@ -140,8 +148,29 @@ class RolloutConfig(BaseModel):
     max_tokens: int = Field(64, ge=1)
     """Completion length limit per LLM call."""
 
-    temperature: float = Field(1.0, ge=0)
-    """Sampling temperature for training episodes."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature for training episodes (> 0: greedy decoding gives a group nothing to compare).
+    Recorded on every LLM call; the trainer divides its logits by it."""
+
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling for training episodes. Only 1.0 is accepted: the trainer scores tokens under the whole
+    softmax, so truncated sampling would make every importance ratio wrong."""
+
+    top_k: int = -1
+    """Top-k sampling for training episodes. Only -1 (off) is accepted, for the same reason as `top_p`."""
+
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Min-p sampling for training episodes. Only 0.0 (off) is accepted, for the same reason as `top_p`."""
+
+    repetition_penalty: float = Field(1.0, gt=0)
+    """Only 1.0 (off) is accepted: a penalty changes the sampling distribution in ways the trainer cannot
+    reproduce from the recorded tokens."""
+
+    presence_penalty: float = 0.0
+    """Only 0.0 (off) is accepted, for the same reason as `repetition_penalty`."""
+
+    frequency_penalty: float = 0.0
+    """Only 0.0 (off) is accepted, for the same reason as `repetition_penalty`."""
 
     episode_timeout_s: float = Field(300.0, gt=0)
     """Deadline per episode; a late one is recorded as aborted."""
@@ -180,6 +209,23 @@ class RolloutConfig(BaseModel):
             make_env(self.env, **self.env_settings)
         except (KeyError, ValueError) as exc:
             raise ValueError(str(exc).strip("\"'")) from None
+        return self
+
+    @model_validator(mode="after")
+    def _sampling_the_trainer_can_reproduce(self) -> RolloutConfig:
+        neutral = {
+            "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+        }  # fmt: skip
+        changed = {key: getattr(self, key) for key, value in neutral.items() if getattr(self, key) != value}
+        if changed:
+            settings = ", ".join(f"rollout.{key}: {value}" for key, value in changed.items())
+            raise ValueError(
+                f"{settings}: the trainer scores recorded tokens under the full softmax at the recorded temperature "
+                "and cannot reproduce truncated or penalised sampling, so its importance ratios would be wrong. "
+                f"Remove the key(s) or set {', '.join(f'{k}: {neutral[k]}' for k in changed)}; tune exploration "
+                "with rollout.temperature"
+            )
         return self
 
     @model_validator(mode="after")

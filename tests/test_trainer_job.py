@@ -96,6 +96,29 @@ def _merged_weights_serve_like_the_adapter(tiny_engine, base: str, artifact: Pat
     assert np.allclose(merged.completions[0].logprobs, adapter.logprobs, atol=2e-3)
 
 
+def _checkpoints_keep_the_pre_batch_logprobs(engine, batch_id: int, base: str, tmp_path: Path) -> None:
+    """Every checkpoint holds each worker's log-probs of its rows under the policy before the batch (here the
+    base model: a fresh adapter starts at zero), so a worker restarted at update k anchors its ratios there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import build_rows, collate, shard_groups
+    from trainer.loop import STATE_FILE
+    from trainer.step import token_logprobs
+
+    (first,) = (tmp_path / "store" / "ray_runs").glob("*/checkpoint_000000")
+    saved = torch.load(first / STATE_FILE, weights_only=False)["old_logprobs"]
+    assert len(saved) == 2  # one per worker
+    model = AutoModelForCausalLM.from_pretrained(base)
+    groups = queries.load_batch(engine, batch_id)
+    for rank, logprobs in enumerate(saved):
+        batch = collate(build_rows(shard_groups(groups, rank, 2))[0], pad_id=0)
+        with torch.no_grad():
+            expected = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask, batch.temperatures)
+        mask = batch.loss_mask
+        assert logprobs.shape == mask.shape and torch.allclose(logprobs * mask, expected * mask, atol=1e-4)
+
+
 def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     ray_session, postgres, tiny_model_dir, tiny_engine, tmp_path
 ):
@@ -108,6 +131,7 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     assert version == 1
     store = TrajectoryStore(url)
     (registered,) = queries.list_versions(store.engine)
+    _checkpoints_keep_the_pre_batch_logprobs(store.engine, registered["training_batch_id"], tiny_model_dir, tmp_path)
     assert registered["status"] == "ready" and registered["kind"] == "lora"
     assert registered["metrics"]["update"] == 2 and registered["metrics"]["rows"] == 12
     assert registered["metrics"]["reward_mean"] == pytest.approx(0.5)  # rewards 1,0,1,0 in every group

@@ -10,7 +10,7 @@ from recorder.queries import CallData, GroupData, TrajectoryData
 from trainer.config import TrainerConfig
 from trainer.data import build_rows, collate
 from trainer.model import build_policy
-from trainer.step import grpo_update, token_logprobs
+from trainer.step import grpo_update, single_worker_scale, token_logprobs
 
 
 def _batch(rewards: list[float], completions: list[list[int]]):
@@ -47,13 +47,13 @@ def test_updates_raise_the_good_completion_and_lower_the_bad_one(tiny_model_dir,
     model = build_policy(tiny_model_dir, config)
     batch = _batch([1.0, 0.0], [[100, 101, 102], [200, 201, 202]])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    tokens = float(batch.loss_mask.sum())
+    scale = single_worker_scale(batch, config)
     with torch.no_grad():
         before = (token_logprobs(model, batch.input_ids, batch.attention_mask) * batch.loss_mask).sum(1)
     for _ in range(5):
         with torch.no_grad():
             old = token_logprobs(model, batch.input_ids, batch.attention_mask)
-        metrics = grpo_update(model, optimizer, batch, old, config, tokens)
+        metrics = grpo_update(model, optimizer, batch, old, config, scale)
     with torch.no_grad():
         after = (token_logprobs(model, batch.input_ids, batch.attention_mask) * batch.loss_mask).sum(1)
     assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
@@ -71,7 +71,7 @@ def test_the_kl_reference_is_the_policy_before_training(tiny_model_dir, mode):
     config = TrainerConfig(mode=mode, kl_beta=0.1, learning_rate=5e-2, micro_batch_rows=4)
     assert reference_logprobs(build_policy(tiny_model_dir, TrainerConfig(mode=mode)), TrainerConfig()) is None
     model = build_policy(tiny_model_dir, config)
-    reference = reference_logprobs(model, config)
+    reference = reference_logprobs(model, config, tiny_model_dir)
     batch = _batch([1.0, 0.0], [[300, 301], [400, 401]])
     before = token_logprobs(model, batch.input_ids, batch.attention_mask).detach()
     old = before.clone()
@@ -82,11 +82,56 @@ def test_the_kl_reference_is_the_policy_before_training(tiny_model_dir, mode):
             batch,
             old,
             config,
-            float(batch.loss_mask.sum()),
+            single_worker_scale(batch, config),
             reference=reference,
         )
     after = token_logprobs(model, batch.input_ids, batch.attention_mask).detach()
     assert not torch.allclose(after, before)  # the policy moved ...
     mask = batch.loss_mask  # ... its reference did not
-    assert torch.allclose(reference(batch.input_ids, batch.attention_mask, mask) * mask, before * mask, atol=1e-5)
+    got = reference(batch.input_ids, batch.attention_mask, mask, batch.temperatures)
+    assert torch.allclose(got * mask, before * mask, atol=1e-5)
     assert metrics["kl_ref"] > 0
+
+
+def test_a_full_weights_kl_reference_is_the_base_model_not_the_parent_version(tiny_model_dir, tmp_path):
+    """A batch that trains from version N (full weights) is still pulled toward the base model, not toward N."""
+    from trainer.step import reference_logprobs
+
+    parent = build_policy(tiny_model_dir, TrainerConfig(mode="full"))
+    with torch.no_grad():  # the parent version: the base weights moved
+        for weight in parent.parameters():
+            weight.add_(torch.randn_like(weight) * 0.05)
+    parent.save_pretrained(tmp_path / "parent")
+    config = TrainerConfig(mode="full", kl_beta=0.1)
+    model = build_policy(str(tmp_path / "parent"), config)
+    batch = _batch([1.0, 0.0], [[300, 301], [400, 401]])
+    reference = reference_logprobs(model, config, tiny_model_dir)
+    mask = batch.loss_mask
+    got = reference(batch.input_ids, batch.attention_mask, mask, batch.temperatures) * mask
+    base = build_policy(tiny_model_dir, TrainerConfig(mode="full"))
+    with torch.no_grad():
+        expected = token_logprobs(base, batch.input_ids, batch.attention_mask) * mask
+        from_parent = token_logprobs(model, batch.input_ids, batch.attention_mask) * mask
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got - from_parent).abs().max() > 1e-2
+
+
+def test_a_resumed_run_anchors_its_ratios_at_the_policy_before_the_batch(tiny_model_dir):
+    """After a worker restart the weights are k updates in; the ratio's anchor must stay the pre-batch policy
+    kept with the checkpoint, not be recomputed from the restored weights."""
+    from trainer.loop import pre_batch_logprobs
+
+    config = TrainerConfig(mode="full", learning_rate=1e-2)
+    model = build_policy(tiny_model_dir, config)
+    batch = _batch([1.0, 0.0], [[100, 101, 102], [200, 201, 202]])
+    before, saved = pre_batch_logprobs(model, batch, config, 1, {}, rank=0, world=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    grpo_update(model, optimizer, batch, before, config, single_worker_scale(batch, config))  # update 1
+    resumed, _ = pre_batch_logprobs(model, batch, config, 1, {"old_logprobs": saved}, rank=0, world=1)
+    with torch.no_grad():
+        restored = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    mask = batch.loss_mask
+    assert torch.equal(resumed, before)
+    assert ((restored - before) * mask).abs().max() > 1e-3  # recomputing would have anchored elsewhere
+    with pytest.raises(RuntimeError, match="num_workers"):
+        pre_batch_logprobs(model, batch, config, 1, {"old_logprobs": saved}, rank=1, world=2)

@@ -152,13 +152,16 @@ def aggregate(
     mode: str,
     global_tokens: float | None = None,
     constant: float | None = None,
+    global_sequences: float | None = None,
 ) -> torch.Tensor:
-    """Reduce a [batch, tokens] loss to a scalar.
+    """This micro-batch's share of the whole batch's loss (a scalar); summed over every micro-batch on every
+    worker it gives the batch loss, however the batch is split.
 
     token_mean: sum / tokens, with `global_tokens` = masked tokens across all workers and micro-batches
-    (DAPO/verl), so every token weighs the same however the batch is split. sequence_mean: mean over
-    sequences of each sequence's token mean (original GRPO). constant: sum / `constant` (Dr. GRPO: e.g.
-    sequences x max completion length), free of length bias.
+    (DAPO/verl), so every token weighs the same. sequence_mean: the mean over sequences of each sequence's
+    token mean (original GRPO), with `global_sequences` = sequences across all workers, so every sequence weighs
+    the same. constant: sum / `constant` (Dr. GRPO: sequences x a fixed completion-token budget), free of length
+    bias. Without the global counts, this micro-batch is taken as the whole batch.
     """
     mask = mask.to(per_token.dtype)
     if mode == "token_mean":
@@ -169,7 +172,8 @@ def aggregate(
         present = lengths > 0
         if not present.any():
             return per_token.sum() * 0
-        return ((per_token * mask).sum(dim=1)[present] / lengths[present]).mean()
+        sequences = global_sequences if global_sequences is not None else float(present.sum())
+        return ((per_token * mask).sum(dim=1)[present] / lengths[present]).sum() / max(float(sequences), 1.0)
     if mode == "constant":
         if constant is None or constant <= 0:
             raise ValueError("aggregation 'constant' needs a positive constant (e.g. sequences x max length)")

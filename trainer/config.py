@@ -55,10 +55,21 @@ class TrainerConfig(BaseModel):
     """Truncation of the importance weight against the sampler's recorded log-probs; None disables it."""
 
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
-    """How per-token losses become one number (token_mean counts tokens across all workers)."""
+    """How per-token losses become one number: `token_mean` (every policy token of the batch weighs the same,
+    DAPO/verl), `sequence_mean` (every sequence weighs the same, original GRPO) or `constant` (Dr. GRPO: the
+    token sum over sequences x `constant_tokens`). Counted over all workers, so the gradient does not depend on
+    the worker count."""
+
+    constant_tokens: int | None = Field(None, ge=1)
+    """Completion-token budget per sequence in Dr. GRPO's constant normaliser (aggregation: constant), e.g. the
+    rollout's max_tokens x max_turns. `None` uses the longest sequence's policy tokens in the batch."""
 
     kl_beta: float = Field(0.0, ge=0)
-    """Weight of the k3 KL penalty to the base model (0: off, as in verl and TRL defaults)."""
+    """Weight of the k3 KL penalty to the reference model (0: off, as in verl and TRL defaults)."""
+
+    kl_reference: str | None = None
+    """Model folder or hub id the KL penalty is measured against. `None` means the base model (never the
+    version a batch trains from, which would let the policy drift one version at a time)."""
 
     learning_rate: float = Field(1e-5, gt=0)
     """AdamW learning rate (1e-5 is typical for LoRA, 1e-6 for full weights)."""

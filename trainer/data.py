@@ -3,8 +3,8 @@
 Each trajectory becomes one row when its LLM calls form one growing conversation (every prompt starts with
 the previous prompt + completion, which the rollout guarantees by extending tokens rather than
 re-tokenising), otherwise one row per call. The loss mask covers only tokens the policy sampled; the prompt,
-observations and tool output are context. Groups whose rewards are all equal, and groups produced by a
-version more than `max_staleness` behind, are dropped and counted, never trained on.
+observations and tool output are context. Groups whose rewards are all equal are dropped and counted, never
+trained on. Staleness is not judged here: it was judged once, when the batch was claimed (recorder.batches).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Row:
     policy_mask: np.ndarray
     """1 where the token was sampled by the policy (and so carries a behaviour log-prob)."""
     behaviour_logprobs: np.ndarray
+    temperatures: np.ndarray
+    """The temperature each policy token was sampled at (1.0 at context tokens)."""
     advantage: float
     model_version: int
     group_index: int
@@ -50,6 +52,9 @@ class TrainingTensors:
     """[rows, length] 1.0 at tokens the policy sampled; the loss at position t uses the logits at t - 1."""
     behaviour_logprobs: torch.Tensor
     """[rows, length] the sampler's log-prob of each policy token (0 elsewhere)."""
+    temperatures: torch.Tensor
+    """[rows, length] the temperature each policy token was sampled at (1.0 elsewhere): the trainer divides the
+    logits that predict a token by it, to score the token under the distribution that sampled it."""
     advantages: torch.Tensor
     """[rows] the trajectory's advantage, repeated over its rows."""
     model_versions: torch.Tensor
@@ -57,19 +62,32 @@ class TrainingTensors:
     stats: BatchStats = field(default_factory=BatchStats)
 
 
-def _rows_for_trajectory(calls: list[CallData]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(tokens, policy mask, behaviour log-probs) rows: one if the calls extend each other, else one per call."""
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+RowArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(tokens, policy mask, behaviour log-probs, temperatures) of one training row."""
+
+
+def sampling_temperature(call: CallData) -> float:
+    """The temperature whose distribution vLLM sampled and scored (its processed log-probs). Greedy calls
+    (temperature ~0) are scored at 1.0: vLLM's sampler replaces a zero temperature by 1 before the softmax."""
+    return call.temperature if call.temperature >= 1e-5 else 1.0
+
+
+def _rows_for_trajectory(calls: list[CallData]) -> list[RowArrays]:
+    """Rows of (tokens, policy mask, behaviour log-probs, temperatures): one if the calls extend each other,
+    else one per call."""
+    rows: list[RowArrays] = []
     for call in calls:
         prompt, completion = call.prompt_token_ids, call.completion_token_ids
+        temperature = np.full(len(completion), sampling_temperature(call), np.float32)
         if rows:
-            tokens, mask, logprobs = rows[-1]
+            tokens, mask, logprobs, temperatures = rows[-1]
             if len(prompt) >= len(tokens) and np.array_equal(prompt[: len(tokens)], tokens):
                 extra = len(prompt) - len(tokens)  # new context (an observation) between the two turns
                 rows[-1] = (
                     np.concatenate([tokens, prompt[len(tokens) :], completion]),
                     np.concatenate([mask, np.zeros(extra, np.float32), np.ones(len(completion), np.float32)]),
                     np.concatenate([logprobs, np.zeros(extra, np.float32), call.completion_logprobs]),
+                    np.concatenate([temperatures, np.ones(extra, np.float32), temperature]),
                 )
                 continue
         rows.append(
@@ -77,6 +95,7 @@ def _rows_for_trajectory(calls: list[CallData]) -> list[tuple[np.ndarray, np.nda
                 np.concatenate([prompt, completion]),
                 np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(completion), np.float32)]),
                 np.concatenate([np.zeros(len(prompt), np.float32), call.completion_logprobs]),
+                np.concatenate([np.ones(len(prompt), np.float32), temperature]),
             )
         )
     return rows
@@ -86,8 +105,6 @@ def build_rows(
     groups: list[GroupData],
     advantage: str = "grpo",
     eps: float = 1e-6,
-    current_version: int | None = None,
-    max_staleness: int | None = None,
 ) -> tuple[list[Row], BatchStats]:
     estimator = ADVANTAGES[advantage]
     stats = BatchStats(groups=len(groups))
@@ -95,10 +112,6 @@ def build_rows(
     used_rewards: list[float] = []
     for group_index, group in enumerate(groups):
         rewards = torch.tensor(group.rewards)
-        oldest = min(t.model_version for t in group.trajectories)
-        if current_version is not None and max_staleness is not None and current_version - oldest > max_staleness:
-            stats.groups_stale += 1
-            continue
         if not has_signal(rewards):
             stats.groups_without_signal += 1
             continue
@@ -106,8 +119,8 @@ def build_rows(
         used_rewards += group.rewards.tolist()
         for trajectory, adv in zip(group.trajectories, advantages.tolist(), strict=True):
             stats.trajectories += 1
-            for tokens, mask, logprobs in _rows_for_trajectory(trajectory.calls):
-                rows.append(Row(tokens, mask, logprobs, adv, trajectory.model_version, group_index))
+            for tokens, mask, logprobs, temperatures in _rows_for_trajectory(trajectory.calls):
+                rows.append(Row(tokens, mask, logprobs, temperatures, adv, trajectory.model_version, group_index))
                 stats.policy_tokens += int(mask.sum())
     stats.rows = len(rows)
     if used_rewards:
@@ -124,17 +137,20 @@ def collate(rows: list[Row], pad_id: int, stats: BatchStats | None = None) -> Tr
     attention = torch.zeros((n, length), dtype=torch.long)
     loss_mask = torch.zeros((n, length), dtype=torch.float32)
     behaviour = torch.zeros((n, length), dtype=torch.float32)
+    temperatures = torch.ones((n, length), dtype=torch.float32)
     for i, row in enumerate(rows):
         size = len(row.tokens)
         input_ids[i, :size] = torch.from_numpy(row.tokens.astype(np.int64))
         attention[i, :size] = 1
         loss_mask[i, :size] = torch.from_numpy(row.policy_mask)
         behaviour[i, :size] = torch.from_numpy(row.behaviour_logprobs.astype(np.float32))
+        temperatures[i, :size] = torch.from_numpy(row.temperatures.astype(np.float32))
     return TrainingTensors(
         input_ids=input_ids,
         attention_mask=attention,
         loss_mask=loss_mask,
         behaviour_logprobs=behaviour,
+        temperatures=temperatures,
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         model_versions=torch.tensor([r.model_version for r in rows], dtype=torch.long),
         group_index=torch.tensor([r.group_index for r in rows], dtype=torch.long),

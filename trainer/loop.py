@@ -20,11 +20,55 @@ import torch.distributed as dist
 STATE_FILE = "trainer_state.pt"
 
 
-def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor.tolist()
+def collective_device() -> torch.device:
+    """Where the process group's collectives run: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) numbers over every worker; a no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def batch_loss_scale(batch: Any, config: Any, world: int) -> Any:
+    """The batch's sizes summed over workers (the longest row: max), as the LossScale every worker uses."""
+    from trainer.step import local_sizes, loss_scale
+
+    tokens, sequences, longest = local_sizes(batch)
+    tokens, sequences = all_reduce([tokens, sequences])
+    (longest,) = all_reduce([longest], op="max")
+    return loss_scale(config, tokens, sequences, longest, world)
+
+
+def pre_batch_logprobs(
+    model: Any, batch: Any, config: Any, micro_steps: int, state: dict[str, Any], rank: int, world: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The policy's log-probs before this batch's first update (the ratio's anchor for every update), and all
+    workers' copies for the checkpoint. A run resumed after a failure takes them from the checkpoint: the
+    restored weights are some updates into the batch and would anchor the ratio in the wrong place."""
+    from trainer.step import policy_logprobs
+
+    saved = state.get("old_logprobs")
+    if saved is not None:
+        if len(saved) != world or tuple(saved[rank].shape) != tuple(batch.loss_mask.shape):
+            raise RuntimeError(
+                f"the checkpoint's pre-batch log-probs ({len(saved)} workers, rank {rank}: "
+                f"{tuple(saved[rank].shape) if rank < len(saved) else None}) do not match this run's "
+                f"({world} workers, {tuple(batch.loss_mask.shape)}); resume with the same trainer.num_workers"
+            )
+        return saved[rank].to(batch.loss_mask.device), saved
+    old = policy_logprobs(model, batch, config.micro_batch_rows, steps=micro_steps)
+    gathered: list[Any] = [old.cpu()]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, old.cpu())
+    return old, gathered
 
 
 def _start_wandb(loop_config: dict[str, Any], config: Any) -> Any:
@@ -66,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.data import build_rows, collate, shard_groups
     from trainer.model import build_policy, save_policy
     from trainer.parallel import checkpoint_state, restore_optimizer, wrap
-    from trainer.step import grpo_update, policy_logprobs, reference_logprobs
+    from trainer.step import grpo_update, reference_logprobs
 
     config = TrainerConfig.model_validate(loop_config["trainer"])
     context = ray.train.get_context()
@@ -80,15 +124,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         groups = load_batch(engine, loop_config["batch_id"], loop_config.get("reward_source", "env"))
     finally:
         engine.dispose()
-    rows, stats = build_rows(
-        shard_groups(groups, rank, world),
-        config.advantage,
-        config.advantage_eps,
-        current_version=loop_config.get("target_version"),
-        max_staleness=config.max_staleness,
-    )
+    rows, stats = build_rows(shard_groups(groups, rank, world), config.advantage, config.advantage_eps)
     batch = collate(rows, pad_id=int(loop_config.get("pad_token_id", 0)), stats=stats)
-    batch_tensors = ("input_ids", "attention_mask", "loss_mask", "behaviour_logprobs", "advantages")
+    batch_tensors = ("input_ids", "attention_mask", "loss_mask", "behaviour_logprobs", "temperatures", "advantages")
     for name in batch_tensors:
         setattr(batch, name, getattr(batch, name).to(device))
 
@@ -113,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restore_optimizer(model, optimizer, state["optimizer"], config.strategy)
 
     n = stats.trajectories
-    totals = _all_reduce(
+    totals = all_reduce(
         [
             float(batch.loss_mask.sum()),
             stats.groups_without_signal,
@@ -127,23 +165,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     reward_mean = totals[5] / max(totals[4], 1.0)
     reward_std = max(totals[6] / max(totals[4], 1.0) - reward_mean**2, 0.0) ** 0.5
-    global_tokens = totals[0]
+    scale = batch_loss_scale(batch, config, world)
+    global_tokens = scale.tokens
     rows_here = batch.input_ids.shape[0]
-    (micro_steps,) = _all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
+    (micro_steps,) = all_reduce([-(-rows_here // config.micro_batch_rows)], op="max")
     # the policy before this batch's updates; under FSDP every forward is a collective, so all workers run
     # the same number of them
-    old = policy_logprobs(model, batch, config.micro_batch_rows, steps=int(micro_steps))
+    old, old_by_rank = pre_batch_logprobs(model, batch, config, int(micro_steps), state, rank, world)
 
-    reference = reference_logprobs(model, config)
+    reference = reference_logprobs(model, config, loop_config["base_model"])
     run = _start_wandb(loop_config, config) if rank == 0 else None
     last_report_s, last_elapsed = 0.0, 1.0
     for update in range(state.get("updates_done", 0), config.updates_per_batch):
         started = time.perf_counter()
         metrics = grpo_update(
-            model, optimizer, batch, old, config, global_tokens, reference=reference, micro_steps=int(micro_steps)
+            model, optimizer, batch, old, config, scale, reference=reference, micro_steps=int(micro_steps)
         )
         elapsed = time.perf_counter() - started
-        summed = _all_reduce([metrics[k] for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")])
+        summed = all_reduce([metrics[k] for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")])
         report = dict(zip(("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy"), summed, strict=True))
         report.update(
             update=update + 1,
@@ -171,7 +210,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _record_progress(loop_config, update + 1, config.updates_per_batch, report)
             with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
                 save_policy(model, folder, {"kind": config.mode, "update": update + 1}, state_dict=model_state)
-                torch.save({"updates_done": update + 1, "optimizer": optimizer_state}, os.path.join(folder, STATE_FILE))
+                torch.save(
+                    {"updates_done": update + 1, "optimizer": optimizer_state, "old_logprobs": old_by_rank},
+                    os.path.join(folder, STATE_FILE),
+                )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,20 +15,30 @@ from trainer.data import TrainingTensors
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    temperatures: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[rows, length] log p(token t | tokens < t); position 0 has no prediction and gets 0.
 
-    With `loss_mask`, the vocabulary projection runs only from the first position any row trains on (the
-    prompt's logits are never needed): for agent turns, long prompts and short replies, that skips most of
-    the lm-head work. Positions before it get 0.
+    `temperatures` ([rows, length], the temperature each token was sampled at) divides the logits that
+    predict each token, so the log-probs are of the distribution that really sampled (vLLM records its
+    processed log-probs, after temperature). With `loss_mask`, the vocabulary projection runs only from the
+    first position any row trains on (the prompt's logits are never needed): for agent turns, long prompts and
+    short replies, that skips most of the lm-head work. Positions before it get 0.
     """
     length = input_ids.shape[1]
     first = 1
     if loss_mask is not None and bool(loss_mask.any()):
         first = max(1, int(loss_mask.any(dim=0).nonzero()[0]))
     keep = length - first + 1  # logits at positions first-1 .. length-1 predict tokens first .. length
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+    if logits.dtype != torch.float64:  # float64 stays float64 (exactness checks); bf16/fp16 go up to float32
+        logits = logits.float()
+    if temperatures is not None:
+        logits = logits / temperatures[:, first:, None].to(logits.dtype)
     targets = input_ids[:, first:]
     # cross_entropy avoids materialising a second [rows, length, vocab] tensor of log-softmax values
     logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -54,6 +65,7 @@ def policy_logprobs(model: Any, batch: TrainingTensors, micro: int, steps: int |
                 batch.input_ids[i : i + micro],
                 batch.attention_mask[i : i + micro],
                 batch.loss_mask[i : i + micro],
+                batch.temperatures[i : i + micro],
             )
             for i in chunks
         ]
@@ -62,31 +74,39 @@ def policy_logprobs(model: Any, batch: TrainingTensors, micro: int, steps: int |
     return torch.cat(parts) if parts else torch.zeros_like(batch.loss_mask)
 
 
-LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input ids, attention mask, loss mask, temperatures) -> reference log-probs."""
 
 
-def reference_logprobs(model: Any, config: TrainerConfig) -> LogprobFn | None:
-    """The frozen reference policy for the KL term (None when kl_beta is 0).
+def reference_logprobs(model: Any, config: TrainerConfig, base_model: str | None = None) -> LogprobFn | None:
+    """The frozen reference policy for the KL term (None when kl_beta is 0): `trainer.kl_reference` if set,
+    else the base model, whatever version this batch trains from.
 
-    LoRA: the same model with its adapter switched off (no second copy in memory). Full weights: a frozen
-    copy taken now, before any update.
+    LoRA without a configured reference: the same model with its adapter switched off (no second copy in
+    memory). Otherwise a frozen copy of the reference model is loaded onto the policy's device.
     """
     if config.kl_beta <= 0:
         return None
     inner = getattr(model, "module", model)  # DDP wraps the model
-    if config.mode == "lora":
+    if config.mode == "lora" and config.kl_reference is None:
 
-        def with_adapter_off(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def with_adapter_off(
+            ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, temperatures: torch.Tensor
+        ) -> torch.Tensor:
             with inner.disable_adapter():
-                return token_logprobs(inner, ids, attention, mask)
+                return token_logprobs(inner, ids, attention, mask, temperatures)
 
         return with_adapter_off
-    import copy
+    source = config.kl_reference or base_model
+    if source is None:
+        raise ValueError("a full-weights KL reference needs the base model's path (or trainer.kl_reference)")
+    from transformers import AutoModelForCausalLM
 
-    frozen = copy.deepcopy(inner).eval()
-    for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
-    return lambda ids, attention, mask: token_logprobs(frozen, ids, attention, mask)
+    parameter = next(inner.parameters())
+    frozen = AutoModelForCausalLM.from_pretrained(source, dtype=parameter.dtype).to(parameter.device).eval()
+    for weight in frozen.parameters():
+        weight.requires_grad_(False)
+    return lambda ids, attention, mask, temperatures: token_logprobs(frozen, ids, attention, mask, temperatures)
 
 
 def clip_config(config: TrainerConfig) -> ClipConfig:
@@ -95,17 +115,48 @@ def clip_config(config: TrainerConfig) -> ClipConfig:
     )
 
 
-def grpo_update(
+@dataclass(frozen=True)
+class LossScale:
+    """The whole batch's sizes, the same on every worker, so each micro-batch's loss is its share of the batch
+    loss and the gradient does not depend on how many workers split the batch."""
+
+    tokens: float
+    """Policy (trained) tokens on all workers."""
+    sequences: float
+    """Rows with at least one policy token, on all workers."""
+    constant: float
+    """Dr. GRPO's normaliser: sequences x the completion-token budget per sequence."""
+    world: int = 1
+    """Workers whose gradients DDP/FSDP average; each worker's loss is scaled by it, so the average of the
+    workers' gradients is the gradient of the batch loss."""
+
+
+def local_sizes(batch: TrainingTensors) -> tuple[float, float, float]:
+    """(policy tokens, sequences, most policy tokens in one row) of this worker's rows."""
+    per_row = batch.loss_mask.sum(dim=1)
+    longest = float(per_row.max()) if per_row.numel() else 0.0
+    return float(per_row.sum()), float((per_row > 0).sum()), longest
+
+
+def loss_scale(
+    config: TrainerConfig, tokens: float, sequences: float, longest: float, world: int = 1
+) -> LossScale:
+    """The batch's LossScale from its global sizes (sums over workers; `longest` is the max over workers)."""
+    budget = config.constant_tokens if config.constant_tokens is not None else max(longest, 1.0)
+    return LossScale(tokens=tokens, sequences=sequences, constant=max(sequences, 1.0) * budget, world=world)
+
+
+def accumulate_gradients(
     model: Any,
-    optimizer: torch.optim.Optimizer,
     batch: TrainingTensors,
     old_logprobs: torch.Tensor,
     config: TrainerConfig,
-    global_tokens: float,
+    scale: LossScale,
     reference: LogprobFn | None = None,
     micro_steps: int | None = None,
 ) -> dict[str, float]:
-    """Accumulate gradients over micro-batches, clip, step. `global_tokens` = policy tokens on all workers.
+    """Backward over every micro-batch (gradients accumulate in the parameters); returns this worker's share
+    of the batch's metrics (sum them over workers).
 
     Under DDP every backward is a collective, so every worker must run the same number of micro-steps:
     pass `micro_steps` = the largest count on any worker; a worker with fewer rows runs zero-weighted
@@ -113,44 +164,72 @@ def grpo_update(
     """
     loss_fn = POLICY_LOSSES["clipped"]
     clip = clip_config(config)
-    optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
     rows = batch.input_ids.shape[0]
     micro = config.micro_batch_rows
     local_steps = -(-rows // micro)
+    tokens = max(scale.tokens, 1.0)
     for step in range(max(micro_steps or local_steps, local_steps)):
         part = slice(step * micro, (step + 1) * micro)
         ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
+        temperatures = batch.temperatures[part]
         if ids.numel() == 0:  # out of rows: a zero-weighted pass keeps DDP's/FSDP's collectives in step
             if config.kl_beta > 0 and reference is not None:
                 with torch.no_grad():
                     dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
-                    reference(dummy, torch.ones_like(dummy), torch.ones_like(dummy, dtype=torch.float32))
+                    ones = torch.ones_like(dummy, dtype=torch.float32)
+                    reference(dummy, torch.ones_like(dummy), ones, ones)
             (_dummy_forward(model, batch.input_ids.device).sum() * 0.0).backward()
             continue
-        logp = token_logprobs(model, ids, attention, mask)
+        logp = token_logprobs(model, ids, attention, mask, temperatures)
         terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
         per_token = terms.per_token
         if config.kl_beta > 0 and reference is not None:
             with torch.no_grad():
-                ref_logp = reference(ids, attention, mask)
+                ref_logp = reference(ids, attention, mask, temperatures)
             kl = kl_k3(logp, ref_logp) * mask
             per_token = per_token + config.kl_beta * kl
-            totals["kl_ref"] += float((kl.sum() / max(global_tokens, 1.0)).detach())
-        if config.aggregation == "token_mean":
-            loss = aggregate(per_token, mask, "token_mean", global_tokens=global_tokens)
-        elif config.aggregation == "constant":
-            loss = aggregate(per_token, mask, "constant", constant=float(rows * batch.input_ids.shape[1]))
-        else:
-            loss = aggregate(per_token, mask, "sequence_mean") * (ids.shape[0] / rows)
-        loss.backward()
-        weight = float(mask.sum()) / max(global_tokens, 1.0)
+            totals["kl_ref"] += float((kl.sum() / tokens).detach())
+        loss = aggregate(
+            per_token,
+            mask,
+            config.aggregation,
+            global_tokens=scale.tokens,
+            constant=scale.constant,
+            global_sequences=scale.sequences,
+        )
+        (loss * scale.world).backward()  # DDP/FSDP divide the summed gradients by the world size
+        weight = float(mask.sum()) / tokens
         totals["loss"] += float(loss.detach())
         totals["clip_fraction"] += float(terms.clip_fraction) * weight
         totals["approx_kl"] += float(terms.approx_kl.detach()) * weight
         # mean -log p of the sampled tokens: a Monte-Carlo estimate of the policy entropy
-        totals["entropy"] += float(-(logp.detach() * mask).sum()) / max(global_tokens, 1.0)
+        totals["entropy"] += float(-(logp.detach() * mask).sum()) / tokens
+    return totals
+
+
+def grpo_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainingTensors,
+    old_logprobs: torch.Tensor,
+    config: TrainerConfig,
+    scale: LossScale,
+    reference: LogprobFn | None = None,
+    micro_steps: int | None = None,
+) -> dict[str, float]:
+    """One optimizer step on the batch: accumulate gradients over micro-batches, clip the global norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    totals = accumulate_gradients(model, batch, old_logprobs, config, scale, reference, micro_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    totals["grad_norm"] = float(norm)
     optimizer.step()
     return totals
+
+
+def single_worker_scale(batch: TrainingTensors, config: TrainerConfig) -> LossScale:
+    """The LossScale of a batch trained in one process (tests, Tune trials)."""
+    return loss_scale(config, *local_sizes(batch))

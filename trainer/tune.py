@@ -53,7 +53,7 @@ def trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate
     from trainer.model import build_policy
-    from trainer.step import grpo_update, policy_logprobs, reference_logprobs
+    from trainer.step import grpo_update, policy_logprobs, reference_logprobs, single_worker_scale
 
     torch.set_num_threads(data["threads"])
     config = TrainerConfig.model_validate({**data["trainer"], **params})
@@ -66,10 +66,10 @@ def trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     old_train = policy_logprobs(model, train, config.micro_batch_rows)
     old_heldout = policy_logprobs(model, heldout, config.micro_batch_rows)
-    reference = reference_logprobs(model, config)
-    tokens = float(train.loss_mask.sum())
+    reference = reference_logprobs(model, config, data["base_model"])
+    scale = single_worker_scale(train, config)
     for update in range(1, data["updates"] + 1):
-        metrics = grpo_update(model, optimizer, train, old_train, config, tokens, reference=reference)
+        metrics = grpo_update(model, optimizer, train, old_train, config, scale, reference=reference)
         gain = heldout_gain(model, heldout, old_heldout, config.micro_batch_rows)
         tune.report({"heldout_gain": gain, "update": update, "loss": metrics["loss"], "kl_ref": metrics["kl_ref"]})
 

@@ -1,0 +1,37 @@
+"""The gradient of one batch does not depend on how many Ray Train workers split it (DDP averages gradients,
+so every normaliser must count the whole batch): 1 worker vs 2 workers, every aggregation mode, float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.worker_gradients import AGGREGATIONS, gradients_per_worker
+
+pytestmark = pytest.mark.slow
+
+
+def _gradients(workers: int, model: str, out: str, storage: str) -> dict[str, torch.Tensor]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        gradients_per_worker,
+        train_loop_config={"model": model, "out": out},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        run_config=RunConfig(name=f"gradients-{workers}", storage_path=storage),
+    )
+    trainer.fit()
+    return torch.load(out)
+
+
+def test_one_and_two_workers_give_the_same_gradient_in_every_aggregation_mode(ray_session, tiny_model_dir, tmp_path):
+    one = _gradients(1, tiny_model_dir, str(tmp_path / "one.pt"), str(tmp_path / "runs"))
+    two = _gradients(2, tiny_model_dir, str(tmp_path / "two.pt"), str(tmp_path / "runs"))
+    for mode in AGGREGATIONS:
+        reference, split = one[mode], two[mode]
+        assert reference.abs().max() > 0, f"{mode}: no gradient at all"
+        scale = reference.abs().max()
+        assert torch.allclose(split, reference, rtol=1e-5, atol=1e-9 * scale), (
+            f"{mode}: 2-worker gradient / 1-worker gradient = {float(split.norm() / reference.norm()):.4f}"
+        )

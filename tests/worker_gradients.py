@@ -1,0 +1,70 @@
+"""A Ray Train worker that computes one batch's GRPO gradient, for the 1-worker vs 2-worker comparison.
+
+Importable by Ray's workers as `tests.worker_gradients` (the suite puts the repository on their PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from recorder.queries import CallData, GroupData, TrajectoryData
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+
+
+def uneven_groups() -> list[GroupData]:
+    """Groups of different sizes, prompt and completion lengths (one multi-turn), so that two workers get
+    different numbers of rows, sequences and tokens: an equal split would hide a per-worker normaliser."""
+    rng = np.random.default_rng(5)
+    shapes = [(2, 9, [3, 7]), (3, 5, [2, 6, 4]), (4, 14, [1, 2, 3, 5]), (2, 4, [8, 2])]
+    groups = []
+    for g, (size, prompt_len, lengths) in enumerate(shapes):
+        prompt = rng.integers(100, 40000, prompt_len).astype(np.int32)
+        trajectories = []
+        for i, length in enumerate(lengths):
+            completion = rng.integers(100, 40000, length).astype(np.int32)
+            calls = [CallData(0, 0, 0, prompt, completion, -rng.random(length).astype(np.float32) * 3 - 8, 0.7)]
+            if g == 2 and i == 0:  # a second turn that extends the first: one row with two policy spans
+                follow = np.concatenate([prompt, completion, rng.integers(100, 40000, 3).astype(np.int32)])
+                second = rng.integers(100, 40000, 4).astype(np.int32)
+                calls.append(CallData(1, 0, 0, follow, second, -rng.random(4).astype(np.float32) - 9, 0.7))
+            trajectories.append(TrajectoryData(f"g{g}-t{i}", 0, float((i * 7 + g) % 3), calls))
+        assert size == len(trajectories)
+        groups.append(GroupData(f"g{g}", f"s{g}", trajectories))
+    return groups
+
+
+def gradients_per_worker(loop_config: dict[str, Any]) -> None:
+    """Each aggregation mode's gradient (DDP-averaged, before clipping) of one GRPO micro-batched pass over
+    this worker's share of `uneven_groups()`; rank 0 saves them to `loop_config["out"]`."""
+    import ray.train
+
+    from trainer.config import TrainerConfig
+    from trainer.data import build_rows, collate, shard_groups
+    from trainer.loop import all_reduce, batch_loss_scale
+    from trainer.model import build_policy
+    from trainer.parallel import wrap
+    from trainer.step import accumulate_gradients, policy_logprobs
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    rows, _ = build_rows(shard_groups(uneven_groups(), rank, world))
+    batch = collate(rows, pad_id=0)
+    gradients = {}
+    for mode in AGGREGATIONS:
+        config = TrainerConfig(mode="full", aggregation=mode, micro_batch_rows=2, num_workers=world)
+        model = wrap(build_policy(loop_config["model"], config).double(), "ddp", world)
+        scale = batch_loss_scale(batch, config, world)
+        (steps,) = all_reduce([-(-batch.input_ids.shape[0] // config.micro_batch_rows)], op="max")
+        current = policy_logprobs(model, batch, config.micro_batch_rows, steps=int(steps))
+        # an anchor away from the current policy (by token id, so the same on any split): ratios != 1, some clip
+        old = current + 0.3 * torch.sin(batch.input_ids.to(current.dtype)) * batch.loss_mask
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, batch, old, config, scale, micro_steps=int(steps))
+        gradients[mode] = torch.cat([p.grad.detach().flatten().cpu() for p in model.parameters()])
+    if rank == 0:
+        torch.save(gradients, loop_config["out"])
