@@ -166,7 +166,7 @@ def insert_sqlite(path: str, tables: dict[str, list[dict[str, Any]]]) -> tuple[f
     """Seconds the raw insert took, and the CPU seconds it used (SQLite runs in this process)."""
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA synchronous=FULL")
     cpu_before = time.process_time()
     started = time.perf_counter()
     with conn:

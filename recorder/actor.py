@@ -3,9 +3,11 @@
 Calls that arrive while a write is in flight are merged into the next transaction, so many small calls
 cost one commit. On PostgreSQL several writer connections ("lanes") commit side by side, so the server
 ingests one batch while the recorder prepares the next; each producer keeps to one lane, in order.
-The buffer is bounded; a full buffer makes callers wait, then fail with RecorderBusy.
-A database error fails exactly the calls whose records were in that transaction (RecorderUnavailable):
-nothing they sent was stored, and the producer, which still holds them, retries.
+The buffer is bounded; a full buffer makes callers wait, then fail with RecorderBusy. Every call has a
+deadline (`recorder.write_timeout_s`, then RecorderTimeout), and so has every statement on PostgreSQL
+(`database.statement_timeout_s`). Rows the database refuses are rejected one by one (recorder/isolate.py);
+an outage fails exactly the calls whose records were in that transaction (RecorderUnavailable): nothing
+they sent was stored, and the producer, which still holds them, retries.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import ray
 
 from recorder.config import DatabaseConfig, RecorderConfig
+from recorder.errors import is_connectivity
 from recorder.migrate import check_schema
 from recorder.records import Record
 from recorder.store import TrajectoryStore, WriteResult, create_db_engine
@@ -36,32 +39,14 @@ class RecorderUnavailable(RuntimeError):
     """The database write failed; nothing from the call was stored. Retry later."""
 
 
+class RecorderTimeout(RecorderUnavailable):
+    """A call was not committed within `recorder.write_timeout_s`. Retry: it may still commit, and then the
+    resend is a no-op (writes are idempotent)."""
+
+
 class RecorderRejected(ValueError):
-    """The database refused the data of one call (not a connection problem): retrying will not help."""
-
-
-# SQLSTATE classes that pass when the server is reachable and healthy again: connection exception,
-# operator intervention (shutdown, starting up), insufficient resources, transaction rollback (deadlock).
-_TRANSIENT_SQLSTATE_CLASSES = {"08", "57", "53", "40"}
-
-
-def _is_connectivity(exc: BaseException) -> bool:
-    """Errors that go away when the database is reachable again (as opposed to bad data)."""
-    import sqlite3
-
-    from sqlalchemy.exc import DBAPIError
-
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig
-    if isinstance(exc, sqlite3.OperationalError | ConnectionError | TimeoutError):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is not None:
-        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
-    # psycopg errors raised without a server answer (connection refused or lost) carry no SQLSTATE.
-    return type(exc).__module__.startswith("psycopg")
+    """The database refused a write for a reason no single record explains (a missing table, no permission,
+    a read-only server): retrying will not help until that is fixed. Bad rows are rejected one by one."""
 
 
 class RecorderBusy(RuntimeError):
@@ -107,20 +92,23 @@ class Recorder:
 
     def __init__(self, database: DatabaseConfig, settings: RecorderConfig) -> None:
         self._settings = settings
-        # Refuses to start (with a message saying to run `ziggurat db upgrade`) on a stale schema.
-        first = TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
+
+        def open_store() -> TrajectoryStore:
+            return TrajectoryStore(
+                database.resolved_url(), database.connect_timeout_s, database.pool_size, database.statement_timeout_s
+            )
+
+        first = open_store()  # refuses to start (saying to run `ziggurat db upgrade`) on a stale schema
         lanes = settings.writer_connections if first.dialect == "postgresql" else 1  # SQLite has one writer
-        stores = [first] + [
-            TrajectoryStore(database.resolved_url(), database.connect_timeout_s, database.pool_size)
-            for _ in range(lanes - 1)
-        ]
+        stores = [first] + [open_store() for _ in range(lanes - 1)]
         self._lanes = [_Lane(store) for store in stores]
         self._lane_of_source: dict[str, _Lane] = {}
         self._pending_records = 0
         self._space = asyncio.Event()
         # write_s: seconds inside database transactions; close to the busy time, the database write is the bottleneck
         self._stats: dict[str, float] = {
-            "calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0, "write_s": 0.0,
+            "calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0, "timeouts": 0,
+            "write_s": 0.0,
         }  # fmt: skip
         self._metrics = _RecorderMetrics(settings.actor_name)
         self._started = time.time()
@@ -138,11 +126,14 @@ class Recorder:
         return lane
 
     async def write(self, records: list[Record | EncodedRows], source: str | None = None) -> WriteResult:
-        """Store `records`; returns once they are committed, with the positions of rejected ones.
+        """Store `records`; returns once they are committed, with the positions of rejected ones, or raises
+        RecorderTimeout (retryable) at `recorder.write_timeout_s`.
 
         `source` names the producer (RecorderClient sends one per client): its calls share one writer
         connection and are committed in order. Calls without one go through the first connection.
         """
+        arrived = time.monotonic()
+        timeout_s = min(self._settings.write_timeout_s, self._settings.call_timeout_s)  # the producer waits no longer
         lane = self._lane(source)
         if lane.writer is None or lane.writer.done():
             lane.writer = asyncio.get_running_loop().create_task(self._write_loop(lane))
@@ -150,7 +141,7 @@ class Recorder:
         size = _width(records)
         if size > self._settings.max_buffer_records:
             raise ValueError(f"one call sent {size} records; send at most {self._settings.max_buffer_records}")
-        deadline = time.monotonic() + self._settings.buffer_wait_s
+        deadline = arrived + min(self._settings.buffer_wait_s, timeout_s)
         while self._pending_records + size > self._settings.max_buffer_records:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -170,7 +161,16 @@ class Recorder:
         self._pending_records += size
         lane.idle.clear()
         lane.wake.set()
-        return await future
+        try:
+            # The writer resolves the future whenever the database answers; a caller stops waiting at its deadline.
+            return await asyncio.wait_for(future, max(0.0, arrived + timeout_s - time.monotonic()))
+        except TimeoutError:
+            self._stats["timeouts"] += 1
+            raise RecorderTimeout(
+                f"the call was not committed within {timeout_s:g} s (recorder.write_timeout_s): the database is "
+                f"slow or blocked ({self._pending_records} records waiting). Its records may still be committed; "
+                "keep them and retry (the resend is a no-op if they were)"
+            ) from None
 
     async def _write_loop(self, lane: _Lane) -> None:
         while True:
@@ -195,11 +195,11 @@ class Recorder:
             self._stats["write_s"] += time.perf_counter() - started
             self._stats["db_errors"] += 1
             self._metrics.db_errors.inc(1, tags=self._metrics.tags)
-            if _is_connectivity(exc) or len(batch) == 1:
+            if is_connectivity(exc) or len(batch) == 1:
                 self._fail(batch, exc, size)
                 return
-            # One call's data broke the merged transaction: write the calls one by one, so only that call
-            # fails and the others are not held hostage by it.
+            # Not an outage, and not rows the store could isolate (it rejects those itself): write the calls
+            # one by one, so a call that cannot be written fails alone, not the calls merged with it.
             for call in batch:
                 await self._write(store, [call], _width(call[0]))
             return
@@ -217,15 +217,16 @@ class Recorder:
     def _fail(batch: list[_Call], exc: Exception, size: int) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         log.warning("database write of %d records failed: %s: %s", size, type(exc).__name__, reason)
-        if _is_connectivity(exc):
+        if is_connectivity(exc):
             error: Exception = RecorderUnavailable(
                 f"the database write failed ({type(exc).__name__}: {reason}); nothing from this call was "
                 "stored; keep the records and retry"
             )
         else:
             error = RecorderRejected(
-                f"the database refused this call's data ({type(exc).__name__}: {reason}); nothing from it was "
-                "stored. Build payloads with RecorderClient / recorder.wire.encode"
+                f"the database refused this call's write ({type(exc).__name__}: {reason}); nothing from it was "
+                "stored. This is not one record's data (those are rejected one by one): check the database's "
+                "schema (`ziggurat db status`), permissions and that it accepts writes, then retry"
             )
         for _, future in batch:
             if not future.done():
@@ -284,7 +285,9 @@ def start_recorder(database: DatabaseConfig, settings: RecorderConfig = Recorder
 
     Raises SchemaOutOfDate here, in the caller, rather than letting the actor restart in a loop.
     """
-    engine = create_db_engine(database.resolved_url(), database.connect_timeout_s)
+    engine = create_db_engine(
+        database.resolved_url(), database.connect_timeout_s, statement_timeout_s=database.statement_timeout_s
+    )
     try:
         check_schema(engine)
     finally:

@@ -1,6 +1,8 @@
 """The producer side: rollout actors hand records to a RecorderClient, which ships them to the recorder.
 
 Records stay in the client until the recorder acknowledges them (committed, or rejected as malformed).
+Each record is validated here before it is sent (recorder/records.py): one the database could not store
+is reported by name in the flush report and dropped, and never holds back the records after it.
 Each call is kept under `max_call_bytes` and made self-contained: the start record of every trajectory it
 mentions travels with it (re-inserting a start is a no-op), so several calls can be in flight at once and
 land in any order. Failures (recorder restarting, database down, buffer full, timeout) are retried with
@@ -24,7 +26,15 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from recorder.actor import RecorderBusy, RecorderUnavailable
 from recorder.config import RecorderConfig
-from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord, record_size, validate_many
+from recorder.records import (
+    LlmCallRecord,
+    Record,
+    StepRecord,
+    TrajectoryRecord,
+    record_size,
+    validate,
+    validate_many,
+)
 from recorder.schema import utcnow
 from recorder.store import WriteResult
 from recorder.wire import EncodedRows, encode, encoded_keys
@@ -44,8 +54,36 @@ class FlushReport:
     acknowledged: int = 0
     """Records the recorder committed during this flush (repeated start records not counted)."""
     rejected: list[tuple[tuple[Any, ...], str]] = field(default_factory=list)
-    """(record key, reason) for malformed records the recorder refused; they are dropped from the client."""
+    """(record key, reason) for each record refused, here (validation) or by the recorder or the database;
+    each is reported once and dropped from the client. The rest of the batch is stored."""
     retries: int = 0
+
+
+def _key(record: object) -> tuple[Any, ...]:
+    try:
+        return record.key  # type: ignore[attr-defined,no-any-return]
+    except Exception:  # not a record, or one whose key fields are broken
+        return ("unknown", repr(record)[:80])
+
+
+def _encode(
+    bulk: list[StepRecord | LlmCallRecord], rejected: list[tuple[tuple[Any, ...], str]]
+) -> tuple[list[EncodedRows], list[StepRecord | LlmCallRecord]]:
+    """COPY rows for validated steps and calls. Validation should leave nothing that fails to encode; if
+    something does, encode one by one and reject only the records that fail, by name."""
+    now = utcnow()
+    try:
+        return encode(bulk, now), bulk
+    except Exception:
+        kept = []
+        for record in bulk:
+            try:
+                encode([record], now)
+            except Exception as exc:
+                rejected.append((record.key, f"cannot be encoded for the database ({type(exc).__name__}: {exc})"))
+            else:
+                kept.append(record)
+        return encode(kept, now), kept
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -80,13 +118,16 @@ class RecorderClient:
         self._starts: OrderedDict[str, TrajectoryRecord] = OrderedDict()
         self._wire: str | None = None
         self._source = uuid.uuid4().hex  # the recorder commits one source's calls in order
+        self._refused: dict[int, str] = {}
+        """Records (by id) found unshippable although valid; they are rejected when next cut, then forgotten."""
 
     def add(self, *records: Record) -> None:
         self.extend(records)
 
     def extend(self, records: Iterable[Record]) -> None:
         for record in records:
-            if isinstance(record, TrajectoryRecord) and record.status == "running":
+            # Only a start that can be stored is repeated in later calls; a bad one is reported once, by flush.
+            if isinstance(record, TrajectoryRecord) and record.status == "running" and validate(record) is None:
                 self._starts[record.id] = record
                 if len(self._starts) > _STARTS_CAPACITY:
                     self._starts.popitem(last=False)
@@ -101,43 +142,66 @@ class RecorderClient:
         return self._actor
 
     def _cut(self, position: int) -> _Call:
-        """The next call: records from `position` on, under max_call_bytes, with the starts they need."""
-        size, records = 0, []
+        """The next call: records from `position` on, under max_call_bytes, with the starts they need.
+
+        Records that fail validation (or were found unshippable) are left out and reported by name, so one
+        bad record never blocks the ones after it.
+        """
+        # Half the recorder's buffer at most: with a start for each, a call still fits (a larger one is refused).
+        size, records, most = 0, [], max(1, self.settings.max_buffer_records // 2)
         for record in self.unacked[position:]:
             size += record_size(record)
-            if records and size > self.settings.max_call_bytes:
+            if records and (size > self.settings.max_call_bytes or len(records) >= most):
                 break
             records.append(record)
-        own = {r.id for r in records if isinstance(r, TrajectoryRecord)}
-        needed = {getattr(r, "trajectory_id", None) for r in records} - own - {None}
+        rejected, good = [], []
+        for record, problem in zip(records, validate_many(records), strict=True):
+            problem = problem or self._refused.get(id(record))
+            if problem:
+                rejected.append((_key(record), problem))
+            else:
+                good.append(record)
+        own = {r.id for r in good if isinstance(r, TrajectoryRecord)}
+        needed = {r.trajectory_id for r in good if not isinstance(r, TrajectoryRecord)} - own
         starts: list[Record] = [self._starts[t] for t in sorted(needed) if t in self._starts]
         if self._wire != "pg-binary":
-            payload = starts + records
-            return _Call(records, payload, [r.key for r in payload], len(starts))
-        # PostgreSQL: validate here and send steps and calls as ready COPY rows (the recorder's hot path).
-        rejected, plain, bulk = [], list(starts), []
-        for record, problem in zip(records, validate_many(records), strict=True):
-            if problem:
-                rejected.append((getattr(record, "key", repr(record)), problem))
-            elif isinstance(record, StepRecord | LlmCallRecord):
-                bulk.append(record)
-            else:
-                plain.append(record)
-        blocks = encode(bulk, utcnow())
+            payload = starts + good
+            return _Call(records, payload, [r.key for r in payload], len(starts), rejected)
+        # PostgreSQL: steps and calls travel as ready COPY rows (the recorder's hot path).
+        plain, bulk = list(starts), []
+        for record in good:
+            (bulk if isinstance(record, StepRecord | LlmCallRecord) else plain).append(record)
+        blocks, bulk = _encode(bulk, rejected)
         keys = [r.key for r in plain] + encoded_keys(bulk)
         return _Call(records, plain + blocks, keys, len(starts), rejected)
 
-    @staticmethod
-    def _count(call: _Call, result: WriteResult, report: FlushReport) -> None:
+    def _count(self, call: _Call, result: WriteResult, report: FlushReport) -> None:
         report.acknowledged += result.written - call.repeated_starts
         for key, reason in call.rejected_here:
             report.rejected.append((key, reason))
             log.warning("rejected %s before sending: %s", key, reason)
         for position, reason in result.rejected:
             key = call.keys[position]
-            report.acknowledged += position < call.repeated_starts  # a rejected repeated start: not counted
+            if key[:1] == ("trajectory",) and key[-1] == "running":
+                self._starts.pop(key[1], None)  # the database refuses this start: stop repeating it
+            if position < call.repeated_starts:
+                report.acknowledged += 1  # not counted in `written` and already reported when first sent
+                continue
             report.rejected.append((key, reason))
             log.warning("recorder rejected %s: %s", key, reason)
+
+    def _find_unshippable(self, call: _Call, error: BaseException) -> bool:
+        """After Ray could not serialize a call: mark the records that cannot be pickled. True if any were."""
+        found = False
+        for record in call.records:
+            try:
+                ray.cloudpickle.dumps(record)
+            except Exception as exc:
+                self._refused[id(record)] = f"cannot be sent to the recorder ({type(exc).__name__}: {exc})"
+                found = True
+        if not found:
+            log.warning("sending a call failed, and no single record is to blame: %s", error)
+        return found
 
     def _discover_wire(self) -> None:
         """Ask the recorder once which payload it wants (COPY rows for PostgreSQL, records for SQLite)."""
@@ -192,7 +256,14 @@ class _Flush:
             try:
                 client._discover_wire()
                 call = client._cut(self.next_position)
-                ref = client._handle().write.remote(call.payload, client._source)
+                try:
+                    ref = client._handle().write.remote(call.payload, client._source) if call.payload else None
+                except (RayActorError, GetTimeoutError):
+                    raise
+                except Exception as exc:  # Ray could not serialize the call: leave out the records to blame
+                    if not client._find_unshippable(call, exc):
+                        raise
+                    continue
             except (RayActorError, GetTimeoutError) as exc:
                 self.error = exc
                 return
@@ -209,7 +280,10 @@ class _Flush:
                 raise outcome
             self.error = self.error or outcome
             return
-        RecorderClient._count(call, outcome, self.report)
+        client._count(call, outcome, self.report)
+        if client._refused:
+            for record in call.records:
+                client._refused.pop(id(record), None)
         if self.error is None:  # the oldest call: its records are the front of unacked
             del client.unacked[: len(call.records)]
             self.next_position -= len(call.records)
@@ -239,7 +313,7 @@ class _Flush:
                 continue
             call, ref = self.in_flight.popleft()
             try:
-                outcome = ray.get(ref, timeout=self.timeout())
+                outcome = WriteResult() if ref is None else ray.get(ref, timeout=self.timeout())
             except Exception as exc:
                 outcome = exc
             self._settle(call, outcome)
@@ -256,7 +330,7 @@ class _Flush:
                 continue
             call, ref = self.in_flight.popleft()
             try:
-                outcome = await asyncio.wait_for(ref, self.timeout())
+                outcome = WriteResult() if ref is None else await asyncio.wait_for(ref, self.timeout())
             except Exception as exc:
                 outcome = exc
             self._settle(call, outcome)

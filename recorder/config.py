@@ -7,6 +7,9 @@ import os
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import URL, make_url
 
+DEFAULT_STATEMENT_TIMEOUT_S = 60.0
+"""`database.statement_timeout_s` by default, and for engines made without a config."""
+
 
 class DatabaseConfig(BaseModel):
     """Where the recorder stores trajectories. The password never lives in a config file."""
@@ -26,7 +29,16 @@ class DatabaseConfig(BaseModel):
     """Connections kept open per process (PostgreSQL only)."""
 
     connect_timeout_s: float = Field(10.0, gt=0)
-    """Deadline for opening one connection before the call fails with a clear error."""
+    """Deadline for opening one connection before the call fails with a clear error. On SQLite it is also
+    how long a write waits for another process's lock ("database is locked" after it)."""
+
+    statement_timeout_s: float | None = Field(DEFAULT_STATEMENT_TIMEOUT_S, gt=0)
+    """PostgreSQL cancels any one statement that runs longer (the server's `statement_timeout`, set on every
+    connection that `create_db_engine` opens), so a lock wait or a runaway query fails with an error instead
+    of hanging its caller; the recorder retries such a write. TCP keepalives likewise end a connection to a
+    server that stopped answering. None: no limit. It travels as a connection startup option; behind a
+    pooler that refuses those (PgBouncer), set None here and `ALTER ROLE ... SET statement_timeout` instead.
+    SQLite waits at most `connect_timeout_s` for a lock instead."""
 
     auto_upgrade: bool = False
     """Apply schema migrations when a job starts. Convenient for the embedded SQLite default; on a shared
@@ -91,6 +103,12 @@ class RecorderConfig(BaseModel):
 
     call_timeout_s: float = Field(60.0, gt=0)
     """Deadline for one producer call (the database commit included)."""
+
+    write_timeout_s: float = Field(30.0, gt=0)
+    """Deadline inside the recorder for one call, from its arrival to its commit (the wait for buffer space
+    included; never longer than `call_timeout_s`). A call past it fails with RecorderTimeout, which
+    producers retry: its records may still be committed later, and then the resend is a no-op. Keep it above
+    the time one group commit takes (milliseconds to a few seconds)."""
 
     retry_deadline_s: float = Field(300.0, gt=0)
     """How long a producer keeps retrying unacknowledged records before it reports them as not stored

@@ -6,7 +6,6 @@ and goes into the database as it came. `validate` returns None or a message nami
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from recorder.schema import TRAJECTORY_STATUSES
+from recorder.sanitize import (
+    datetime_problem,
+    index_problem,
+    json_problem,
+    number_problem,
+    plain_index,
+    plain_number,
+    short,
+    storable_text,
+    text_problem,
+)
+from recorder.schema import TRAJECTORY_STATUSES, LlmCall, RewardJudgment, Trajectory
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -149,116 +159,112 @@ Record = TrajectoryRecord | StepRecord | LlmCallRecord | JudgmentRecord
 
 def record_size(record: Record) -> int:
     """Approximate bytes on the wire, for keeping each call under the size where Ray switches to the store."""
-    if isinstance(record, LlmCallRecord):
-        size = len(record.prompt_token_ids) + len(record.completion_token_ids) + len(record.completion_logprobs)
-        size += len(record.text) + (sum(len(str(m)) for m in record.messages) if record.messages else 0)
-        return size + 200
-    if isinstance(record, StepRecord):
-        return len(record.observation) + len(str(record.action)) + len(record.error or "") + 100
-    if isinstance(record, TrajectoryRecord):
-        return 300 + len(str(record.metadata)) + len(str(record.metrics))
-    return 200 + len(record.reasoning or "")
+    try:
+        if isinstance(record, LlmCallRecord):
+            size = len(record.prompt_token_ids) + len(record.completion_token_ids) + len(record.completion_logprobs)
+            size += len(record.text) + (sum(len(str(m)) for m in record.messages) if record.messages else 0)
+            return size + 200
+        if isinstance(record, StepRecord):
+            return len(record.observation) + len(str(record.action)) + len(record.error or "") + 100
+        if isinstance(record, TrajectoryRecord):
+            return 300 + len(str(record.metadata)) + len(str(record.metrics))
+        return 200 + len(record.reasoning or "")
+    except Exception:  # a malformed record (validation names the field); it must not stop the batch being cut
+        return 200
+
+
+_T, _C, _J = Trajectory.__table__.c, LlmCall.__table__.c, RewardJudgment.__table__.c
+
+
+def _width(column: Any) -> int:
+    """The VARCHAR width of a column, read from the schema so that the two never disagree."""
+    return int(column.type.length)
+
+
+ID_LENGTH = _width(_T.id)
 
 
 def _check_id(name: str, value: object) -> str | None:
-    if not isinstance(value, str) or not value:
-        return f"{name} must be a non-empty string, got {value!r}"
-    if len(value) > 64:
-        return f"{name} is longer than 64 characters"
-    return None
-
-
-def _check_index(name: str, value: object) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        return f"{name} must be an integer >= 0, got {value!r}"
-    return None
-
-
-def _check_number(name: str, value: object, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return f"{name} must be a number, got {type(value).__name__}"
-    if not math.isfinite(value):
-        return f"{name} must be finite, got {value!r}"
-    return None
+    return text_problem(name, value, ID_LENGTH)
 
 
 def _first(*problems: str | None) -> str | None:
     return next((p for p in problems if p), None)
 
 
+def _check_bool(name: str, value: object) -> str | None:
+    return None if isinstance(value, bool) else f"{name} must be a bool, got {short(value)}"
+
+
+def _reward_components(value: object) -> str | None:
+    if not isinstance(value, dict):
+        return "reward_components must be a mapping of name to number"
+    for name, number in value.items():
+        if problem := number_problem(f"reward_components[{short(name, 40)}]", number):
+            return problem
+    return json_problem("reward_components", value, dict, nullable=False)
+
+
 def _validate_trajectory(r: TrajectoryRecord) -> str | None:
-    problem = _first(
+    if r.status not in TRAJECTORY_STATUSES:
+        return f"status must be one of {', '.join(TRAJECTORY_STATUSES)}, got {short(r.status)}"
+    return _first(
         _check_id("id", r.id),
         _check_id("group_id", r.group_id),
-        _check_index("model_version", r.model_version),
-        _check_index("step_count", r.step_count),
-        _check_number("total_reward", r.total_reward, optional=True),
+        text_problem("environment", r.environment, _width(_T.environment)),
+        text_problem("scenario_id", r.scenario_id, _width(_T.scenario_id)),
+        text_problem("agent_id", r.agent_id, _width(_T.agent_id), empty=True, null=True),
+        index_problem("model_version", r.model_version),
+        index_problem("step_count", r.step_count),
+        number_problem("total_reward", r.total_reward, optional=True),
+        _reward_components(r.reward_components),
+        json_problem("metrics", r.metrics, dict, nullable=False),
+        json_problem("metadata", r.metadata, dict, nullable=False),
+        _check_bool("is_eval", r.is_eval),
+        datetime_problem("started_at", r.started_at),
+        datetime_problem("finished_at", r.finished_at),
     )
-    if problem:
-        return problem
-    if not isinstance(r.environment, str) or not r.environment:
-        return "environment must be a non-empty string"
-    if not isinstance(r.scenario_id, str) or not r.scenario_id:
-        return "scenario_id must be a non-empty string (the start state that groups a GRPO group)"
-    if r.status not in TRAJECTORY_STATUSES:
-        return f"status must be one of {', '.join(TRAJECTORY_STATUSES)}, got {r.status!r}"
-    if not isinstance(r.reward_components, dict):
-        return "reward_components must be a mapping of name to number"
-    for name, value in r.reward_components.items():
-        if problem := _check_number(f"reward_components[{name!r}]", value):
-            return problem
-    return None
 
 
 def _plain_id(value: object) -> bool:
-    return type(value) is str and 0 < len(value) <= 64
-
-
-def _plain_index(value: object) -> bool:
-    return type(value) is int and value >= 0
-
-
-def _plain_number(value: object) -> bool:
-    return (type(value) is float and math.isfinite(value)) or type(value) is int
+    return type(value) is str and 0 < len(value) <= ID_LENGTH and storable_text(value)
 
 
 def _validate_step(r: StepRecord) -> str | None:
     # Fast path for the common, well-formed record; it accepts nothing the checks below would refuse.
     if (
         _plain_id(r.trajectory_id)
-        and _plain_index(r.step_index)
-        and _plain_number(r.env_reward)
+        and plain_index(r.step_index)
+        and plain_number(r.env_reward)
         and type(r.observation) is str
-        and (r.action is None or type(r.action) is dict)
+        and storable_text(r.observation)
         and type(r.done) is bool
+        and (r.error is None or (type(r.error) is str and storable_text(r.error)))
+        and (r.action is None or (type(r.action) is dict and json_problem("action", r.action) is None))
     ):
         return None
-    problem = _first(
+    return _first(
         _check_id("trajectory_id", r.trajectory_id),
-        _check_index("step_index", r.step_index),
-        _check_number("env_reward", r.env_reward),
+        index_problem("step_index", r.step_index),
+        number_problem("env_reward", r.env_reward),
+        text_problem("observation", r.observation, empty=True),
+        json_problem("action", r.action, dict),
+        _check_bool("done", r.done),
+        text_problem("error", r.error, empty=True, null=True),
     )
-    if problem:
-        return problem
-    if not isinstance(r.observation, str):
-        return f"observation must be a string, got {type(r.observation).__name__}"
-    if r.action is not None and not isinstance(r.action, dict):
-        return f"action must be a mapping (the parsed action) or None, got {type(r.action).__name__}"
-    if not isinstance(r.done, bool):
-        return f"done must be a bool, got {r.done!r}"
-    return None
+
+
+_PURPOSE_WIDTH, _FINISH_WIDTH = _width(_C.purpose), _width(_C.finish_reason)
 
 
 def _validate_call(r: LlmCallRecord) -> str | None:
     # Fast path for the common, well-formed record; it accepts nothing the checks below would refuse.
     if (
         _plain_id(r.trajectory_id)
-        and _plain_index(r.step_index)
-        and _plain_index(r.call_index)
-        and _plain_index(r.model_version)
-        and (r.latency_ms is None or _plain_number(r.latency_ms))
+        and plain_index(r.step_index)
+        and plain_index(r.call_index)
+        and plain_index(r.model_version)
+        and (r.latency_ms is None or plain_number(r.latency_ms))
         and type(r.prompt_token_ids) is bytes
         and type(r.completion_token_ids) is bytes
         and type(r.completion_logprobs) is bytes
@@ -268,17 +274,23 @@ def _validate_call(r: LlmCallRecord) -> str | None:
         and not len(r.completion_token_ids) % 4
         and len(r.completion_token_ids) == len(r.completion_logprobs)
         and type(r.text) is str
+        and storable_text(r.text)
         and type(r.purpose) is str
-        and 0 < len(r.purpose) <= 32
-        and (r.finish_reason is None or (type(r.finish_reason) is str and len(r.finish_reason) <= 16))
+        and 0 < len(r.purpose) <= _PURPOSE_WIDTH
+        and storable_text(r.purpose)
+        and (r.finish_reason is None or (type(r.finish_reason) is str and len(r.finish_reason) <= _FINISH_WIDTH))
+        and (r.finish_reason is None or storable_text(r.finish_reason))
+        and type(r.sampling_params) is dict
+        and json_problem("sampling_params", r.sampling_params) is None
+        and (r.messages is None or (type(r.messages) is list and json_problem("messages", r.messages) is None))
     ):
         return None
     problem = _first(
         _check_id("trajectory_id", r.trajectory_id),
-        _check_index("step_index", r.step_index),
-        _check_index("call_index", r.call_index),
-        _check_index("model_version", r.model_version),
-        _check_number("latency_ms", r.latency_ms, optional=True),
+        index_problem("step_index", r.step_index),
+        index_problem("call_index", r.call_index),
+        index_problem("model_version", r.model_version),
+        number_problem("latency_ms", r.latency_ms, optional=True),
     )
     if problem:
         return problem
@@ -295,13 +307,13 @@ def _validate_call(r: LlmCallRecord) -> str | None:
             f"completion_logprobs has {len(r.completion_logprobs) // 4} values for "
             f"{len(r.completion_token_ids) // 4} completion tokens; they must match one to one"
         )
-    if not isinstance(r.text, str):
-        return f"text must be a string, got {type(r.text).__name__}"
-    if not isinstance(r.purpose, str) or not 0 < len(r.purpose) <= 32:
-        return f"purpose must be a string of 1 to 32 characters, got {r.purpose!r}"
-    if r.finish_reason is not None and (not isinstance(r.finish_reason, str) or len(r.finish_reason) > 16):
-        return f"finish_reason must be None or a string of at most 16 characters, got {r.finish_reason!r}"
-    return None
+    return _first(
+        text_problem("text", r.text, empty=True),
+        text_problem("purpose", r.purpose, _PURPOSE_WIDTH),
+        text_problem("finish_reason", r.finish_reason, _FINISH_WIDTH, empty=True, null=True),
+        json_problem("sampling_params", r.sampling_params, dict, nullable=False),
+        json_problem("messages", r.messages, list),
+    )
 
 
 def _check_call_arrays(r: LlmCallRecord) -> str | None:
@@ -314,18 +326,18 @@ def _check_call_arrays(r: LlmCallRecord) -> str | None:
 
 
 def _validate_judgment(r: JudgmentRecord) -> str | None:
-    problem = _first(
+    return _first(
         _check_id("trajectory_id", r.trajectory_id),
-        _check_number("score", r.score),
-        _check_number("normalized_score", r.normalized_score, optional=True),
+        number_problem("score", r.score),
+        number_problem("normalized_score", r.normalized_score, optional=True),
+        text_problem("judge", r.judge, _width(_J.judge)),
+        text_problem("judge_kind", r.judge_kind, _width(_J.judge_kind)),
+        text_problem("judge_model", r.judge_model, _width(_J.judge_model), empty=True, null=True),
+        text_problem("judge_version", r.judge_version, _width(_J.judge_version), empty=True, null=True),
+        None if r.rank_in_group is None else index_problem("rank_in_group", r.rank_in_group),
+        text_problem("reasoning", r.reasoning, empty=True, null=True),
+        json_problem("criteria", r.criteria, dict, nullable=False),
     )
-    if problem:
-        return problem
-    if not isinstance(r.judge, str) or not r.judge or not isinstance(r.judge_kind, str) or not r.judge_kind:
-        return "judge and judge_kind must be non-empty strings"
-    if r.rank_in_group is not None and (_check_index("rank_in_group", r.rank_in_group)):
-        return _check_index("rank_in_group", r.rank_in_group)
-    return None
 
 
 _VALIDATORS = {

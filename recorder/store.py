@@ -4,7 +4,9 @@ Writes are idempotent on natural keys (trajectory id; trajectory + step; traject
 trajectory + judge), so a producer may resend anything it was not sure about. On PostgreSQL steps and
 LLM calls are COPYed straight into their tables; a resend that hits an existing key rolls the transaction
 back, and it is written again through staging tables with INSERT ... ON CONFLICT DO NOTHING. On SQLite
-they go through executemany with INSERT OR IGNORE.
+they go through executemany with INSERT OR IGNORE. When the database refuses part of a batch (a value past
+its limits, a constraint), the rows to blame are found in savepoints and rejected by position; the rest is
+stored (recorder/isolate.py). An outage is raised, for the caller to retry.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
+from recorder.config import DEFAULT_STATEMENT_TIMEOUT_S
+from recorder.errors import is_data_error, refusal
+from recorder.isolate import WriteBatch, write_isolating
 from recorder.migrate import check_schema
 from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate_many
 from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
@@ -63,7 +68,18 @@ class WriteResult:
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
-def create_db_engine(url: str | URL, connect_timeout_s: float = 10.0, pool_size: int = 5) -> Engine:
+def create_db_engine(
+    url: str | URL,
+    connect_timeout_s: float = 10.0,
+    pool_size: int = 5,
+    statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S,
+) -> Engine:
+    """An engine for the trajectory database: every call on it has a deadline, every commit is durable.
+
+    PostgreSQL: `statement_timeout_s` is the server-side limit per statement (None: none), and TCP
+    keepalives end a connection to a server that went silent. SQLite: lock waits end after
+    `connect_timeout_s`.
+    """
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(parsed, connect_args={"timeout": connect_timeout_s})
@@ -72,53 +88,33 @@ def create_db_engine(url: str | URL, connect_timeout_s: float = 10.0, pool_size:
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the recorder's writes
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # The recorder acknowledges a step once its transaction commits, so a commit must survive a power
+            # loss: FULL syncs the WAL at every commit (NORMAL only at checkpoints, which can lose the last
+            # commits). Group commit keeps this to one sync per transaction of many records.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(1, int(connect_timeout_s)),
+        # A server that vanished without closing the socket is noticed in about 30 s, not hours.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 4,
+    }
+    if statement_timeout_s is not None:
+        # A startup option, not a SET: it holds for every connection the pool opens and survives rollbacks.
+        option = f"-c statement_timeout={max(1, round(statement_timeout_s * 1000))}"
+        given = parsed.query.get("options")
+        connect_args["options"] = f"{given} {option}" if isinstance(given, str) else option
     return sa.create_engine(
         parsed,
         pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
         pool_size=pool_size,
-        connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
+        connect_args=connect_args,
     )
-
-
-@dataclass
-class _Batch:
-    """One write, sorted out: valid records and encoded rows with their positions, and the rejected ones."""
-
-    records: list[tuple[int, Record]] = field(default_factory=list)
-    encoded: list[tuple[int, EncodedRows]] = field(default_factory=list)
-    """Blocks of COPY rows with the position of their first row."""
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-
-    def drop_unknown(self, unknown: set[str]) -> None:
-        def problem(trajectory_id: str) -> str:
-            return f"trajectory_id {trajectory_id!r} is unknown: send its TrajectoryRecord first"
-
-        kept: list[tuple[int, Record]] = []
-        for position, record in self.records:
-            if not isinstance(record, TrajectoryRecord) and record.trajectory_id in unknown:
-                self.rejected.append((position, problem(record.trajectory_id)))
-            else:
-                kept.append((position, record))
-        self.records = kept
-        blocks: list[tuple[int, EncodedRows]] = []
-        for start, block in self.encoded:
-            if unknown.isdisjoint(block.trajectory_ids):
-                blocks.append((start, block))
-                continue
-            ids, rows = [], []
-            for offset, (trajectory_id, row) in enumerate(zip(block.trajectory_ids, block.rows(), strict=True)):
-                if trajectory_id in unknown:
-                    self.rejected.append((start + offset, problem(trajectory_id)))
-                else:
-                    ids.append(trajectory_id)
-                    rows.append(row)
-            blocks.append((start, EncodedRows.of_rows(block.table, ids, rows)))
-        self.encoded = blocks
 
 
 def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[TrajectoryRecord]:
@@ -134,8 +130,14 @@ def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[Trajectory
 class TrajectoryStore:
     """Owns a SQLAlchemy engine; `write` is the recorder's only path into the database."""
 
-    def __init__(self, url: str | URL, connect_timeout_s: float = 10.0, pool_size: int = 5) -> None:
-        self.engine = create_db_engine(url, connect_timeout_s, pool_size)
+    def __init__(
+        self,
+        url: str | URL,
+        connect_timeout_s: float = 10.0,
+        pool_size: int = 5,
+        statement_timeout_s: float | None = DEFAULT_STATEMENT_TIMEOUT_S,
+    ) -> None:
+        self.engine = create_db_engine(url, connect_timeout_s, pool_size, statement_timeout_s)
         self.dialect = self.engine.dialect.name
         check_schema(self.engine)
         self._known_ids: OrderedDict[str, None] = OrderedDict()
@@ -158,10 +160,11 @@ class TrajectoryStore:
     def write(self, items: Sequence[Record | EncodedRows]) -> WriteResult:
         """Validate, then store everything valid in one transaction; report the rest by position.
 
-        Positions count a record as one and an `EncodedRows` block as one per row, in order. Raises (and
-        stores nothing) if the database cannot be reached or the transaction fails.
+        Positions count a record as one and an `EncodedRows` block as one per row, in order. Rows the
+        database refuses are rejected too. Raises (and stores nothing) if the database cannot be reached, or
+        on an error that no row explains (a missing table, no permission).
         """
-        batch = _Batch()
+        batch = WriteBatch()
         records = [item for item in items if not isinstance(item, EncodedRows)]
         problems = iter(validate_many(records))
         position = 0
@@ -171,7 +174,7 @@ class TrajectoryStore:
                 if problem:
                     batch.rejected += [(position + offset, problem) for offset in range(len(item))]
                 else:
-                    batch.encoded.append((position, item))
+                    batch.encoded.append((range(position, position + len(item)), item))
                 position += len(item)
                 continue
             problem = next(problems)
@@ -183,19 +186,32 @@ class TrajectoryStore:
 
         conn = self._connection()
         try:
-            try:
-                written = self._write_batch(conn, batch, resent=False)
-            except Exception as exc:
-                if not _is_unique_violation(exc):
-                    raise
-                # Some rows were stored before (a producer resent after a timeout or a recorder restart):
-                # the transaction rolled back; write it again, skipping rows that exist.
-                written = self._write_batch(conn, batch, resent=True)
+            written = self._write_or_isolate(conn, batch)
         except Exception:
             self._conn = None  # a broken connection must not be reused; the pool invalidates dead ones
             conn.close()
             raise
         return WriteResult(written=written, rejected=sorted(batch.rejected))
+
+    def _write_or_isolate(self, conn: Connection, batch: WriteBatch) -> int:
+        """The fast write; after a unique violation, the resend path; after the database refused some of the
+        data, the rows to blame are found and rejected (an outage is raised, for the caller to retry)."""
+        try:
+            return self._write_batch(conn, batch, resent=False)
+        except Exception as exc:
+            if _is_unique_violation(exc):
+                # Some rows were stored before (a producer resent after a timeout or a recorder restart):
+                # the transaction rolled back; write it again, skipping rows that exist.
+                try:
+                    return self._write_batch(conn, batch, resent=True)
+                except Exception as again:
+                    if not is_data_error(again):
+                        raise
+                    exc = again
+            elif not is_data_error(exc):
+                raise
+            log.warning("the database refused part of a batch (%s); isolating the rows to blame", refusal(exc))
+        return write_isolating(self, conn, batch)
 
     def _check_block(self, block: EncodedRows) -> str | None:
         if self.dialect != "postgresql":
@@ -212,7 +228,7 @@ class TrajectoryStore:
             return "EncodedRows trajectory ids must be strings"
         return None
 
-    def _write_batch(self, conn: Connection, batch: _Batch, resent: bool) -> int:
+    def _write_batch(self, conn: Connection, batch: WriteBatch, resent: bool) -> int:
         """Write in one transaction; reject rows of unknown trajectories into `batch`. Returns rows written.
 
         On PostgreSQL steps and calls are COPYed straight into their tables unless `resent`: a row that
@@ -220,45 +236,51 @@ class TrajectoryStore:
         `resent=True`, which goes through staging tables and ON CONFLICT DO NOTHING.
         """
         with conn.begin():
-            new_ids = {r.id for _, r in batch.records if isinstance(r, TrajectoryRecord)}
-            referenced = {r.trajectory_id for _, r in batch.records if not isinstance(r, TrajectoryRecord)}
-            for _, block in batch.encoded:
-                referenced.update(block.trajectory_ids)
-            unknown = self._unknown_trajectories(conn, referenced - new_ids)
-            if unknown:
-                batch.drop_unknown(unknown)
-            by_type: dict[type, list[Any]] = {kind: [] for kind in (TrajectoryRecord, StepRecord, LlmCallRecord)}
-            by_type[JudgmentRecord] = []
-            for _, record in batch.records:
-                by_type[type(record)].append(record)
-            now = utcnow()
-            trajectories = _dedupe_trajectories(by_type[TrajectoryRecord])  # sorted: one lock order, no deadlocks
-            # A start of a trajectory already stored changes nothing (producers repeat starts so that each call
-            # stands alone): skip it rather than make the server lock the row.
-            trajectories = [r for r in trajectories if r.status != "running" or r.id not in self._known_ids]
-            self._write_trajectories(conn, trajectories, now)
-            if self.dialect == "postgresql":
-                blocks = [block for _, block in batch.encoded]
-                blocks += encode(by_type[StepRecord] + by_type[LlmCallRecord], now)  # records sent as objects
-                encoded: dict[str, list[bytes]] = {}
-                for block in blocks:
-                    encoded.setdefault(block.table, []).append(block.data)
-                self._copy_bulk(conn, encoded, resent)
-                judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
-                if judgments:
-                    conn.execute(postgresql.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
-            else:
-                for table, rows in (
-                    (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
-                    (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
-                ):
-                    if rows:
-                        self._insert_or_ignore(conn, table, rows)
-                judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
-                if judgments:
-                    conn.execute(sqlite.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
-        for trajectory_id in new_ids:
+            written = self.write_rows(conn, batch, resent)
+        for trajectory_id in batch.started_ids():
             self._remember(trajectory_id)
+        return written
+
+    def write_rows(self, conn: Connection, batch: WriteBatch, resent: bool, pending: Set[str] = frozenset()) -> int:
+        """The body of a write, in the caller's transaction. `pending`: trajectories written earlier in it
+        (not committed yet, so neither remembered nor looked up)."""
+        new_ids = batch.started_ids()
+        referenced = {r.trajectory_id for _, r in batch.records if not isinstance(r, TrajectoryRecord)}
+        for _, block in batch.encoded:
+            referenced.update(block.trajectory_ids)
+        unknown = self._unknown_trajectories(conn, referenced - new_ids - pending)
+        if unknown:
+            batch.drop_unknown(unknown)
+        by_type: dict[type, list[Any]] = {kind: [] for kind in (TrajectoryRecord, StepRecord, LlmCallRecord)}
+        by_type[JudgmentRecord] = []
+        for _, record in batch.records:
+            by_type[type(record)].append(record)
+        now = utcnow()
+        trajectories = _dedupe_trajectories(by_type[TrajectoryRecord])  # sorted: one lock order, no deadlocks
+        # A start of a trajectory already stored changes nothing (producers repeat starts so that each call
+        # stands alone): skip it rather than make the server lock the row.
+        trajectories = [r for r in trajectories if r.status != "running" or r.id not in self._known_ids]
+        self._write_trajectories(conn, trajectories, now)
+        if self.dialect == "postgresql":
+            blocks = [block for _, block in batch.encoded]
+            blocks += encode(by_type[StepRecord] + by_type[LlmCallRecord], now)  # records sent as objects
+            encoded: dict[str, list[bytes]] = {}
+            for block in blocks:
+                encoded.setdefault(block.table, []).append(block.data)
+            self._copy_bulk(conn, encoded, resent)
+            judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+            if judgments:
+                conn.execute(postgresql.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
+        else:
+            for table, rows in (
+                (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
+                (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
+            ):
+                if rows:
+                    self._insert_or_ignore(conn, table, rows)
+            judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+            if judgments:
+                conn.execute(sqlite.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
         return len(batch.records) + sum(len(block) for _, block in batch.encoded)
 
     def _insert_or_ignore(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -328,7 +350,8 @@ class TrajectoryStore:
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
         if self.dialect == "postgresql":
-            _execute(conn, _TRAJECTORY_UPSERT, [json.dumps(rows, separators=(",", ":"), default=_isoformat)])
+            payload = json.dumps(rows, separators=(",", ":"), default=_isoformat, allow_nan=False)
+            _execute(conn, _TRAJECTORY_UPSERT, [payload])
             return
         insert = sqlite.insert(table)
         updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
@@ -405,6 +428,8 @@ class TrajectoryStore:
                 sql.Identifier(table), sql.Identifier(stage), cols=_names(_ENCODED_COLUMNS[table])
             )
             _execute(conn, statement)
+            # Empty it now, not at commit: rows isolated in savepoints share one transaction.
+            _execute(conn, sql.SQL("DELETE FROM {}").format(sql.Identifier(stage)))
 
     @staticmethod
     def _create_stage(conn: Connection, table: str) -> str:

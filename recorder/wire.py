@@ -65,7 +65,9 @@ _STEP_INDEX_AND_TEXT = struct.Struct(">iii").pack  # step index (4 bytes), then 
 _CALL_INDEXES_AND_TEXT = struct.Struct(">iiiiiii").pack  # step, call, model version, then the purpose's length
 _TOKEN_COUNTS = struct.Struct(">iiii").pack
 _TRUE, _FALSE = b"\x00\x00\x00\x01\x01", b"\x00\x00\x00\x01\x00"
-_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(separators=...) builds one per call
+# One encoder (json.dumps(separators=...) builds one per call). NaN would be written as a bare `NaN` token that
+# PostgreSQL refuses; validation rejects it first, and this keeps it from reaching the server regardless.
+_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _text(value: str | None) -> bytes:
