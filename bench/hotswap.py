@@ -35,6 +35,9 @@ def random_adapter(base: str, folder: Path, seed: int, rank: int = 8) -> str:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(folder))
+    from cluster.artifacts import write_manifest
+
+    write_manifest(folder, kind="lora", base_model=base)  # the controller serves only folders it can verify
     return str(folder)
 
 

@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from recorder.queries import list_versions, readiness
+    from recorder.queries import deployed_version, list_versions, readiness
     from recorder.store import create_db_engine
 
     config = load_config(args.config)
@@ -90,7 +90,10 @@ def _versions(args: argparse.Namespace) -> int:
                 f"v{v['version']:<4} {v['status']:<11} {v['kind']:<5} batch={v['training_batch_id']} "
                 f"parent={v['parent_version']} loss={shown_loss} {v['artifact_uri'] or ''}"
             )
-        ready = readiness(engine, config.trainer.reward_source, config.trainer.min_group_size)
+        ready = readiness(
+            engine, config.trainer.reward_source, config.trainer.min_group_size,
+            parent_version=deployed_version(engine), max_staleness=config.trainer.max_staleness,
+        )  # fmt: skip
         print(f"ready to train: {ready.groups_with_variance} groups ({ready.trainable_trajectories} trajectories)")
     finally:
         engine.dispose()
@@ -162,12 +165,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def _database_status(config: ZigguratConfig) -> dict[str, Any]:
     from cluster.report import version_rewards
-    from recorder.queries import list_batches, readiness
+    from recorder.queries import deployed_version, list_batches, readiness
     from recorder.store import create_db_engine
 
     engine = create_db_engine(config.database.resolved_url())
     try:
-        ready = readiness(engine, config.trainer.reward_source, config.trainer.min_group_size)
+        ready = readiness(
+            engine, config.trainer.reward_source, config.trainer.min_group_size,
+            parent_version=deployed_version(engine), max_staleness=config.trainer.max_staleness,
+        )  # fmt: skip
         return {
             "controller": "not running",
             "readiness": {"ready": ready.groups_with_variance >= config.controller.min_groups, **ready.__dict__},

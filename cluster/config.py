@@ -97,10 +97,25 @@ class ControllerConfig(_Section):
     """Skip deploying a version whose held-out mean reward is below the serving version's."""
 
     canary_fraction: float = Field(0.0, ge=0, le=1)
-    """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once)."""
+    """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once). The loop
+    settles every canary after the next rollout round: promoted to every actor or rolled back, on reward."""
 
     canary_tolerance: float = Field(0.0, ge=0)
     """A canary is promoted if its mean reward is at least the deployed version's minus this much."""
+
+    canary_min_episodes: int = Field(8, ge=1)
+    """Finished training episodes that the canary and the deployed version each need since the canary
+    began before it is decided early; at its deadline it is decided on what there is."""
+
+    canary_settle_timeout_s: float = Field(1800.0, gt=0)
+    """Deadline for a canary: past it (or after the loop's next rollout round, whichever comes first) it is
+    decided on the episodes it has, and rolled back if either side has none. Checked whenever canaries are
+    settled (`Controller.settle_canaries`, which the loop calls after every rollout round)."""
+
+    drain_timeout_s: float = Field(120.0, gt=0)
+    """How long a swap that replaces an engine's weights (a full or merged version, or leaving one) waits
+    for the actor's groups in flight on the old version to finish. Groups still running after it fail (their
+    episodes recorded as failed) and the loop plays them again; none finishes on weights it did not start on."""
 
     swap_timeout_s: float = Field(120.0, gt=0)
     """Deadline for every actor to load a version; if one misses it, nobody flips."""
@@ -153,11 +168,22 @@ class ZigguratConfig(_Section):
     """GRPO training as a Ray Train job."""
 
     @model_validator(mode="after")
-    def _merged_serving_keeps_what_needs_the_base(self) -> ZigguratConfig:
-        if self.engine.lora_serving == "merged" and self.judge.llm:
+    def _the_judge_is_not_the_policy(self) -> ZigguratConfig:
+        # The LLM judge samples the rollout engine's base weights. Full and merged versions replace those
+        # weights in place, so the judge would score the policy with the policy under training.
+        if not self.judge.llm:
+            return self
+        if self.trainer.mode == "full":
+            raise ValueError(
+                "judge.llm samples the base weights of the rollout engine, which trainer.mode: full replaces with "
+                "the weights under training (the policy would judge itself); set judge.llm: false, or use "
+                "trainer.mode: lora with engine.lora_serving: adapter"
+            )
+        if self.engine.lora_serving == "merged":
             raise ValueError(
                 "judge.llm samples the base weights of the rollout engine, which engine.lora_serving: merged "
-                "replaces; use lora_serving: adapter with the LLM judge"
+                "replaces with the weights under training; use lora_serving: adapter with the LLM judge, or set "
+                "judge.llm: false"
             )
         return self
 

@@ -4,16 +4,15 @@ A named Ray actor whose state that matters lives in the database (batches with t
 progress, versions with their statuses), so a restarted controller carries on where the last one stopped:
 `recover()` finds training jobs that were running, waits for live ones and fails dead ones.
 
-Hot-swap is two-phase: every target rollout actor loads the version first (`prepare`), and only if all of
-them did within `controller.swap_timeout_s` does any of them flip (`activate`). In-flight episodes finish
-on the version they started with (the engine pins it per episode). Rollout actors are found by name
-(`<controller>-rollout-<i>`), so they survive a controller restart and the other way round.
+Hot-swap (two-phase: everyone loads, then everyone flips), canaries and restoring restarted actors are in
+cluster/hotswap.py, which this class inherits. Rollout actors are found by name (`<controller>-rollout-<i>`),
+so they survive a controller restart and the other way round.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,16 @@ import ray
 
 from cluster import training
 from cluster.config import ZigguratConfig
+from cluster.hotswap import HotSwap
 
 log = logging.getLogger("ziggurat.controller")
 
 LIVE_STATUSES = ("ready", "canary", "deployed", "retired", "rolled_back")  # versions that can be served
+
+# Serialises claiming a batch and launching its job against `recover` in this process: the actor runs up to
+# 8 calls at once, and recover must never fail a batch that train() claimed a moment ago but has not yet
+# recorded as its own. Across processes the database keeps one open batch per parent.
+_CLAIMING = threading.Lock()
 
 
 class SwapFailed(RuntimeError):
@@ -54,7 +59,7 @@ class _Metrics:
         self.trainable = Gauge("ziggurat_trainable_groups", "Groups ready for training")
 
 
-class Controller:
+class Controller(HotSwap):
     """Create with `start_controller`; every method is a remote call with a deadline on the caller's side."""
 
     def __init__(self, config: ZigguratConfig) -> None:
@@ -116,35 +121,22 @@ class Controller:
         return self._artifact(version), version["kind"]
 
     def _artifact(self, version: dict[str, Any], subfolder: str | None = None) -> str | None:
-        """The version's folder, which must lie inside the model store (never load from elsewhere)."""
+        """The version's folder: inside the model store (never load from elsewhere), safetensors only, and
+        every file matching the checksums in its manifest."""
+        from cluster.artifacts import ArtifactError, servable_folder
+
         if version["kind"] == "base":
             return None
-        uri = version["artifact_uri"]
-        path = Path(uri or "").expanduser().resolve()
-        if subfolder is not None:
-            path = (path / subfolder).resolve()
-        if not uri or not path.is_relative_to(self.store):
-            raise ControllerError(f"version {version['version']}'s artifact {uri!r} is outside the model store")
-        if not path.is_dir():
-            raise ControllerError(f"version {version['version']}'s folder {path} does not exist")
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        if pickles:
-            raise ControllerError(
-                f"version {version['version']}'s folder {path} holds pickled files {pickles}; only safetensors "
-                "weights are served (loading a pickle runs arbitrary code)"
-            )
-        expected = "adapter_config.json" if version["kind"] == "lora" and subfolder is None else "config.json"
-        if not (path / expected).is_file() or not any(path.glob("*.safetensors")):
-            raise ControllerError(
-                f"version {version['version']}'s folder {path} holds no {expected} and safetensors weights"
-            )
-        return str(path)
+        try:
+            return str(servable_folder(self.store, version, subfolder))
+        except ArtifactError as exc:
+            raise ControllerError(str(exc)) from None
 
     def deployed_version(self) -> int:
+        """The deployed version: what every non-canary actor serves, and what the next version trains from."""
         from recorder import queries
 
-        deployed = [v["version"] for v in queries.list_versions(self.db, status="deployed")]
-        return max(deployed) if deployed else 0
+        return queries.deployed_version(self.db)
 
     def versions(self) -> list[dict[str, Any]]:
         from recorder import queries
@@ -155,120 +147,23 @@ class Controller:
         ]
 
     # ---- hot-swap -------------------------------------------------------------------------------
-    def deploy(self, version: int, canary_fraction: float | None = None) -> dict[str, Any]:
-        """Load `version` into the target actors, then flip them all; nobody flips if any load fails."""
-        from recorder import queries
-
-        row = queries.get_version(self.db, version)
-        if row["status"] not in LIVE_STATUSES:
-            raise ControllerError(f"version {version} is {row['status']}; only {', '.join(LIVE_STATUSES)} deploy")
-        artifact, kind = self._served_artifact(row)
-        workers = self._workers()
-        if not workers:
-            raise ControllerError("no rollout actors are running; start them (ziggurat run) before deploying")
-        fraction = self.config.controller.canary_fraction if canary_fraction is None else canary_fraction
-        canary = 0 < fraction < 1
-        names = sorted(workers)
-        targets = names[: max(1, math.ceil(fraction * len(names)))] if canary else names
-        started = time.perf_counter()
-        loaded, errors = self._gather(
-            {n: workers[n].prepare.remote(version, artifact, kind) for n in targets},
-            self.config.controller.swap_timeout_s,
-        )
-        if errors:
-            self._gather({n: workers[n].unload.remote(version) for n in loaded}, self.config.controller.swap_timeout_s)
-            self._metrics.swaps.inc(1, tags={"outcome": "failed"})
-            if row["status"] == "ready":  # a fresh version that cannot be loaded is unusable
-                queries.update_version(self.db, version, status="failed", metrics={"swap_errors": errors})
-            raise SwapFailed(f"version {version} was not loaded by {sorted(errors)}: {errors}; nobody switched")
-        load_s = time.perf_counter() - started
-        previous, errors = self._gather(
-            {n: workers[n].activate.remote(version) for n in targets}, self.config.controller.swap_timeout_s
-        )
-        swap_s = time.perf_counter() - started
-        if errors:  # activation is a pointer switch in the actor; failing here means the actor died
-            self._metrics.swaps.inc(1, tags={"outcome": "partial"})
-            raise SwapFailed(f"version {version} loaded everywhere but {sorted(errors)} did not switch: {errors}")
-        for name in targets:
-            self._metrics.served.set(version, tags={"actor": name})
-        if canary:
-            queries.update_version(self.db, version, status="canary", metrics={"canary_actors": targets})
-        else:
-            for other in queries.list_versions(self.db, status="deployed"):
-                if other["version"] != version:
-                    queries.update_version(self.db, other["version"], status="retired")
-            queries.update_version(self.db, version, status="deployed", metrics={"deploy_swap_s": round(swap_s, 4)})
-            self._metrics.deployed.set(version)
-        self._metrics.swaps.inc(1, tags={"outcome": "canary" if canary else "deployed"})
-        log.info("version %d serving on %s (load %.3f s, swap %.3f s)", version, targets, load_s, swap_s)
-        return {
-            "version": version,
-            "actors": targets,
-            "previous": previous,
-            "canary": canary,
-            "load_s": load_s,
-            "swap_s": swap_s,
-        }
-
-    def settle_canary(self, version: int, min_episodes: int = 8) -> dict[str, Any]:
-        """Promote a canary version to every actor if its episodes since the canary began score at least the
-        deployed version's (within `controller.canary_tolerance`), else roll it back."""
-        import sqlalchemy as sa
-
-        from recorder import queries
-        from recorder.schema import Trajectory
-
-        row = queries.get_version(self.db, version)
-        if row["status"] != "canary":
-            raise ControllerError(f"version {version} is {row['status']}, not a canary")
-        deployed = self.deployed_version()
-        t = Trajectory.__table__
-        with self.db.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.model_version, sa.func.avg(t.c.total_reward), sa.func.count())
-                .where(
-                    t.c.status == "finished",
-                    t.c.is_eval.is_(False),
-                    t.c.started_at >= row["updated_at"],
-                    t.c.model_version.in_([version, deployed]),
-                )
-                .group_by(t.c.model_version)
-            ).all()
-        means = {v: (float(mean), count) for v, mean, count in rows}
-        if min(means.get(version, (0, 0))[1], means.get(deployed, (0, 0))[1]) < min_episodes:
-            return {"decided": False, "episodes": {v: c for v, (_, c) in means.items()}, "needed": min_episodes}
-        canary_mean, deployed_mean = means[version][0], means[deployed][0]
-        outcome = {"canary_mean_reward": canary_mean, "deployed_mean_reward": deployed_mean, "decided": True}
-        if canary_mean >= deployed_mean - self.config.controller.canary_tolerance:
-            return {**outcome, "promoted": True, **self.deploy(version, canary_fraction=1.0)}
-        result = self.deploy(deployed, canary_fraction=1.0)
-        queries.update_version(self.db, version, status="rolled_back", metrics={"canary": outcome})
-        return {**outcome, "promoted": False, **result}
-
     def rollback(self, version: int | None = None) -> dict[str, Any]:
-        """Serve `version` (default: the newest earlier version that was deployed) and mark the current
-        one rolled back."""
+        """Serve `version` and mark the current one (and any canary) rolled back. By default: while a canary
+        runs, the deployed version (rolling back a canary undoes the canary, nothing more); otherwise the
+        newest earlier version that was deployed. The version served after this is the next one's parent."""
         from recorder import queries
 
         current = self.deployed_version()
         canaries = [v["version"] for v in queries.list_versions(self.db, status="canary")]
-        if version is None:
+        if version is None and canaries:
+            version = current
+        elif version is None:
             earlier = [v["version"] for v in queries.list_versions(self.db, status="retired") if v["version"] < current]
             version = max(earlier) if earlier else 0
-            if canaries and not earlier:  # rolling back a canary means returning to what is deployed
-                version = current
         result = self.deploy(version)
         for bad in {current, *canaries} - {version}:
             queries.update_version(self.db, bad, status="rolled_back")
         return {**result, "rolled_back": sorted({current, *canaries} - {version})}
-
-    def sync_workers(self) -> dict[str, Any]:
-        """Make every rollout actor serve the deployed version (after actors or the controller restarted)."""
-        served = self.health()["actors"]
-        target = self.deployed_version()
-        if all(a.get("served_version") == target for a in served.values() if a.get("alive")):
-            return {"version": target, "changed": False}
-        return {**self.deploy(target), "changed": True}
 
     # ---- readiness and training -----------------------------------------------------------------
     def readiness(self) -> dict[str, Any]:
@@ -276,47 +171,59 @@ class Controller:
         from recorder import queries
 
         settings, trainer = self.config.controller, self.config.trainer
-        min_version = 0
-        if trainer.max_staleness is not None:
-            min_version = max(0, self.deployed_version() - trainer.max_staleness)
-        ready = queries.readiness(self.db, trainer.reward_source, trainer.min_group_size, min_version)
+        parent = self.deployed_version()  # what a batch claimed now trains from, and is judged stale against
+        ready = queries.readiness(
+            self.db, trainer.reward_source, trainer.min_group_size, parent_version=parent,
+            max_staleness=trainer.max_staleness,
+        )  # fmt: skip
         unmet = []
         if ready.groups_with_variance < settings.min_groups:
+            flat = ready.groups - ready.groups_with_variance - ready.incomplete_groups
+            waiting = (
+                f"; {ready.incomplete_groups} waiting for another trajectory to finish, be judged or be complete"
+                if ready.incomplete_groups
+                else ""
+            )
             unmet.append(
                 f"trainable groups: {ready.groups_with_variance} of {settings.min_groups} needed "
-                f"({ready.groups} judged groups, {ready.groups - ready.groups_with_variance} too small or with "
-                f"equal rewards; {ready.finished - ready.judged} finished but not judged by "
-                f"'{trainer.reward_source}'; {ready.failed_quality} failed the quality gate; {ready.stale} older "
-                f"than version {min_version})"
+                f"({ready.groups} judged groups, {flat} too small or with equal rewards{waiting}; "
+                f"{ready.finished - ready.judged} finished but not judged by '{trainer.reward_source}'; "
+                f"{ready.failed_quality} failed the quality gate; {ready.stale} older than version "
+                f"{ready.min_version})"
             )
         running = queries.list_batches(self.db, statuses=("pending", "running"))
         if running:
             unmet.append(f"training batch {running[0]['id']} is still {running[0]['status']}")
         self._metrics.trainable.set(ready.groups_with_variance)
-        return {"ready": not unmet, "unmet": unmet, "min_version": min_version, **ready.__dict__}
+        return {"ready": not unmet, "unmet": unmet, "parent_version": parent, **ready.__dict__}
 
     def train(self) -> dict[str, Any]:
         """Claim a batch and train it as an in-cluster job; wait for it. Returns the outcome."""
         from recorder import queries
 
         self.recover()
-        readiness = self.readiness()
-        if not readiness["ready"]:
-            return {"trained": False, "unmet": readiness["unmet"]}
         trainer = self.config.trainer
-        batch_id = queries.claim_batch(
-            self.db,
-            max_groups=trainer.batch_max_groups,
-            min_group_size=trainer.min_group_size,
-            reward_source=trainer.reward_source,
-            min_version=readiness["min_version"],
-        )
-        if batch_id is None:
-            return {"trained": False, "unmet": ["another claimer took the trainable groups"]}
-        # The job id goes on the row before the job starts, so a controller that dies in between leaves a
-        # batch whose job `recover` can look for (and fail, finding none).
-        queries.mark_batch(self.db, batch_id, "pending", ray_job_id=training.job_id(self.config, batch_id))
-        self._training[batch_id] = training.launch(self.config, batch_id)
+        with _CLAIMING:
+            readiness = self.readiness()
+            if not readiness["ready"]:
+                return {"trained": False, "unmet": readiness["unmet"]}
+            try:
+                batch_id = queries.claim_batch(
+                    self.db,
+                    max_groups=trainer.batch_max_groups,
+                    min_group_size=trainer.min_group_size,
+                    reward_source=trainer.reward_source,
+                    parent_version=readiness["parent_version"],
+                    max_staleness=trainer.max_staleness,
+                )
+            except queries.BatchInProgress as exc:  # another claimer (`ziggurat train`, a call) got there first
+                return {"trained": False, "unmet": [str(exc)]}
+            if batch_id is None:
+                return {"trained": False, "unmet": ["another claimer took the trainable groups"]}
+            # The job id goes on the row before the job starts, so a controller that dies in between leaves a
+            # batch whose job `recover` can look for (and fail, finding none).
+            queries.set_batch_job(self.db, batch_id, training.job_id(self.config, batch_id))
+            self._training[batch_id] = training.launch(self.config, batch_id)
         log.info("training batch %d in-cluster", batch_id)
         return self.wait_training(batch_id)
 
@@ -357,13 +264,18 @@ class Controller:
             outcome["error"] = batch["error"]
         return outcome
 
-    def _fail_batch(self, batch: dict[str, Any], error: str) -> None:
+    def _fail_batch(self, batch: dict[str, Any], error: str) -> bool:
+        """Fail an open batch (and its version); False if it ended meanwhile, which then stands: a job that
+        completed just before its deadline keeps its version."""
         from recorder import queries
 
+        try:
+            queries.fail_batch(self.db, batch["id"], error)
+        except queries.BatchStateConflict as exc:
+            log.warning("batch %d: not failed (%s): %s", batch["id"], error, exc)
+            return False
         log.error("batch %d: %s", batch["id"], error)
-        queries.mark_batch(self.db, batch["id"], "failed", error=error, release=True)
-        if batch["target_version"] is not None:
-            queries.update_version(self.db, batch["target_version"], status="failed", metrics={"error": error})
+        return True
 
     def recover(self) -> list[dict[str, Any]]:
         """Pick up training jobs a previous controller left: wait for live ones, fail dead ones."""
@@ -371,11 +283,17 @@ class Controller:
 
         outcomes = []
         for batch in queries.list_batches(self.db, statuses=("pending", "running")):
-            if batch["id"] in self._training:
-                continue
-            if training.find(self.config, batch["ray_job_id"]) is None:
-                self._fail_batch(batch, f"training job {batch['ray_job_id']!r} was lost with the controller")
+            error = f"training job {batch['ray_job_id']!r} was lost with the controller"
+            with _CLAIMING:
+                if batch["id"] in self._training:
+                    continue
+                lost = training.find(self.config, batch["ray_job_id"]) is None
+                failed = lost and self._fail_batch(batch, error)
+            if failed:
                 outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "failed"})
+            elif lost:  # it ended while we looked: report how
+                trained = queries.get_batch(self.db, batch["id"])["status"] == "completed"
+                outcomes.append({"trained": trained, "batch_id": batch["id"], "recovered": "ended"})
             else:
                 log.info("batch %d: picking up running job %s", batch["id"], batch["ray_job_id"])
                 outcomes.append({**self.wait_training(batch["id"]), "recovered": "resumed"})
@@ -388,23 +306,26 @@ class Controller:
         from recorder import queries
 
         rollout = self.config.rollout
+        artifact, kind = self._served_artifact(queries.get_version(self.db, version))
         workers = self._workers()
         if not workers:
             raise ControllerError("no rollout actors are running to evaluate on")
-        row = queries.get_version(self.db, version)
-        names = sorted(workers)
-        if self._merged(row):
-            if version != self.deployed_version():  # merged weights can only be sampled once swapped in
+        if kind == "full":  # full (or merged) weights can only be sampled where they are swapped in
+            served = {n: a.get("served_version") for n, a in self.health()["actors"].items()}
+            names = sorted(n for n in workers if served.get(n) == version)
+            if not names:
                 raise ControllerError(
-                    f"version {version} is not deployed; with engine.lora_serving: merged a LoRA version is "
-                    "evaluated after it is deployed"
+                    f"version {version} is served by no rollout actor (they serve {served}); full and merged "
+                    "versions are evaluated after they are deployed (or on their canary actors)"
                 )
         else:
-            artifact = self._artifact(row)
-            self._gather(
+            names = sorted(workers)
+            _, errors = self._gather(
                 {n: workers[n].prepare.remote(version, artifact) for n in names},
                 self.config.controller.swap_timeout_s,
             )
+            if errors:
+                raise ControllerError(f"version {version} could not be loaded for evaluation: {errors}")
         refs = {
             f"{seed}": workers[names[i % len(names)]].run_group.remote(
                 **rollout.group_call(seed, evaluation=True), version=version
@@ -450,6 +371,7 @@ class Controller:
             recorder_state = {"alive": False, "error": f"{type(exc).__name__}: {exc}"}
         return {
             "actors": actors,
+            "served_versions": {n: a.get("served_version") for n, a in sorted(actors.items())},
             "database": database,
             "recorder": recorder_state,
             "training": [
@@ -464,6 +386,7 @@ class Controller:
         }
 
     def status(self) -> dict[str, Any]:
+        """Deployed version, readiness, health (with the version each actor really serves) and versions."""
         return {
             "deployed_version": self.deployed_version(),
             "readiness": self.readiness(),

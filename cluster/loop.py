@@ -4,10 +4,12 @@
     evaluate the served version on the held-out scenarios
     repeat `controller.iterations` times:
         play `groups_per_iteration` training scenarios (GRPO groups, judged as they finish)
+        controller.settle_canaries() -> a canary from the last iteration is promoted or rolled back on reward
         controller.train()    -> claims a batch when ready, runs the Ray Train job, registers version N
         controller.evaluate() -> version N on the held-out scenarios, before anyone serves it
-        controller.deploy()   -> hot-swap version N into every rollout actor
-    write report.json and reward.png
+        controller.deploy()   -> hot-swap version N into every rollout actor (or, as a canary, into some)
+    a canary deployed by the last iteration gets one more rollout round and is settled
+    write report.json and reward.png (with the version each actor really serves, from controller.health)
 
 Everything runs through the named actors, so `ziggurat status` in another shell sees the same state.
 """
@@ -139,7 +141,8 @@ def play(
 
     A group lost with a crashed actor is played again (a new group, same seed) once the actor is back and the
     controller has restored the version it serves, up to `controller.group_retries` times. What the lost group
-    had recorded stays in the database as an unfinished trajectory, which is never trained on."""
+    had recorded stays in the database as an unfinished trajectory, which is never trained on. A group with a
+    failed episode (recorded as failed, the group left unjudged) is played again the same way."""
     names = sorted(actors)
     settings = config.controller
 
@@ -157,13 +160,24 @@ def play(
             for ref in done:
                 seed, name, tries = pending.pop(ref)
                 try:
-                    results.append(ray.get(ref, timeout=10))
-                    bar.update(1)
-                    continue
+                    group = ray.get(ref, timeout=10)
                 except Exception as exc:
                     if not _lost_with_actor(exc) or tries >= settings.group_retries:
                         raise
                     log.warning("group %d lost with actor %s (%s); replaying it", seed, name, type(exc).__name__)
+                else:
+                    if not group.get("failed"):
+                        results.append(group)
+                        bar.update(1)
+                        continue
+                    if tries >= settings.group_retries:
+                        raise RuntimeError(
+                            f"group {seed} on {name} had failed episodes in {tries + 1} tries (controller."
+                            f"group_retries: {settings.group_retries}); last errors: {group['errors'][:3]}. Fix what "
+                            "they name, or raise controller.group_retries if the failures are transient"
+                        )
+                    errors = group["errors"][:1]
+                    log.warning("group %d on %s had failed episodes (%s); replaying it", seed, name, errors)
                 wait_until_back(actors[name], "health", settings.restart_timeout_s)
                 if controller is not None:
                     ray.get(controller.sync_workers.remote(), timeout=settings.call_timeout_s)
@@ -214,24 +228,39 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         call("sync_workers")
         return resumed[-1] if resumed else call("train", timeout=settings.training_timeout_s + 60)
 
+    def served_versions() -> dict[str, int | None]:
+        """What each rollout actor really serves (a canary serves on some of them only)."""
+        return call("health")["served_versions"]
+
     call("recover", timeout=settings.training_timeout_s)
     call("sync_workers")
     served = call("deployed_version")
     evaluations = {served: call("evaluate", served)["mean_reward"]} if rollout.eval_seeds else {}
     iterations = []
     next_seed = rollout.train_seed_start
-    for iteration in range(1, settings.iterations + 1):
-        seeds = list(range(next_seed, next_seed + rollout.groups_per_iteration))
+
+    def next_seeds() -> list[int]:
+        nonlocal next_seed
         next_seed += rollout.groups_per_iteration
-        groups = play(config, actors, seeds, f"iteration {iteration}: rollouts", controller)
+        return list(range(next_seed - rollout.groups_per_iteration, next_seed))
+
+    for iteration in range(1, settings.iterations + 1):
+        actors_served = served_versions()
+        groups = play(config, actors, next_seeds(), f"iteration {iteration}: rollouts", controller)
         rewards = [r for g in groups for r in g["rewards"]]
         entry: dict[str, Any] = {
             "iteration": iteration,
             "served_version": served,
+            "served_versions": actors_served,
             "train_mean_reward": _mean(rewards),
             "episodes": len(rewards),
             "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
         }
+        # A canary lives for one rollout round: decided now, on that round's rewards, before anything trains.
+        settled = call("settle_canaries", True)
+        if settled:
+            entry["canary_settled"], served = settled, call("deployed_version")
+            entry["deployed_after_settling"], entry["served_versions_after_settling"] = served, served_versions()
         log.info("iteration %d: mean reward %s on version %d; training", iteration, entry["train_mean_reward"], served)
         outcome = train()
         entry["training"] = outcome
@@ -246,10 +275,21 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
                 entry["deployed"] = False
             else:
                 entry["swap"] = call("deploy", version)
-                entry["deployed"], served = True, version
+                entry["canary"] = entry["swap"]["canary"]
+                entry["deployed"] = not entry["canary"]  # a canary is deployed once it is promoted
+                if entry["deployed"]:
+                    served = version
                 if rollout.eval_seeds and not before:
                     evaluations[version] = call("evaluate", version)["mean_reward"]
         iterations.append(entry)
+    canary_round = None
+    if any(v["status"] == "canary" for v in call("versions")):  # the last iteration's canary gets its round too
+        groups = play(config, actors, next_seeds(), "canary round", controller)
+        canary_round = {
+            "train_mean_reward": _mean([r for g in groups for r in g["rewards"]]),
+            "settled": call("settle_canaries", True),
+        }
+        served = call("deployed_version")
     from cluster.report import version_rewards, write_report
     from recorder.store import create_db_engine
 
@@ -267,7 +307,9 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         "base_eval_mean_reward": evals.get(0),
         "final_version": served,
         "final_eval_mean_reward": evals.get(served),
+        "served_versions": served_versions(),
         "iterations": iterations,
+        "canary_round": canary_round,
         "versions": versions,
         "wall_s": round(time.perf_counter() - started, 1),
     }

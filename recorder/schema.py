@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -30,6 +31,9 @@ JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 TRAJECTORY_STATUSES = ("running", "finished", "aborted", "failed")
 VERSION_STATUSES = ("training", "ready", "canary", "deployed", "retired", "failed", "rolled_back")
 BATCH_STATUSES = ("pending", "running", "completed", "failed")
+OPEN_BATCH_STATUSES = ("pending", "running")
+OPEN_BATCH = text("status IN ('pending', 'running')")
+"""The partial-index predicate of an open batch (the same SQL on SQLite and PostgreSQL)."""
 
 
 def utcnow() -> datetime:
@@ -143,12 +147,29 @@ class TrainingBatch(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     target_version: Mapped[int | None] = mapped_column(Integer)
+    # The version this batch trains from (0: the base model), fixed when it is claimed. No foreign key:
+    # version 0 is only registered once a controller has run, and a job may train before that.
+    parent_version: Mapped[int | None] = mapped_column(Integer)
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ray_job_id: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # One open (pending or running) batch per parent version: two jobs from one parent would register
+    # sibling versions trained on disjoint halves of the data. The database refuses the second claim however
+    # it arrives (controller, `ziggurat train`, a second controller). A NULL parent (a claim outside any
+    # lineage, e.g. a tool reading data) is not constrained: NULLs never collide in a unique index.
+    __table_args__ = (
+        Index(
+            "uq_training_batches_open_per_parent",
+            "parent_version",
+            unique=True,
+            sqlite_where=OPEN_BATCH,
+            postgresql_where=OPEN_BATCH,
+        ),
+    )
 
 
 class TrainingBatchTrajectory(Base):

@@ -2,17 +2,20 @@
 
 `run_group` plays `group_size` episodes from the same start state (the GRPO group: same environment and
 seed), concurrently, so vLLM batches their calls. Multi-turn prompts extend the exact tokens of earlier
-turns (rollout.chat). A trajectory records the version it started on; every LLM call records the version
-that produced it. Episodes past their deadline are recorded as aborted.
+turns (rollout.chat). A group is pinned to the version served when it starts: every turn of every episode
+samples that version, and a swap that replaces the engine's weights (a full or merged version) first lets
+the groups pinned to other versions finish, while new groups wait for the swap. Episodes past their
+deadline are recorded as aborted; an episode that raises is recorded as failed and its group is not judged
+(the loop plays it again).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ class EpisodeResult:
     completion_tokens: int
     transcript: str
     version: int
+    error: str | None = None
 
 
 class _RolloutMetrics:
@@ -88,18 +92,26 @@ class RolloutWorker:
         recorder: RecorderConfig,
         judge: JudgeConfig | None = None,
         restore_on_restart: bool = True,
+        engine_instance: PolicyEngine | None = None,
     ) -> None:
+        """`engine_instance`: an engine already started on this event loop, served instead of starting one
+        (tests share one engine; outside a Ray actor, pass restore_on_restart=False)."""
         self._awaiting_restore = restore_on_restart and ray.get_runtime_context().was_current_actor_reconstructed
         if self._awaiting_restore:
             log.warning("rollout actor restarted: it serves no version until the controller restores one")
         self._model_path, self._engine_config = model_path, engine
         self._judge = judge
         self._client = RecorderClient(recorder)
-        self._engine: PolicyEngine | None = None
+        self._engine: PolicyEngine | None = engine_instance
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
         self._in_flight, self._calls, self._last_call = 0, 0, None
         self._full_weights: dict[int, str] = {}  # prepared full-weight versions: version -> folder
+        self._adapters: dict[int, str] = {}  # prepared adapters: version -> folder (reloaded after a weights swap)
+        self._pinned: Counter[int] = Counter()  # version -> episodes in flight that sample it
+        self._groups_open = asyncio.Event()  # cleared while a weights swap waits for pinned groups to finish
+        self._groups_open.set()
+        self._swapping = asyncio.Lock()
         self._metrics: _RolloutMetrics | None = None
 
     async def _policy(self) -> PolicyEngine:
@@ -127,26 +139,61 @@ class RolloutWorker:
             self._full_weights[version] = artifact
         elif artifact is not None:
             await engine.load_adapter(version, artifact)
+            self._adapters[version] = artifact
         return version
 
-    async def activate(self, version: int) -> int:
-        """Hot-swap phase 2: serve a prepared version from the next LLM call on; returns the previous one."""
+    async def activate(self, version: int, drain_timeout_s: float = 300.0) -> int:
+        """Hot-swap phase 2: serve a prepared version from the next group on; returns the previous one.
+
+        Flipping between adapters on the base weights keeps every loaded version servable, so groups in flight
+        simply go on. Replacing the weights (a full version, or leaving one) makes the old version unservable:
+        new groups wait, the groups pinned to other versions get up to `drain_timeout_s` to finish, then the
+        weights are swapped. Groups still running past that deadline fail on their next turn (recorded as
+        failed, replayed by the loop) rather than finish on weights they did not start with."""
         engine = await self._policy()
-        previous = engine.version
-        if version in self._full_weights:
-            await engine.load_weights(version, self._full_weights[version])
+        async with self._swapping:
+            previous = engine.version
+            full = version in self._full_weights
+            if (full and engine.weights_version == version) or (not full and engine.weights_version == 0):
+                engine.activate(version)
+                self._awaiting_restore = False
+                return previous
+            self._groups_open.clear()
+            try:
+                await self._drain({version} if full else {0, version}, drain_timeout_s)
+                timeout = self._engine_config.swap_timeout_s
+                if full:
+                    await engine.load_weights(version, self._full_weights[version], swap_timeout_s=timeout)
+                else:  # an adapter (or the base) after full weights: the base weights first, then the adapter
+                    await engine.load_weights(0, self._model_path, swap_timeout_s=timeout)
+                    if version in self._adapters:  # load_weights dropped the adapters loaded on the old weights
+                        await engine.load_adapter(version, self._adapters[version])
+                    engine.activate(version)
+            finally:
+                self._groups_open.set()
             self._awaiting_restore = False
             return previous
-        if engine.weights_version != 0:  # base or an adapter after a full-weights version: base weights first
-            await engine.load_weights(0, self._model_path)
-        engine.activate(version)
-        self._awaiting_restore = False
-        return previous
+
+    async def _drain(self, servable: set[int], timeout_s: float) -> None:
+        """Wait until no episode in flight samples a version outside `servable` (or the deadline passes)."""
+        deadline = time.monotonic() + timeout_s
+        while any(v not in servable for v in self._pinned):
+            if time.monotonic() > deadline:
+                left = {v: n for v, n in self._pinned.items() if v not in servable}
+                log.warning(
+                    "episodes still running on versions %s after %.0f s; swapping anyway: they fail on their next "
+                    "turn and their groups are played again",
+                    left, timeout_s,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(0.02)
 
     async def unload(self, version: int) -> None:
         engine = await self._policy()
         if version != engine.version:
             await engine.unload_adapter(version)
+            self._adapters.pop(version, None)
+            self._full_weights.pop(version, None)
 
     async def health(self) -> dict[str, Any]:
         """Served version, loaded adapters, episodes in flight and when the last LLM call finished."""
@@ -155,7 +202,10 @@ class RolloutWorker:
             "served_version": None if self._awaiting_restore else engine.version,
             "awaiting_restore": self._awaiting_restore,
             "loaded_versions": engine.loaded_versions,
+            "weights_version": engine.weights_version,
             "episodes_in_flight": self._in_flight,
+            "episodes_by_version": dict(self._pinned),
+            "swapping": not self._groups_open.is_set(),
             "llm_calls": self._calls,
             "last_call_s_ago": None if self._last_call is None else time.monotonic() - self._last_call,
         }
@@ -177,20 +227,32 @@ class RolloutWorker:
         """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on), and
         `version` plays a loaded version other than the served one (evaluation before a deploy)."""
         engine = await self._policy()
+        await self._groups_open.wait()  # a weights swap is draining: this group starts on the new version
         if self._awaiting_restore and version is None:
             raise RolloutRestarted(
                 "this rollout actor was restarted after a crash and serves no version yet: the controller restores "
                 "the deployed one (Controller.sync_workers, called by the loop and `ziggurat deploy`)"
             )
+        # One version for the whole group, pinned before anything awaits, so a swap can never split a group.
+        pinned = engine.version if version is None else version
         spec = EpisodeSpec(
             env_name, env_settings or {}, seed, uuid.uuid4().hex, max_turns, max_tokens, temperature, episode_timeout_s,
-            min_tokens, is_eval, version,
+            min_tokens, is_eval, pinned,
         )  # fmt: skip
         started = time.perf_counter()
-        episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
+        self._pinned[pinned] += group_size
+        try:
+            episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
+        finally:
+            self._pinned[pinned] -= group_size
+            if self._pinned[pinned] <= 0:
+                del self._pinned[pinned]
         finished = [e for e in episodes if e.status == "finished"]
+        failed = [e for e in episodes if e.status == "failed"]
         judged = 0
-        if self._judge is not None and finished:
+        # A group with a failed episode is played again whole; judging the rest would make a partial group
+        # trainable.
+        if self._judge is not None and finished and not failed:
             judgments = await self._judge_group(engine, finished)
             self._client.extend(judgments)
             judged = len(finished)
@@ -211,6 +273,8 @@ class RolloutWorker:
             "judged": judged,
             "model_versions": [e.version for e in episodes],
             "is_eval": is_eval,
+            "failed": bool(failed),
+            "errors": [e.error for e in failed],
         }
 
     def _record_metrics(self, episodes: list[EpisodeResult], tokens_per_s: float) -> None:
@@ -228,32 +292,47 @@ class RolloutWorker:
     async def _judge_group(self, engine: PolicyEngine, finished: list[EpisodeResult]) -> list[Any]:
         assert self._judge is not None
         settings = self._judge
+        # The judge samples whatever weights the engine holds, named as they are: the base model's, or (only
+        # outside the loop, whose config refuses it) a full version's. A swap meanwhile fails the call.
+        weights = engine.weights_version
+        judge_model = self._model_path if weights == 0 else self._full_weights.get(weights, f"v{weights}")
 
         async def generate(prompt: str) -> str:
             tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
             if len(tokens) + settings.max_tokens > self._engine_config.max_model_len:
                 raise JudgeOutputError(f"judge prompt of {len(tokens)} tokens does not fit engine.max_model_len")
             try:
-                generation = await engine.generate(
-                    tokens, max_tokens=settings.max_tokens, temperature=settings.temperature, base_weights=True
+                generation = await asyncio.wait_for(
+                    engine.generate(
+                        tokens, max_tokens=settings.max_tokens, temperature=settings.temperature, version=weights
+                    ),
+                    settings.timeout_s,
                 )
+            except TimeoutError:
+                raise JudgeOutputError(
+                    f"judge generation passed judge.timeout_s ({settings.timeout_s} s); raise it or lower "
+                    "judge.max_tokens"
+                ) from None
             except EngineError as exc:
                 raise JudgeOutputError(f"judge engine failed: {exc}") from exc
             return generation.completions[0].text
 
         group = [JudgedTrajectory(e.trajectory_id, e.transcript, e.reward) for e in finished]
-        return await judge_group(group, settings, generate, judge_model=self._model_path, judge_version="base")
+        version = "base" if weights == 0 else f"v{weights}"
+        return await judge_group(group, settings, generate, judge_model=judge_model, judge_version=version)
 
     async def _episode(self, engine: PolicyEngine, spec: EpisodeSpec) -> EpisodeResult:
         trajectory_id, seed = uuid.uuid4().hex, spec.seed
-        version = engine.version if spec.version is None else spec.version
-        spec = dataclasses.replace(spec, version=version)  # every turn of the episode samples this version
+        assert spec.version is not None, "run_group pins the group's version"
+        version = spec.version  # every turn of the episode samples this version
         common = {
             "environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id,
             "is_eval": spec.is_eval,
         }  # fmt: skip
         self._client.add(TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}))
         progress: dict[str, Any] = {"reward": 0.0, "turns": 0, "tokens": 0, "transcript": []}
+        metrics: dict[str, Any] = {}
+        error = None
         self._in_flight += 1
         try:
             await asyncio.wait_for(self._play(engine, spec, trajectory_id, progress), spec.timeout_s)
@@ -261,17 +340,21 @@ class RolloutWorker:
         except TimeoutError:
             status = "aborted"
             log.warning("episode %s passed its %.0f s deadline; recorded as aborted", trajectory_id, spec.timeout_s)
+        except Exception as exc:  # an episode never stays `running`: its group is reported failed and replayed
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            metrics["error"] = error[:2000]  # an outcome column: the end record fills it in
+            log.warning("episode %s failed on version %d: %s", trajectory_id, version, error)
         finally:
             self._in_flight -= 1
         self._client.add(
             TrajectoryRecord(
                 trajectory_id, **common, model_version=version, status=status, total_reward=progress["reward"],
-                step_count=progress["turns"], metadata={"seed": seed},
+                step_count=progress["turns"], metrics=metrics, metadata={"seed": seed},
             )
         )  # fmt: skip
         return EpisodeResult(
             trajectory_id, progress["reward"], progress["turns"], status, progress["tokens"],
-            "\n".join(progress["transcript"]), version,
+            "\n".join(progress["transcript"]), version, error,
         )  # fmt: skip
 
     async def _play(

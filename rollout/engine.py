@@ -34,7 +34,8 @@ class Completion:
 
     token_ids: list[int]
     logprobs: list[float]
-    """Log-probability of each sampled token under the policy that sampled it (same length as token_ids)."""
+    """Log-probability of each sampled token under the distribution that sampled it: the policy's logits divided
+    by the request's temperature (vLLM's processed log-probs); same length as token_ids."""
     text: str
     finish_reason: str | None
     """`stop` (EOS or a stop token), `length` (hit max_tokens) or `abort`."""
@@ -95,6 +96,9 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
         "enable_lora": config.enable_lora,
         "trust_remote_code": config.trust_remote_code,
         "load_format": "safetensors",  # never unpickle weights (.bin/.pt) from a folder
+        # Log-probs of the distribution that sampled (after temperature), not vLLM's default raw ones: the
+        # trainer divides its logits by each call's temperature and must meet the same numbers.
+        "logprobs_mode": "processed_logprobs",
     }
     if config.enable_lora:
         kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
@@ -117,6 +121,7 @@ class PolicyEngine:
         self._admitting = asyncio.Event()  # cleared while full weights are swapped in place
         self._admitting.set()
         self._running = 0  # requests inside vLLM now
+        self._unusable: str | None = None  # why the engine refuses requests (a weight reload that timed out)
 
     @classmethod
     async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
@@ -161,15 +166,24 @@ class PolicyEngine:
                 "the engine needs engine.enable_lora and engine.max_lora_rank >= the adapter's rank"
             ) from exc
         self._loaded[version] = request
+        if request.load_inplace:
+            # Cached KV blocks are keyed by the adapter's name, which an in-place reload keeps: without the
+            # reset, prompts would reuse keys and values the old adapter weights computed.
+            await self._llm.reset_prefix_cache()
 
-    async def load_weights(self, version: int, weights_dir: str, drain_timeout_s: float = 300.0) -> None:
+    async def load_weights(
+        self, version: int, weights_dir: str, drain_timeout_s: float = 300.0, swap_timeout_s: float = 300.0
+    ) -> None:
         """Serve full weights from `weights_dir` (safetensors, same architecture) as `version`; pass the base
         model's folder as version 0 to return to it.
 
         vLLM replaces the weights in place, so the engine stops admitting requests, waits (up to
         `drain_timeout_s`) for the running ones to finish on the old weights, swaps, and admits again:
-        no request ever mixes two versions. Adapters loaded on the old weights are dropped.
+        no request ever mixes two versions. Adapters loaded on the old weights are dropped. vLLM's reload
+        itself has `swap_timeout_s` (engine.swap_timeout_s); past it the engine refuses every request.
         """
+        if self._unusable is not None:
+            raise EngineError(self._unusable)
         folder = Path(weights_dir)
         if not folder.is_dir() or not any(folder.glob("*.safetensors")):
             raise EngineError(f"{weights_dir} holds no .safetensors weights to load for version {version}")
@@ -183,9 +197,20 @@ class PolicyEngine:
                     )
                 await asyncio.sleep(0.01)
             try:
-                await self._llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_path": str(folder), "is_checkpoint_format": True}
+                await asyncio.wait_for(
+                    self._llm.collective_rpc(
+                        "reload_weights", kwargs={"weights_path": str(folder), "is_checkpoint_format": True}
+                    ),
+                    swap_timeout_s,
                 )
+            except TimeoutError:
+                # The engine core may still be copying tensors: the weights are neither version's any more.
+                self._unusable = (
+                    f"vLLM did not finish reloading the weights in {weights_dir} (version {version}) within "
+                    f"engine.swap_timeout_s ({swap_timeout_s} s); its weights are in an unknown state, so it serves "
+                    "nothing: restart this rollout actor (the controller restores the deployed version)"
+                )
+                raise EngineError(self._unusable) from None
             except Exception as exc:
                 raise EngineError(
                     f"vLLM could not load the weights in {weights_dir} ({type(exc).__name__}: {exc}); they must be "
@@ -231,11 +256,10 @@ class PolicyEngine:
         return sorted(self._loaded)
 
     async def set_adapter(self, version: int, adapter_dir: str | None) -> None:
-        """Load (if needed) and serve `version`; `adapter_dir=None` serves the base weights as `version`."""
-        if adapter_dir is None:
-            self._lora, self.version = None, version
-            return
-        await self.load_adapter(version, adapter_dir)
+        """Load (if needed) and serve `version`; `adapter_dir=None` serves the weights the engine holds (0: the
+        base model's), never under another version's name, since requests pinned to a version must get it."""
+        if adapter_dir is not None:
+            await self.load_adapter(version, adapter_dir)
         self.activate(version)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -278,6 +302,8 @@ class PolicyEngine:
         )
         lora: Any = None  # the request keeps its version and adapter even if a swap happens meanwhile
         await self._admitting.wait()  # a full-weights swap in progress: this request goes to the new weights
+        if self._unusable is not None:
+            raise EngineError(self._unusable)
         if base_weights:
             version = self.weights_version
         if version is None:

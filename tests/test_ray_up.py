@@ -159,7 +159,9 @@ def test_ray_up_local_cluster_runs_a_submitted_trainer_job_then_ray_down(
         finally:
             db.dispose()
         assert version["version"] == 1 and version["status"] == "ready"
-        assert (root / "store" / "v1" / "adapter_config.json").is_file()
+        artifact = Path(version["artifact_uri"])  # v1-b<batch>-<random>: unique across databases
+        assert artifact.parent == (root / "store").resolve() and artifact.name.startswith("v1-")
+        assert (artifact / "adapter_config.json").is_file()
     finally:
         down = subprocess.run(
             [ray_bin, "down", "-y", str(cluster)], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT

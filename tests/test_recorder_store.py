@@ -123,7 +123,9 @@ def _fill_groups(store, version: int = 0) -> None:
             tid = f"{group}-{i}"
             records += [trajectory(tid, group, version), step(tid, 0), call(tid, 0, rng, 20, 5, version)]
             records.append(finished(tid, group, reward, version))
-    records += [trajectory("still-running", "pair", version), trajectory("eval-0", "varied", version, is_eval=True)]
+    # A running episode of its own group (one inside "pair" would hold that group back: groups train whole,
+    # see test_a_group_trains_only_whole); an evaluation episode is never part of a training group.
+    records += [trajectory("still-running", "late", version), trajectory("eval-0", "varied", version, is_eval=True)]
     store.write(records)
 
 
@@ -135,7 +137,7 @@ def test_readiness_counts_only_trainable_unused_groups(store):
     assert ready.groups_with_variance == 2  # "flat" has equal rewards: nothing to learn from
     assert ready.trainable_trajectories == 6
     assert ready.by_model_version == {0: 9}
-    assert queries.readiness(store.engine, min_version=1).finished == 0  # staleness bound
+    assert queries.readiness(store.engine, parent_version=1, max_staleness=0).finished == 0  # staleness bound
 
 
 def test_readiness_from_a_judge_counts_judged_trajectories(store):
@@ -246,7 +248,7 @@ def test_readiness_gates_on_data_quality_and_staleness(store):
     store.write(records)
     ready = queries.readiness(store.engine)
     assert (ready.groups_with_variance, ready.failed_quality, ready.stale) == (2, 4, 0)
-    ready = queries.readiness(store.engine, min_version=2)  # version 1 is now beyond the staleness bound
+    ready = queries.readiness(store.engine, parent_version=2, max_staleness=0)  # version 1 is beyond the bound
     assert (ready.groups_with_variance, ready.failed_quality, ready.stale) == (0, 0, 8)
     batch = queries.claim_batch(store.engine, max_groups=10)
     assert sorted(queries.get_batch(store.engine, batch)["trajectory_ids"]) == ["ok0", "ok1", "old0", "old1"]

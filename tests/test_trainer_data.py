@@ -47,15 +47,16 @@ def test_multi_turn_calls_that_extend_each_other_become_one_row():
     assert batch.advantages[0] == batch.advantages[1] > 0  # both rows of trajectory 0 carry its advantage
 
 
-def test_groups_without_signal_and_stale_groups_are_dropped_and_counted():
+def test_groups_without_signal_are_dropped_and_counted_and_staleness_is_not_judged_again():
     groups = [
         _group("flat", [1.0, 1.0], version=4),
         _group("old", [1.0, 0.0], version=1),
         _group("ok", [1.0, 0.0], version=4),
     ]
-    rows, stats = build_rows(groups, current_version=5, max_staleness=2)
-    assert (stats.groups_without_signal, stats.groups_stale, stats.trajectories) == (1, 1, 2)
-    assert {r.group_index for r in rows} == {2}
+    # Staleness was judged once, when the batch was claimed: every claimed group with signal is trained on.
+    rows, stats = build_rows(groups)
+    assert (stats.groups_without_signal, stats.groups_stale, stats.trajectories) == (1, 0, 4)
+    assert {r.group_index for r in rows} == {1, 2}
     assert stats.reward_mean == pytest.approx(0.5)
 
 

@@ -106,7 +106,7 @@ def _checkpoints_keep_the_pre_batch_logprobs(engine, batch_id: int, base: str, t
     from trainer.loop import STATE_FILE
     from trainer.step import token_logprobs
 
-    (first,) = (tmp_path / "store" / "ray_runs").glob("*/checkpoint_000000")
+    first = sorted((tmp_path / "store" / "ray_runs").glob("*/checkpoint_*"))[0]  # after update 1
     saved = torch.load(first / STATE_FILE, weights_only=False)["old_logprobs"]
     assert len(saved) == 2  # one per worker
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -222,3 +222,90 @@ def test_full_weights_train_sharded_with_fsdp2_on_cpu_workers(ray_session, tiny_
         if not torch.equal(a, b)
     ]  # fmt: skip
     assert any("layers.0." in n for n in changed) and any("layers.1." in n for n in changed)
+
+
+def hand_made_adapter(base: str, folder: Path, seed: int = 0) -> Path:
+    """A real LoRA adapter of the tiny model (fresh, as a job starts one), with a manifest that lists every
+    file's sha256, as the training job writes it: registered by hand as a version to serve or train from."""
+    from cluster.models import sha256_file
+    from trainer.config import TrainerConfig
+    from trainer.model import build_policy
+
+    build_policy(base, TrainerConfig(seed=seed)).save_pretrained(folder, safe_serialization=True)
+    checksums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"kind": "lora", "checksums": checksums}))
+    return folder
+
+
+def _record_from_versions(url: str, versions: dict[str, int], size: int = 4) -> None:
+    """One group per name, sampled by the given model version, rewards 0/1 alternating."""
+    rng = np.random.default_rng(13)
+    store = TrajectoryStore(url)
+    records = []
+    for group, version in versions.items():
+        prompt = rng.integers(100, 40000, 12)
+        for i in range(size):
+            tid = f"{group}-t{i}"
+            completion = rng.integers(100, 40000, 6)
+            records += [
+                trajectory(tid, group, version),
+                step(tid, 0),
+                LlmCallRecord.from_tokens(tid, 0, 0, version, prompt, completion, -rng.random(6) * 3 - 8),
+                finished(tid, group, float(i % 2), version),
+            ]
+    store.write(records)
+    store.dispose()
+
+
+def test_staleness_is_judged_once_at_claim_against_the_parent(ray_session, tiny_model_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    upgrade(url)
+    _record_from_versions(url, {"from-v0": 0, "from-v1": 1, "from-v2": 2})
+    adapter = hand_made_adapter(tiny_model_dir, tmp_path / "store" / "parent")
+    store = TrajectoryStore(url)
+    for status in ("retired", "deployed"):  # v1, then v2: the deployed version, the parent of what trains next
+        queries.register_version(
+            store.engine, base_model=tiny_model_dir, kind="lora", artifact_uri=str(adapter), status=status
+        )
+
+    def trained_on(version: int) -> tuple[dict, list[str]]:
+        row = queries.get_version(store.engine, version)
+        return row, queries.get_batch(store.engine, row["training_batch_id"])["trajectory_ids"]
+
+    only_parent = _config(url, tiny_model_dir, tmp_path, updates_per_batch=1, num_workers=1, max_staleness=0)
+    assert run_training(only_parent) == 3
+    row, members = trained_on(3)
+    assert members == [f"from-v2-t{i}" for i in range(4)]  # max_staleness 0: the parent's own groups only
+    assert row["parent_version"] == 2 and row["status"] == "ready"
+    assert (row["metrics"]["trajectories"], row["metrics"]["rows"], row["metrics"]["groups_stale"]) == (4, 4, 0)
+
+    one_behind = _config(url, tiny_model_dir, tmp_path, updates_per_batch=1, num_workers=1, max_staleness=1)
+    assert run_training(one_behind) == 4  # v3 is ready but not deployed: v4 trains from v2 as well
+    row, members = trained_on(4)
+    assert members == [f"from-v1-t{i}" for i in range(4)]  # exactly max_staleness behind: trained on, counted
+    assert row["parent_version"] == 2 and (row["metrics"]["trajectories"], row["metrics"]["rows"]) == (4, 4)
+    assert run_training(one_behind) is None  # from-v0 is one more behind: never claimed
+    assert queries.readiness(store.engine, parent_version=2, max_staleness=1).stale == 4
+    assert len(queries.list_batches(store.engine)) == 2 and len(queries.list_versions(store.engine)) == 4
+    store.dispose()
+
+
+def test_a_batch_with_nothing_to_train_fails_and_registers_no_version(ray_session, tiny_model_dir, tmp_path):
+    from trainer import job
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    upgrade(url)
+    _record_groups(url, groups=2)
+    store = TrajectoryStore(url)
+    batch_id = queries.claim_batch(store.engine, max_groups=2)  # claimed on the environment's reward
+    # ... and given to a job that trains on a judge nobody recorded: every claimed group loads without a reward
+    config = _config(url, tiny_model_dir, tmp_path, reward_source="ruler")
+    expected = f"training batch {batch_id} has nothing to train with reward 'ruler'"
+    with pytest.raises(RuntimeError, match=expected) as info:
+        run_training(config, batch_id=batch_id)
+    assert isinstance(info.value, job.NothingToTrain)
+    assert queries.list_versions(store.engine) == []  # no version identical to its parent
+    batch = queries.get_batch(store.engine, batch_id)
+    assert batch["status"] == "failed" and "nothing to train" in batch["error"]
+    assert queries.readiness(store.engine).groups_with_variance == 2  # its groups were released
+    store.dispose()

@@ -91,7 +91,8 @@ class TrainerConfig(BaseModel):
     (Ray starts each worker with OMP_NUM_THREADS=1, which leaves cores idle)."""
 
     max_staleness: int | None = Field(4, ge=0)
-    """Drop groups sampled by a version more than this many versions behind the one being trained."""
+    """Claim only groups sampled by a version at most this many versions behind the one the batch trains from
+    (its parent, the deployed version); judged once, when the batch is claimed. `None`: no bound."""
 
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (processes)."""

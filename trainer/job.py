@@ -1,9 +1,10 @@
 """One training run: `python -m trainer.job --config configs/local.yaml [--batch-id N]`.
 
-Claims a batch of trainable groups (or takes the given one), trains it with GRPO as a Ray Train
-`TorchTrainer`, writes the result to the model store as the next version, registers that version as
-`ready` with its metrics, and marks the batch completed. On failure the version is marked failed, the batch
-failed (its trajectories released for another try) with the error, and the process exits non-zero.
+Claims a batch of trainable groups from the deployed version (or takes the given one), trains it with GRPO
+as a Ray Train `TorchTrainer` starting from that parent, writes the result to the model store as the next
+version, registers that version as `ready` with its metrics, and marks the batch completed. On failure the
+version is marked failed, the batch failed (its trajectories released for another try) with the error, and
+the process exits non-zero. A batch with nothing to train is failed before any version is registered.
 """
 
 from __future__ import annotations
@@ -29,12 +30,78 @@ def _store_dir(config: ZigguratConfig) -> Path:
     return Path(os.environ.get("ZIGGURAT_STORE") or config.model.store_dir).expanduser().resolve()
 
 
-def _parent(engine: Any) -> dict[str, Any] | None:
-    """The newest version that finished training (what the next one continues from)."""
-    from recorder.queries import list_versions
+class NothingToTrain(RuntimeError):
+    """A claimed batch turned out to hold nothing trainable; it was failed and its groups released."""
 
-    usable = [v for v in list_versions(engine) if v["status"] in ("ready", "canary", "deployed") and v["artifact_uri"]]
-    return usable[-1] if usable else None
+
+def _lineage(engine: Any) -> int:
+    """The version a batch claimed now trains from: the deployed one (0, the base model, if none is)."""
+    from recorder import queries
+
+    return queries.deployed_version(engine)
+
+
+def _parent(engine: Any, batch: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    """The version `batch` trains from (its number, and its row when one is registered: version 0 may not
+    be). That is the parent recorded when it was claimed, against which its staleness was judged; a batch
+    claimed outside any lineage takes the deployed version now."""
+    from recorder import queries
+
+    number = batch["parent_version"] if batch["parent_version"] is not None else _lineage(engine)
+    try:
+        return number, queries.get_version(engine, number)
+    except KeyError:
+        return number, None
+
+
+def _nothing_to_train(engine: Any, batch_id: int, settings: Any) -> str | None:
+    """Why the batch would train nothing (checked before a version is registered), or None."""
+    from recorder import queries
+    from trainer.data import build_rows
+
+    groups = queries.load_batch(engine, batch_id, settings.reward_source)
+    rows, stats = build_rows(groups, settings.advantage, settings.advantage_eps)
+    if rows:
+        return None
+    return (
+        f"training batch {batch_id} has nothing to train with reward '{settings.reward_source}': "
+        f"{stats.groups} groups loaded, {stats.groups_without_signal} with equal rewards, "
+        f"{stats.trajectories} trajectories with rows; its groups were released. Train it with the "
+        "trainer.reward_source it was claimed with, or let the job claim a batch itself"
+    )
+
+
+def _prepare(
+    config: ZigguratConfig, engine: Any, batch_id: int | None
+) -> tuple[int, int, dict[str, Any] | None] | None:
+    """(batch id, parent version number, parent row) of a pending batch with something to train: the given
+    one, or one claimed from the deployed version; None if no group is trainable."""
+    from recorder import queries
+
+    settings = config.trainer
+    if batch_id is None:
+        lineage = _lineage(engine)
+        batch_id = queries.claim_batch(
+            engine,
+            max_groups=settings.batch_max_groups,
+            min_group_size=settings.min_group_size,
+            reward_source=settings.reward_source,
+            parent_version=lineage,
+            max_staleness=settings.max_staleness,
+        )
+        if batch_id is None:
+            ready = queries.readiness(
+                engine, settings.reward_source, settings.min_group_size, parent_version=lineage,
+                max_staleness=settings.max_staleness,
+            )  # fmt: skip
+            log.info("no trainable groups yet (readiness: %s)", ready)
+            return None
+    number, parent = _parent(engine, queries.get_batch(engine, batch_id))
+    problem = _nothing_to_train(engine, batch_id, settings)
+    if problem is not None:
+        queries.fail_batch(engine, batch_id, problem, expected="pending")
+        raise NothingToTrain(problem)
+    return batch_id, number, parent
 
 
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
@@ -43,47 +110,40 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     from ray.train.torch import TorchTrainer
     from transformers import AutoConfig
 
+    from cluster import artifacts
     from cluster.models import resolve_model
     from cluster.ray_runtime import init_ray
     from recorder import queries
     from recorder.migrate import check_schema
     from recorder.store import create_db_engine
     from trainer.loop import STATE_FILE, train_loop_per_worker
-    from trainer.model import MANIFEST, MERGED_DIR
+    from trainer.model import MERGED_DIR
 
     settings = config.trainer
     init_ray(config.ray)
     url = config.database.resolved_url()
     engine = create_db_engine(url)
-    check_schema(engine)
-    parent = _parent(engine)
-    if batch_id is None:
-        min_version = 0
-        if settings.max_staleness is not None and parent is not None:
-            min_version = max(0, parent["version"] - settings.max_staleness)
-        batch_id = queries.claim_batch(
-            engine,
-            max_groups=settings.batch_max_groups,
-            min_group_size=settings.min_group_size,
-            reward_source=settings.reward_source,
-            min_version=min_version,
-        )
-        if batch_id is None:
-            log.info("no trainable groups yet (readiness: %s)", queries.readiness(engine, settings.reward_source))
+    try:
+        check_schema(engine)
+        prepared = _prepare(config, engine, batch_id)
+        if prepared is None:
             engine.dispose()
             return None
-    base = resolve_model(config.model)
-    version = queries.register_version(
-        engine,
-        base_model=base,
-        kind=settings.mode,
-        parent_version=parent["version"] if parent else None,
-        training_batch_id=batch_id,
-        status="training",
-    )
-    queries.mark_batch(
-        engine, batch_id, "running", target_version=version, ray_job_id=os.environ.get("RAY_JOB_SUBMISSION_ID")
-    )
+        batch_id, parent_number, parent = prepared
+        base = resolve_model(config.model)
+        # pending -> running and the new version's row in one transaction: a second job given the same batch,
+        # or a second batch from this parent, is refused here and registers nothing.
+        version = queries.start_batch(
+            engine,
+            batch_id,
+            base_model=base,
+            kind=settings.mode,
+            parent_version=parent_number,
+            ray_job_id=os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        )
+    except BaseException:
+        engine.dispose()
+        raise
     store = _store_dir(config)
     try:
         model_config = AutoConfig.from_pretrained(base)
@@ -120,34 +180,45 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training of batch {batch_id} reported no checkpoint: {result.error}")
-        artifact = store / f"v{version}"
-        with result.checkpoint.as_directory() as folder:
-            shutil.copytree(folder, artifact, dirs_exist_ok=True)
-        (artifact / STATE_FILE).unlink(missing_ok=True)  # optimizer state belongs to the run, not the version
-        manifest = json.loads((artifact / MANIFEST).read_text())
-        manifest.update(version=version, base_model=base, training_batch=batch_id, parent=parent and parent["version"])
-        (artifact / MANIFEST).write_text(json.dumps(manifest, indent=2))
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        if config.serves_merged():  # rollout engines serve the adapter folded into the base weights
-            from trainer.model import merge_adapter
+        # Version numbers restart with every fresh database while the store stays: the folder name is unique,
+        # the version is assembled in a staging folder (merged weights included) and renamed into place once.
+        name = artifacts.version_folder_name(version, batch_id)
+        staging, artifact = artifacts.staging_folder(store, name), store / name
+        try:
+            with result.checkpoint.as_directory() as folder:
+                shutil.copytree(folder, staging)
+            (staging / STATE_FILE).unlink(missing_ok=True)  # optimizer state belongs to the run, not the version
+            if config.serves_merged():  # rollout engines serve the adapter folded into the base weights
+                from trainer.model import merge_adapter
 
-            started = time.perf_counter()
-            merge_adapter(base, artifact, artifact / MERGED_DIR)
-            metrics["merge_s"] = round(time.perf_counter() - started, 3)
-        queries.update_version(
+                started = time.perf_counter()
+                merge_adapter(base, staging, staging / MERGED_DIR)
+                metrics["merge_s"] = round(time.perf_counter() - started, 3)
+            parent_version = parent and parent["version"]
+            artifacts.write_manifest(
+                staging, version=version, base_model=base, training_batch=batch_id, parent=parent_version
+            )
+            artifacts.publish(staging, artifact)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a publish; half a version after a failure
+        # The batch completes and its version becomes ready together; a batch the controller failed meanwhile
+        # (its deadline passed) raises BatchStateConflict here and its version never becomes ready.
+        queries.complete_batch(
             engine,
+            batch_id,
             version,
-            status="ready",
             artifact_uri=str(artifact),
             metrics=metrics,
             wandb_run_id=(result.metrics or {}).get("wandb_run_id"),
         )
-        queries.mark_batch(engine, batch_id, "completed", stats={"final": metrics})
         log.info("version %d ready at %s", version, artifact)
         return version
     except BaseException as exc:
-        queries.update_version(engine, version, status="failed", metrics={"error": f"{type(exc).__name__}: {exc}"})
-        queries.mark_batch(engine, batch_id, "failed", error=f"{type(exc).__name__}: {exc}", release=True)
+        try:
+            queries.fail_batch(engine, batch_id, f"{type(exc).__name__}: {exc}")
+        except queries.BatchStateConflict as conflict:  # already ended elsewhere: keep the first outcome
+            log.warning("batch %d: %s", batch_id, conflict)
         raise
     finally:
         engine.dispose()
