@@ -55,12 +55,11 @@ def measure(config: Any, swaps: int, max_tokens: int = 16) -> dict[str, Any]:
     from cluster.models import resolve_model
     from recorder import queries
     from recorder.actor import start_recorder
-    from recorder.store import create_db_engine
 
     config = serving_config(config)
     model_path = resolve_model(config.model)
     store = Path(config.model.store_dir).expanduser().resolve()
-    db = create_db_engine(config.database.resolved_url())
+    db = config.database.create_engine()
     versions = []
     for seed in (1, 2):
         version = queries.register_version(db, base_model=model_path, kind="lora")

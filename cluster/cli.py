@@ -78,10 +78,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     from recorder.queries import deployed_version, list_versions, readiness
-    from recorder.store import create_db_engine
 
     config = load_config(args.config)
-    engine = create_db_engine(config.database.resolved_url())
+    engine = config.database.create_engine()
     try:
         for v in list_versions(engine):
             loss = v["metrics"].get("loss")
@@ -166,9 +165,8 @@ def _status(args: argparse.Namespace) -> int:
 def _database_status(config: ZigguratConfig) -> dict[str, Any]:
     from cluster.report import version_rewards
     from recorder.queries import deployed_version, list_batches, readiness
-    from recorder.store import create_db_engine
 
-    engine = create_db_engine(config.database.resolved_url())
+    engine = config.database.create_engine()
     try:
         ready = readiness(
             engine, config.trainer.reward_source, config.trainer.min_group_size,
@@ -206,10 +204,9 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from cluster.report import version_rewards, write_report
-    from recorder.store import create_db_engine
 
     config = load_config(args.config)
-    engine = create_db_engine(config.database.resolved_url())
+    engine = config.database.create_engine()
     try:
         versions = version_rewards(engine)
     finally:

@@ -6,6 +6,7 @@ Every section is a pydantic model with one docstring per field; `load_config` tu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,6 +185,19 @@ class ZigguratConfig(_Section):
                 "judge.llm samples the base weights of the rollout engine, which engine.lora_serving: merged "
                 "replaces with the weights under training; use lora_serving: adapter with the LLM judge, or set "
                 "judge.llm: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_canary_leaves_actors_on_the_deployed_version(self) -> ZigguratConfig:
+        # A canary is judged against the deployed version's episodes; with every actor on the canary there
+        # are none, and every canary would be rolled back.
+        fraction, actors = self.controller.canary_fraction, self.rollout.actors
+        if 0 < fraction < 1 and math.ceil(fraction * actors) >= actors:
+            raise ValueError(
+                f"controller.canary_fraction {fraction} puts all {actors} of rollout.actors on the canary, leaving "
+                "none on the deployed version to compare it with (every canary would be rolled back); use at "
+                "least 2 rollout.actors and a fraction below (actors - 1) / actors, or canary_fraction: 0"
             )
         return self
 

@@ -67,11 +67,10 @@ class Controller(HotSwap):
         from cluster.models import resolve_model
         from recorder import queries
         from recorder.migrate import check_schema
-        from recorder.store import create_db_engine
 
         configure_logging()
         self.config = config
-        self.db = create_db_engine(config.database.resolved_url())
+        self.db = config.database.create_engine()
         check_schema(self.db)
         self.base_model = resolve_model(config.model)
         queries.ensure_base_version(self.db, self.base_model)
@@ -160,7 +159,7 @@ class Controller(HotSwap):
         elif version is None:
             earlier = [v["version"] for v in queries.list_versions(self.db, status="retired") if v["version"] < current]
             version = max(earlier) if earlier else 0
-        result = self.deploy(version)
+        result = self.deploy(version, canary_fraction=1.0)  # a rollback serves everywhere, never as a canary
         for bad in {current, *canaries} - {version}:
             queries.update_version(self.db, bad, status="rolled_back")
         return {**result, "rolled_back": sorted({current, *canaries} - {version})}
@@ -284,6 +283,11 @@ class Controller(HotSwap):
         outcomes = []
         for batch in queries.list_batches(self.db, statuses=("pending", "running")):
             error = f"training job {batch['ray_job_id']!r} was lost with the controller"
+            if not training.is_in_cluster(batch["ray_job_id"]) and not self._overdue(batch):
+                # someone else's job (`ziggurat train`, a Ray Jobs submission): alive as far as we can tell, and
+                # the database refuses a second batch from its parent meanwhile
+                outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "external"})
+                continue
             with _CLAIMING:
                 if batch["id"] in self._training:
                     continue
@@ -298,6 +302,17 @@ class Controller(HotSwap):
                 log.info("batch %d: picking up running job %s", batch["id"], batch["ray_job_id"])
                 outcomes.append({**self.wait_training(batch["id"]), "recovered": "resumed"})
         return outcomes
+
+    def _overdue(self, batch: dict[str, Any]) -> bool:
+        """Open for longer than controller.training_timeout_s: its job is presumed dead, whoever ran it."""
+        from datetime import UTC, datetime
+
+        since = batch["started_at"] or batch["created_at"]
+        if since is None:
+            return True
+        if since.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
+            since = since.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - since).total_seconds() > self.config.controller.training_timeout_s
 
     # ---- evaluation, health, status -------------------------------------------------------------
     def evaluate(self, version: int) -> dict[str, Any]:

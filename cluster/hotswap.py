@@ -74,6 +74,14 @@ class HotSwap:
         row = queries.get_version(self.db, version)
         if row["status"] not in LIVE_STATUSES:
             raise ControllerError(f"version {version} is {row['status']}; only {', '.join(LIVE_STATUSES)} deploy")
+        if row["status"] == "ready" and row["parent_version"] is not None:
+            parent = queries.get_version(self.db, row["parent_version"])
+            if parent["status"] in ("rolled_back", "failed"):  # rolled back while this version trained from it
+                reason = f"trained from version {parent['version']}, which is {parent['status']}"
+                queries.update_version(self.db, version, status="rolled_back", metrics={"rejected": reason})
+                raise ControllerError(
+                    f"version {version} is not deployed: {reason}; train the next one from the deployed version"
+                )
         workers = self._workers()
         if not workers:
             self._served_artifact(row)  # an unservable folder is the first thing to fix: say so first
@@ -82,6 +90,11 @@ class HotSwap:
         canary = 0 < fraction < 1
         names = sorted(workers)
         targets = names[: max(1, math.ceil(fraction * len(names)))] if canary else names
+        if canary and len(targets) == len(names):
+            raise ControllerError(
+                f"a canary fraction of {fraction} covers all {len(names)} rollout actors, leaving none on the "
+                "deployed version to compare it with; use a smaller fraction, more actors, or deploy fully"
+            )
         result = self._swap(row, workers, targets)
         if canary:
             started = canaries.started_metrics(targets, self.deployed_version())

@@ -25,7 +25,7 @@ import ray
 from tqdm import tqdm
 
 from cluster.config import ZigguratConfig
-from cluster.controller import rollout_actor_name, start_controller
+from cluster.controller import ControllerError, rollout_actor_name, start_controller
 
 log = logging.getLogger("ziggurat.loop")
 
@@ -274,7 +274,12 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
             if settings.deploy_only_if_better and before and worse:
                 entry["deployed"] = False
             else:
-                entry["swap"] = call("deploy", version)
+                try:
+                    entry["swap"] = call("deploy", version)
+                except ControllerError as exc:  # e.g. its parent was rolled back while it trained
+                    entry["deployed"], entry["deploy_error"] = False, str(exc)
+                    iterations.append(entry)
+                    continue
                 entry["canary"] = entry["swap"]["canary"]
                 entry["deployed"] = not entry["canary"]  # a canary is deployed once it is promoted
                 if entry["deployed"]:
@@ -291,9 +296,8 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         }
         served = call("deployed_version")
     from cluster.report import version_rewards, write_report
-    from recorder.store import create_db_engine
 
-    db = create_db_engine(config.database.resolved_url())
+    db = config.database.create_engine()
     try:
         versions = version_rewards(db)
     finally:

@@ -55,6 +55,11 @@ def launch(config: ZigguratConfig, batch_id: int) -> Any:
     return actor.run.remote(batch_id)
 
 
+def is_in_cluster(ray_job_id: str | None) -> bool:
+    """Whether a batch's job is one the controller launched (a named actor it can look up)."""
+    return bool(ray_job_id) and ray_job_id.startswith(ACTOR_PREFIX)
+
+
 def find(config: ZigguratConfig, ray_job_id: str | None) -> Any:
     """The live training actor behind a batch's `ray_job_id`, or None if it is gone."""
     if not ray_job_id or not ray_job_id.startswith(ACTOR_PREFIX):

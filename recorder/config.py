@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.engine import URL, make_url
@@ -75,6 +76,12 @@ class DatabaseConfig(BaseModel):
         if password and parsed.get_backend_name() == "postgresql" and not parsed.password:
             parsed = parsed.set(password=password)
         return parsed
+
+    def create_engine(self) -> Any:
+        """A SQLAlchemy engine on `resolved_url()` with this section's deadlines and pool size."""
+        from recorder.store import create_db_engine
+
+        return create_db_engine(self.resolved_url(), self.connect_timeout_s, self.pool_size, self.statement_timeout_s)
 
 
 class RecorderConfig(BaseModel):

@@ -43,8 +43,13 @@ def is_connectivity(exc: BaseException) -> bool:
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate is not None:
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES and sqlstate not in _DATA_SQLSTATES
-    # psycopg errors raised without a server answer (connection refused or lost) carry no SQLSTATE.
-    return type(exc).__module__.startswith("psycopg")
+    # psycopg errors raised without a server answer (connection refused or lost) carry no SQLSTATE; a value
+    # psycopg itself refuses to send (a DataError, say) carries none either, and is the row's fault.
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -58,6 +63,10 @@ def is_data_error(exc: BaseException) -> bool:
         return sqlstate[:2] in _DATA_SQLSTATE_CLASSES or sqlstate in _DATA_SQLSTATES
     if isinstance(exc, _SQLITE_DATA_ERRORS):
         return True
+    if type(exc).__module__.startswith("psycopg"):  # refused by psycopg before it reached the server
+        import psycopg
+
+        return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
     return isinstance(exc, _PYTHON_DATA_ERRORS) and not type(exc).__module__.startswith(("psycopg", "sqlalchemy"))
 
 

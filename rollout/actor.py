@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -169,6 +170,13 @@ class RolloutWorker:
                     if version in self._adapters:  # load_weights dropped the adapters loaded on the old weights
                         await engine.load_adapter(version, self._adapters[version])
                     engine.activate(version)
+            except EngineError:
+                if engine.unusable is not None:
+                    # Weights in an unknown state: crash, so Ray restarts this actor on the base weights and the
+                    # controller restores the deployed version (sync_workers), rather than fail every request.
+                    log.error("rollout actor exits for a restart: %s", engine.unusable)
+                    asyncio.get_running_loop().call_later(1.0, os._exit, 1)
+                raise
             finally:
                 self._groups_open.set()
             self._awaiting_restore = False
@@ -206,6 +214,7 @@ class RolloutWorker:
             "episodes_in_flight": self._in_flight,
             "episodes_by_version": dict(self._pinned),
             "swapping": not self._groups_open.is_set(),
+            "unusable": engine.unusable,
             "llm_calls": self._calls,
             "last_call_s_ago": None if self._last_call is None else time.monotonic() - self._last_call,
         }

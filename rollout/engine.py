@@ -252,6 +252,11 @@ class PolicyEngine:
             await self._llm.remove_lora(version)
 
     @property
+    def unusable(self) -> str | None:
+        """Why the engine refuses every request (its weights are in an unknown state), or None."""
+        return self._unusable
+
+    @property
     def loaded_versions(self) -> list[int]:
         return sorted(self._loaded)
 

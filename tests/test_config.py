@@ -117,3 +117,11 @@ def test_the_llm_judge_needs_the_base_weights_that_merged_serving_replaces(tmp_p
     path.write_text("engine:\n  lora_serving: merged\njudge:\n  llm: true\n")
     with pytest.raises(ConfigError, match="judge.llm samples the base weights .* use lora_serving: adapter"):
         load_config(path)
+
+
+def test_a_canary_that_would_cover_every_actor_is_refused():
+    """With every actor on the canary there is nothing to compare it with, and every canary would be rolled
+    back: refused when the config loads, naming both keys."""
+    with pytest.raises(ConfigError, match="controller.canary_fraction .* rollout.actors"):
+        parse_config({"controller": {"canary_fraction": 0.5}, "rollout": {"actors": 1}}, source="test.yaml")
+    parse_config({"controller": {"canary_fraction": 0.5}, "rollout": {"actors": 2}}, source="test.yaml")

@@ -82,3 +82,39 @@ def test_a_job_that_died_with_nobody_watching_is_failed_and_its_groups_released(
     finally:
         ray.kill(controller, no_restart=True)
         db.dispose()
+
+
+def test_a_job_someone_else_runs_is_left_alone_until_it_is_overdue(ray_session, tiny_model_dir, tmp_path):
+    """`ziggurat train` or a Ray Jobs submission runs a batch the controller cannot look up: recovering must not
+    fail it (and then claim its groups again from the same parent) while it may still be running."""
+    import datetime
+
+    import sqlalchemy as sa
+
+    from recorder.migrate import upgrade
+    from recorder.schema import TrainingBatch
+
+    url = f"sqlite:///{tmp_path / 'external.db'}"
+    upgrade(url)
+    _record_groups(url, groups=2, size=4)
+    config = loop_config(url, tiny_model_dir, tmp_path, "external", training_timeout_s=600)
+    db = create_db_engine(url)
+    batch_id = queries.claim_batch(db, max_groups=2)
+    queries.mark_batch(db, batch_id, "running", ray_job_id="raysubmit_someone_else")
+    controller = start_controller(
+        config.model_copy(update={"trainer": config.trainer.model_copy(update={"reward_source": "env"})})
+    )
+    try:
+        (outcome,) = ray.get(controller.recover.remote(), timeout=60)
+        assert outcome == {"trained": False, "batch_id": batch_id, "recovered": "external"}
+        assert queries.get_batch(db, batch_id)["status"] == "running"
+        an_hour_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+        with db.begin() as conn:
+            table = TrainingBatch.__table__
+            conn.execute(sa.update(table).where(table.c.id == batch_id).values(started_at=an_hour_ago))
+        (outcome,) = ray.get(controller.recover.remote(), timeout=60)
+        assert outcome == {"trained": False, "batch_id": batch_id, "recovered": "failed"}
+        assert queries.readiness(db).groups_with_variance == 2  # released once overdue
+    finally:
+        ray.kill(controller, no_restart=True)
+        db.dispose()

@@ -64,3 +64,28 @@ def test_a_rolled_back_canary_leaves_the_deployed_version_serving_and_parenting_
     finally:
         shutdown(config)
         db.dispose()
+
+
+def test_a_version_trained_from_a_parent_rolled_back_meanwhile_is_never_deployed(ray_session, tiny_model_dir, tmp_path):
+    """v2 trains from v1; v1 is rolled back before v2 is ready: v2 belongs to a rejected lineage and the
+    controller refuses it (before any actor is touched) instead of bringing that lineage back."""
+    from cluster.controller import Controller, ControllerError
+    from recorder import queries
+    from recorder.migrate import upgrade
+    from recorder.store import create_db_engine
+
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    upgrade(url)
+    config = loop_config(url, tiny_model_dir, tmp_path, "orphan")
+    controller = Controller(config)  # in this process: the refusal comes before any rollout actor is needed
+    db = create_db_engine(url)
+    try:
+        one = queries.register_version(db, base_model=tiny_model_dir, kind="lora", parent_version=0, status="ready")
+        queries.update_version(db, one, status="rolled_back")
+        two = queries.register_version(db, base_model=tiny_model_dir, kind="lora", parent_version=one, status="ready")
+        with pytest.raises(ControllerError, match=f"trained from version {one}, which is rolled_back"):
+            controller.deploy(two)
+        assert queries.get_version(db, two)["status"] == "rolled_back"
+    finally:
+        db.dispose()
+        controller.db.dispose()

@@ -309,3 +309,22 @@ def test_a_batch_with_nothing_to_train_fails_and_registers_no_version(ray_sessio
     assert batch["status"] == "failed" and "nothing to train" in batch["error"]
     assert queries.readiness(store.engine).groups_with_variance == 2  # its groups were released
     store.dispose()
+
+
+def test_a_claimed_batch_whose_job_cannot_start_is_released_not_left_pending(ray_session, tiny_model_dir, tmp_path):
+    """One open batch per parent: a claim left pending by a job that died before starting would block every
+    later claim from that parent. The job fails it and releases its groups instead."""
+    url = f"sqlite:///{tmp_path / 'unstarted.db'}"
+    upgrade(url)
+    _record_groups(url, groups=2)
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()  # a folder without config.json: resolve_model refuses it after the claim
+    config = _config(url, str(broken), tmp_path)
+    with pytest.raises(Exception, match="config.json"):
+        run_training(config)
+    store = TrajectoryStore(url)
+    (batch,) = queries.list_batches(store.engine)
+    assert batch["status"] == "failed" and "did not start" in batch["error"]
+    assert queries.list_versions(store.engine) == []
+    assert queries.claim_batch(store.engine, max_groups=2, parent_version=0) is not None  # the lineage is free
+    store.dispose()

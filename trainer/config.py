@@ -124,6 +124,11 @@ class TrainerConfig(BaseModel):
     """How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). Its 2 s
     default makes every `ray.train.report` wait up to 2 s, far longer than a small GRPO step."""
 
+    collective_timeout_s: float = Field(600.0, ge=10)
+    """Deadline of every collective (all-reduce, all-gather, DDP gradient sync) between training workers: a
+    worker whose peer died fails the attempt (and Ray Train restarts it from the last checkpoint) instead of
+    waiting forever."""
+
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""
 

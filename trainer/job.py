@@ -71,6 +71,17 @@ def _nothing_to_train(engine: Any, batch_id: int, settings: Any) -> str | None:
     )
 
 
+def _release_unstarted(engine: Any, batch_id: int, exc: BaseException) -> None:
+    """Fail (and release) a batch still pending when its job could not start: left pending, it would block its
+    parent's lineage, which holds one open batch at a time."""
+    from recorder import queries
+
+    try:
+        queries.fail_batch(engine, batch_id, f"the job did not start: {type(exc).__name__}: {exc}", expected="pending")
+    except queries.BatchStateConflict:
+        pass  # started or ended elsewhere meanwhile: that outcome stands
+
+
 def _prepare(
     config: ZigguratConfig, engine: Any, batch_id: int | None
 ) -> tuple[int, int, dict[str, Any] | None] | None:
@@ -96,8 +107,12 @@ def _prepare(
             )  # fmt: skip
             log.info("no trainable groups yet (readiness: %s)", ready)
             return None
-    number, parent = _parent(engine, queries.get_batch(engine, batch_id))
-    problem = _nothing_to_train(engine, batch_id, settings)
+    try:
+        number, parent = _parent(engine, queries.get_batch(engine, batch_id))
+        problem = _nothing_to_train(engine, batch_id, settings)
+    except BaseException as exc:
+        _release_unstarted(engine, batch_id, exc)
+        raise
     if problem is not None:
         queries.fail_batch(engine, batch_id, problem, expected="pending")
         raise NothingToTrain(problem)
@@ -107,7 +122,7 @@ def _prepare(
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
     """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
     from cluster import artifacts
@@ -115,14 +130,13 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     from cluster.ray_runtime import init_ray
     from recorder import queries
     from recorder.migrate import check_schema
-    from recorder.store import create_db_engine
     from trainer.loop import STATE_FILE, train_loop_per_worker
     from trainer.model import MERGED_DIR
 
     settings = config.trainer
     init_ray(config.ray)
-    url = config.database.resolved_url()
-    engine = create_db_engine(url)
+    engine = config.database.create_engine()
+    claimed: int | None = None  # a batch this call claimed, failed (and released) if the job never starts
     try:
         check_schema(engine)
         prepared = _prepare(config, engine, batch_id)
@@ -130,6 +144,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
             engine.dispose()
             return None
         batch_id, parent_number, parent = prepared
+        claimed = batch_id
         base = resolve_model(config.model)
         # pending -> running and the new version's row in one transaction: a second job given the same batch,
         # or a second batch from this parent, is refused here and registers nothing.
@@ -141,7 +156,9 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
             parent_version=parent_number,
             ray_job_id=os.environ.get("RAY_JOB_SUBMISSION_ID"),
         )
-    except BaseException:
+    except BaseException as exc:
+        if claimed is not None:
+            _release_unstarted(engine, claimed, exc)
         engine.dispose()
         raise
     store = _store_dir(config)
@@ -163,6 +180,8 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 "pad_token_id": pad or 0,
                 "wandb_dir": str(store),
             },
+            # a worker stuck in a collective (a peer died mid all-reduce) fails the attempt instead of hanging
+            torch_config=TorchConfig(timeout_s=int(settings.collective_timeout_s)),
             scaling_config=ScalingConfig(
                 num_workers=settings.num_workers,
                 use_gpu=settings.use_gpu,

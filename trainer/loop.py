@@ -90,9 +90,8 @@ def _record_progress(loop_config: dict[str, Any], done: int, total: int, report:
     """Real progress for the controller: updates done / total and the latest loss, on the batch's row."""
     from recorder.config import DatabaseConfig
     from recorder.queries import set_batch_progress
-    from recorder.store import create_db_engine
 
-    engine = create_db_engine(DatabaseConfig.model_validate(loop_config["database"]).resolved_url())
+    engine = DatabaseConfig.model_validate(loop_config["database"]).create_engine()
     try:
         set_batch_progress(engine, loop_config["batch_id"], done, total, loss=report["loss"])
     finally:
@@ -105,7 +104,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from recorder.config import DatabaseConfig
     from recorder.queries import load_batch
-    from recorder.store import create_db_engine
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate, shard_groups
     from trainer.model import build_policy, save_policy
@@ -119,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
 
-    engine = create_db_engine(DatabaseConfig.model_validate(loop_config["database"]).resolved_url())
+    engine = DatabaseConfig.model_validate(loop_config["database"]).create_engine()
     try:
         groups = load_batch(engine, loop_config["batch_id"], loop_config.get("reward_source", "env"))
     finally:

@@ -94,11 +94,10 @@ def sweep(
     from cluster.models import resolve_model
     from cluster.ray_runtime import init_ray
     from recorder import queries
-    from recorder.store import create_db_engine
 
     settings = config.trainer
     init_ray(config.ray)
-    db = create_db_engine(config.database.resolved_url())
+    db = config.database.create_engine()
     try:
         groups = (
             queries.load_batch(db, batch_id, settings.reward_source)
