@@ -5,7 +5,8 @@ Also a two-turn environment, so a swap can land between an episode's turns, and 
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,23 @@ import sqlalchemy as sa
 from rollout.envs import StepResult, register_env
 
 T = TypeVar("T")
+
+
+@contextmanager
+def recording_into_sqlite(folder: Path, actor_name: str) -> Iterator[tuple[str, Any]]:
+    """A migrated SQLite database in `folder` and a real recorder actor writing to it: (url, RecorderConfig)."""
+    from recorder.actor import start_recorder, stop_recorder
+    from recorder.config import DatabaseConfig, RecorderConfig
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{folder / 'recorded.db'}"
+    upgrade(url)
+    settings = RecorderConfig(actor_name=actor_name)
+    recorder = start_recorder(DatabaseConfig(url=url), settings)
+    try:
+        yield url, settings
+    finally:
+        stop_recorder(recorder)
 
 
 @register_env("two-turns")

@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from recorder.actor import start_recorder, stop_recorder
-from recorder.config import DatabaseConfig, RecorderConfig
-from recorder.migrate import upgrade
 from recorder.schema import LlmCall, Trajectory
-from tests.rollout_harness import in_process_worker, perturbed_weights, rows, run_on
+from tests.rollout_harness import in_process_worker, perturbed_weights, recording_into_sqlite, rows, run_on
 from tests.test_engine import _random_adapter
 
 pytestmark = pytest.mark.slow
@@ -28,12 +25,8 @@ LONG_TURN = {"max_turns": 2, "max_tokens": 240, "min_tokens": 240, "temperature"
 
 @pytest.fixture(scope="module")
 def recorded(ray_session, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('episodes') / 'e.db'}"
-    upgrade(url)
-    settings = RecorderConfig(actor_name="episode-versions-recorder")
-    recorder = start_recorder(DatabaseConfig(url=url), settings)
-    yield url, settings
-    stop_recorder(recorder)
+    with recording_into_sqlite(tmp_path_factory.mktemp("episodes"), "episode-versions-recorder") as recorded_db:
+        yield recorded_db
 
 
 @pytest.fixture

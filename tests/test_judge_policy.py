@@ -11,12 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from cluster.config import ConfigError, parse_config
-from recorder.actor import start_recorder, stop_recorder
-from recorder.config import DatabaseConfig, RecorderConfig
-from recorder.migrate import upgrade
 from recorder.schema import RewardJudgment
 from rollout.config import JudgeConfig
-from tests.rollout_harness import in_process_worker, perturbed_weights, rows, run_on
+from tests.rollout_harness import in_process_worker, perturbed_weights, recording_into_sqlite, rows, run_on
 
 
 def test_a_judge_that_would_score_with_the_weights_under_training_is_refused():
@@ -31,12 +28,8 @@ def test_a_judge_that_would_score_with_the_weights_under_training_is_refused():
 
 @pytest.fixture(scope="module")
 def recorded(ray_session, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('judge') / 'j.db'}"
-    upgrade(url)
-    settings = RecorderConfig(actor_name="judge-policy-recorder")
-    recorder = start_recorder(DatabaseConfig(url=url), settings)
-    yield url, settings
-    stop_recorder(recorder)
+    with recording_into_sqlite(tmp_path_factory.mktemp("judge"), "judge-policy-recorder") as recorded_db:
+        yield recorded_db
 
 
 def _llm_judgments(url: str, trajectory_ids: list[str]) -> list[RewardJudgment]:
