@@ -41,11 +41,12 @@ from cluster.config import RayConfig
 from cluster.ray_runtime import init_ray
 from recorder.actor import start_recorder, stop_recorder
 from recorder.client import RecorderClient
+from recorder.columns import call_row, step_row
 from recorder.config import DatabaseConfig, RecorderConfig
 from recorder.migrate import upgrade
 from recorder.pg_server import ThrowawayPostgres
 from recorder.records import LlmCallRecord, Record, StepRecord, TrajectoryRecord
-from recorder.store import TrajectoryStore, WriteResult
+from recorder.store import WriteResult
 from recorder.wire import EncodedRows
 
 STEPS_PER_TRAJECTORY = 10
@@ -131,9 +132,9 @@ def baseline_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
         )  # fmt: skip
     for r in records:
         if isinstance(r, StepRecord):
-            tables["steps"].append(TrajectoryStore._step_row(r, stamp))
+            tables["steps"].append(step_row(r, stamp))
         elif isinstance(r, LlmCallRecord):
-            tables["llm_calls"].append(TrajectoryStore._call_row(r, stamp))
+            tables["llm_calls"].append(call_row(r, stamp))
     return tables
 
 

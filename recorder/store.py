@@ -6,12 +6,12 @@ LLM calls are COPYed straight into their tables; a resend that hits an existing 
 back, and it is written again through staging tables with INSERT ... ON CONFLICT DO NOTHING. On SQLite
 they go through executemany with INSERT OR IGNORE. When the database refuses part of a batch (a value past
 its limits, a constraint), the rows to blame are found in savepoints and rejected by position; the rest is
-stored (recorder/isolate.py). An outage is raised, for the caller to retry.
+stored (recorder/isolate.py). An outage is raised, for the caller to retry. The rows a record becomes are
+built in recorder/columns.py (from the ORM's column lists), PostgreSQL's bulk statements in recorder/pg_write.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence, Set
@@ -23,41 +23,26 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
+from recorder.columns import (
+    TRAJECTORY_OUTCOME,
+    WRITTEN,
+    call_values,
+    judgment_row,
+    step_values,
+    trajectory_row,
+)
 from recorder.config import DEFAULT_STATEMENT_TIMEOUT_S
 from recorder.errors import is_data_error, refusal
 from recorder.isolate import WriteBatch, write_isolating
 from recorder.migrate import check_schema
+from recorder.pg_write import copy_bulk, is_unique_violation, upsert_trajectories
 from recorder.records import JudgmentRecord, LlmCallRecord, Record, StepRecord, TrajectoryRecord, validate_many
 from recorder.schema import LlmCall, RewardJudgment, Step, Trajectory, utcnow
-from recorder.wire import CALL_COLUMNS, COPY_HEADER, COPY_TRAILER, STEP_COLUMNS, EncodedRows, encode
+from recorder.wire import EncodedRows, encode
 
 log = logging.getLogger(__name__)
 
 _KNOWN_IDS_CAPACITY = 100_000
-_ENCODED_COLUMNS = {"steps": STEP_COLUMNS, "llm_calls": CALL_COLUMNS}
-_OUTCOME_COLUMNS = ("status", "total_reward", "reward_components", "metrics", "step_count", "finished_at")
-_TRAJECTORY_TYPES = {
-    "id": "text", "environment": "text", "scenario_id": "text", "group_id": "text", "agent_id": "text",
-    "model_version": "int4", "status": "text", "total_reward": "float8", "reward_components": "jsonb",
-    "metrics": "jsonb", "metadata": "jsonb", "step_count": "int4", "is_eval": "bool", "started_at": "timestamptz",
-    "finished_at": "timestamptz",
-}  # fmt: skip
-
-
-def _trajectory_upsert() -> str:
-    """One statement, one round trip for any number of trajectories, passed as one JSON array of rows (a JSON
-    text is encoded in C; per-column array parameters cost psycopg a Python loop per value). A start on an
-    existing id changes nothing; an end fills in the outcome."""
-    names = ", ".join(f'"{name}"' for name in _TRAJECTORY_TYPES)
-    typed = ", ".join(f'"{name}" {kind}' for name, kind in _TRAJECTORY_TYPES.items())
-    updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in _OUTCOME_COLUMNS)
-    return (
-        f"INSERT INTO trajectories ({names}) SELECT {names} FROM jsonb_to_recordset(%s::jsonb) AS r({typed}) "
-        f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE EXCLUDED.status <> 'running'"
-    )
-
-
-_TRAJECTORY_UPSERT = _trajectory_upsert()
 
 
 @dataclass
@@ -199,7 +184,7 @@ class TrajectoryStore:
         try:
             return self._write_batch(conn, batch, resent=False)
         except Exception as exc:
-            if _is_unique_violation(exc):
+            if is_unique_violation(exc):
                 # Some rows were stored before (a producer resent after a timeout or a recorder restart):
                 # the transaction rolled back; write it again, skipping rows that exist.
                 try:
@@ -267,43 +252,41 @@ class TrajectoryStore:
             encoded: dict[str, list[bytes]] = {}
             for block in blocks:
                 encoded.setdefault(block.table, []).append(block.data)
-            self._copy_bulk(conn, encoded, resent)
-            judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+            copy_bulk(conn, encoded, resent)
+            judgments = [judgment_row(r, now) for r in by_type[JudgmentRecord]]
             if judgments:
                 conn.execute(postgresql.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
         else:
             for table, rows in (
-                (Step.__table__, [self._step_row(r, now) for r in by_type[StepRecord]]),
-                (LlmCall.__table__, [self._call_row(r, now) for r in by_type[LlmCallRecord]]),
+                (Step.__table__, [step_values(r, now) for r in by_type[StepRecord]]),
+                (LlmCall.__table__, [call_values(r, now) for r in by_type[LlmCallRecord]]),
             ):
                 if rows:
                     self._insert_or_ignore(conn, table, rows)
-            judgments = [self._judgment_row(r, now) for r in by_type[JudgmentRecord]]
+            judgments = [judgment_row(r, now) for r in by_type[JudgmentRecord]]
             if judgments:
                 conn.execute(sqlite.insert(RewardJudgment.__table__).on_conflict_do_nothing(), judgments)
         return len(batch.records) + sum(len(block) for _, block in batch.encoded)
 
-    def _insert_or_ignore(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-        """SQLite bulk rows through the driver's executemany, each value converted by its column type's own
-        SQLAlchemy bind processor (what an ORM insert would store), without SQLAlchemy's per-row work."""
-        columns = list(rows[0])
+    def _insert_or_ignore(self, conn: Connection, table: sa.Table, rows: list[list[Any]]) -> None:
+        """SQLite bulk rows (values in the table's `write_order`, recorder/columns.py) through the driver's
+        executemany, each value converted by its column type's own SQLAlchemy bind processor (what an ORM
+        insert would store), without SQLAlchemy's per-row work."""
+        columns = WRITTEN[table.name].write_order
         dialect = self.engine.dialect
         processors = [
             (position, processor)
             for position, name in enumerate(columns)
             if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
-        values = []
-        for row in rows:
-            converted = list(row.values())
+        for row in rows:  # the row functions' lists are fresh: converted in place
             for position, processor in processors:
-                converted[position] = processor(converted[position])
-            values.append(converted)
+                row[position] = processor(row[position])
         names = ", ".join(f'"{name}"' for name in columns)
         marks = ", ".join("?" for _ in columns)
         cursor = conn.connection.driver_connection.cursor()
         try:
-            cursor.executemany(f'INSERT OR IGNORE INTO "{table.name}" ({names}) VALUES ({marks})', values)
+            cursor.executemany(f'INSERT OR IGNORE INTO "{table.name}" ({names}) VALUES ({marks})', rows)
         finally:
             cursor.close()
 
@@ -326,149 +309,17 @@ class TrajectoryStore:
     def _write_trajectories(self, conn: Connection, records: list[TrajectoryRecord], now: datetime) -> None:
         if not records:
             return
-        table = Trajectory.__table__
-        rows = [
-            {
-                "id": r.id,
-                "environment": r.environment,
-                "scenario_id": r.scenario_id,
-                "group_id": r.group_id,
-                "agent_id": r.agent_id,
-                "model_version": r.model_version,
-                "status": r.status,
-                "total_reward": r.total_reward,
-                "reward_components": r.reward_components,
-                "metrics": r.metrics,
-                "metadata": r.metadata,
-                "step_count": r.step_count,
-                "is_eval": r.is_eval,
-                "started_at": r.started_at or now,
-                "finished_at": r.finished_at or (now if r.status != "running" else None),
-            }
-            for r in records
-        ]
+        rows = [trajectory_row(r, now) for r in records]
         # A start on an existing id changes nothing; an end fills in the outcome. Neither touches the batch
         # a trajectory belongs to.
         if self.dialect == "postgresql":
-            payload = json.dumps(rows, separators=(",", ":"), default=_isoformat, allow_nan=False)
-            _execute(conn, _TRAJECTORY_UPSERT, [payload])
+            upsert_trajectories(conn, rows)
             return
-        insert = sqlite.insert(table)
-        updated = {name: insert.excluded[name] for name in _OUTCOME_COLUMNS}
+        insert = sqlite.insert(Trajectory.__table__)
+        updated = {name: insert.excluded[name] for name in TRAJECTORY_OUTCOME}
         conn.execute(
             insert.on_conflict_do_update(
                 index_elements=["id"], set_=updated, where=insert.excluded.status != "running"
             ),
             rows,
         )
-
-    @staticmethod
-    def _step_row(r: StepRecord, now: datetime) -> dict[str, Any]:
-        return {
-            "trajectory_id": r.trajectory_id,
-            "step_index": r.step_index,
-            "observation": r.observation,
-            "action": r.action,
-            "env_reward": float(r.env_reward),
-            "done": r.done,
-            "error": r.error,
-            "created_at": now,
-        }
-
-    @staticmethod
-    def _call_row(r: LlmCallRecord, now: datetime) -> dict[str, Any]:
-        return {
-            "trajectory_id": r.trajectory_id,
-            "step_index": r.step_index,
-            "call_index": r.call_index,
-            "model_version": r.model_version,
-            "purpose": r.purpose,
-            "messages": r.messages,
-            "prompt_token_ids": r.prompt_token_ids,
-            "completion_token_ids": r.completion_token_ids,
-            "completion_logprobs": r.completion_logprobs,
-            "text": r.text,
-            "finish_reason": r.finish_reason,
-            "sampling_params": r.sampling_params,
-            "latency_ms": r.latency_ms,
-            "prompt_tokens": len(r.prompt_token_ids) // 4,
-            "completion_tokens": len(r.completion_token_ids) // 4,
-            "created_at": now,
-        }
-
-    @staticmethod
-    def _judgment_row(r: JudgmentRecord, now: datetime) -> dict[str, Any]:
-        return {
-            "trajectory_id": r.trajectory_id,
-            "judge": r.judge,
-            "judge_kind": r.judge_kind,
-            "judge_model": r.judge_model,
-            "judge_version": r.judge_version,
-            "score": float(r.score),
-            "rank_in_group": r.rank_in_group,
-            "normalized_score": r.normalized_score,
-            "reasoning": r.reasoning,
-            "criteria": r.criteria,
-            "created_at": now,
-        }
-
-    def _copy_bulk(self, conn: Connection, encoded: dict[str, list[bytes]], resent: bool) -> None:
-        """COPY each table's rows (chunks of concatenated COPY tuples)."""
-        from psycopg import sql
-
-        for table, rows in encoded.items():
-            if not rows:
-                continue
-            if not resent:
-                self._copy_encoded(conn, table, rows)
-                continue
-            stage = self._create_stage(conn, table)
-            self._copy_encoded(conn, table, rows, target=stage)
-            statement = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING").format(
-                sql.Identifier(table), sql.Identifier(stage), cols=_names(_ENCODED_COLUMNS[table])
-            )
-            _execute(conn, statement)
-            # Empty it now, not at commit: rows isolated in savepoints share one transaction.
-            _execute(conn, sql.SQL("DELETE FROM {}").format(sql.Identifier(stage)))
-
-    @staticmethod
-    def _create_stage(conn: Connection, table: str) -> str:
-        from psycopg import sql
-
-        stage = f"_stage_{table}"
-        statement = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-        _execute(conn, statement.format(sql.Identifier(stage), sql.Identifier(table)))
-        return stage
-
-    @staticmethod
-    def _copy_encoded(conn: Connection, table: str, rows: list[bytes], target: str | None = None) -> None:
-        from psycopg import sql
-
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-            sql.Identifier(target or table), _names(_ENCODED_COLUMNS[table])
-        )
-        with conn.connection.driver_connection.cursor() as cursor:
-            with cursor.copy(statement) as copy:
-                copy.write(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
-
-
-def _names(columns: Any) -> Any:
-    """A quoted, comma-separated identifier list (psycopg composes identifiers; values are always bound)."""
-    from psycopg import sql
-
-    return sql.SQL(", ").join(sql.Identifier(name) for name in columns)
-
-
-def _execute(conn: Connection, statement: Any, params: Any = None) -> None:
-    """Run a psycopg-composed statement on the connection's current transaction."""
-    conn.connection.driver_connection.execute(statement, params)
-
-
-def _isoformat(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _is_unique_violation(exc: BaseException) -> bool:
-    return type(exc).__name__ == "UniqueViolation" and type(exc).__module__.startswith("psycopg")

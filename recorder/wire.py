@@ -4,7 +4,8 @@ Producers talking to a PostgreSQL-backed recorder send steps and LLM calls as `E
 binary COPY tuple per record, built from a record that already passed `validate`, laid end to end in one
 bytes object (one object to pickle, not one per row). The recorder then streams them into the table
 without touching each row again. The same encoder serves records that arrive as
-objects. Column order is fixed here and checked against the schema by the tests.
+objects. The column lists and field counts are the ORM's (recorder/columns.py); the tuples are packed by hand
+for speed, in that order, and tests/test_columns.py decodes them column by column against the ORM.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from recorder.columns import CALLS, STEPS
 from recorder.records import LlmCallRecord, StepRecord
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -22,12 +24,9 @@ COPY_TRAILER = struct.pack(">h", -1)
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _NULL = struct.pack(">i", -1)
 
-STEP_COLUMNS = ("trajectory_id", "step_index", "observation", "action", "env_reward", "done", "error", "created_at")
-CALL_COLUMNS = (
-    "trajectory_id", "step_index", "call_index", "model_version", "purpose", "messages", "prompt_token_ids",
-    "completion_token_ids", "completion_logprobs", "text", "finish_reason", "sampling_params", "latency_ms",
-    "prompt_tokens", "completion_tokens", "created_at",
-)  # fmt: skip
+STEP_COLUMNS = STEPS.columns
+CALL_COLUMNS = CALLS.columns
+_STEP_FIELDS, _CALL_FIELDS = len(STEP_COLUMNS), len(CALL_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -100,7 +99,7 @@ def encode_step(r: StepRecord, created: bytes) -> bytes:
     observation = r.observation.encode()
     return b"".join(
         (
-            _STEP_HEAD(8, len(trajectory_id)),
+            _STEP_HEAD(_STEP_FIELDS, len(trajectory_id)),
             trajectory_id,
             _STEP_INDEX_AND_TEXT(4, r.step_index, len(observation)),
             observation,
@@ -121,7 +120,7 @@ def encode_call(r: LlmCallRecord, created: bytes) -> bytes:
     prompt, completion, logprobs = r.prompt_token_ids, r.completion_token_ids, r.completion_logprobs
     return b"".join(
         (
-            _STEP_HEAD(16, len(trajectory_id)),
+            _STEP_HEAD(_CALL_FIELDS, len(trajectory_id)),
             trajectory_id,
             _CALL_INDEXES_AND_TEXT(4, r.step_index, 4, r.call_index, 4, r.model_version, len(purpose)),
             purpose,
