@@ -15,8 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cluster.models import sha256_file
-from trainer.model import MANIFEST
+from trainer.model import MANIFEST, sha256_file
 
 
 class ArtifactError(RuntimeError):
@@ -92,7 +91,7 @@ def verify_artifact(version_dir: Path, served_dir: Path, version: int) -> None:
     if not manifest_path.is_file():
         raise ArtifactError(
             f"version {version}'s folder {version_dir} has no {MANIFEST}; only folders written by the training "
-            "job (python -m trainer.job), whose manifest lists every file's sha256, are served"
+            "job (python -m cluster.train_job), whose manifest lists every file's sha256, are served"
         )
     try:
         checksums = json.loads(manifest_path.read_text())["checksums"]

@@ -7,7 +7,6 @@ GGUF out, dequantize it with transformers and save a safetensors checkpoint in t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ModelConfig
+from trainer.model import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ class FetchedModel:
 
 def cache_dir(config: ModelConfig) -> Path:
     return Path(os.environ.get("ZIGGURAT_CACHE") or config.cache_dir).expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_gguf(workdir: Path) -> Path:

@@ -8,6 +8,7 @@ transaction with the batch's own change.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import sqlalchemy as sa
@@ -205,12 +206,31 @@ def fail_batch(
             )
 
 
-def set_batch_progress(engine: Engine, batch_id: int, done: int, total: int, **numbers: float) -> None:
-    """The trainer's progress on a batch (updates done / total, latest metrics), read by the controller."""
+def set_batch_progress(
+    engine: Engine, batch_id: int, done: int, total: int, report: dict[str, Any] | None = None, **numbers: float
+) -> None:
+    """The trainer's progress on a batch, read by the controller: `stats["progress"]` holds updates done /
+    total, their fraction and the latest `numbers` (loss=...). `report`, one update's metrics, is kept in
+    `stats["updates"]` (numbers only, one entry per update, in update order); a retried or resumed update that
+    reports the same `update` number again replaces its entry. NaN and infinities are stored as None."""
+
+    def numbers_in(values: dict[str, Any]) -> dict[str, float | int | None]:
+        return {
+            str(k): v if math.isfinite(v) else None
+            for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+
     with engine.begin() as conn:
-        current = conn.execute(sa.select(B.c.stats).where(B.c.id == batch_id)).scalar_one()
-        progress = {"done": done, "total": total, "fraction": done / max(total, 1), **numbers}
-        conn.execute(sa.update(B).where(B.c.id == batch_id).values(stats={**(current or {}), "progress": progress}))
+        current = conn.execute(sa.select(B.c.stats).where(B.c.id == batch_id).with_for_update()).scalar_one()
+        stats = dict(current or {})
+        stats["progress"] = {"done": done, "total": total, "fraction": done / max(total, 1), **numbers_in(numbers)}
+        if report is not None:
+            entry = numbers_in(report)
+            number = entry.setdefault("update", done)
+            kept = [u for u in stats.get("updates") or [] if u.get("update") != number]
+            stats["updates"] = sorted([*kept, entry], key=lambda u: u.get("update") or 0)
+        conn.execute(sa.update(B).where(B.c.id == batch_id).values(stats=stats))
 
 
 def list_batches(engine: Engine, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -1,12 +1,11 @@
 """The rollout actor: one vLLM engine, many concurrent episodes, every step streamed to the recorder.
 
 `run_group` plays `group_size` episodes from the same start state (the GRPO group: same environment and
-seed), concurrently, so vLLM batches their calls. Multi-turn prompts extend the exact tokens of earlier
-turns (rollout.chat). A group is pinned to the version served when it starts: every turn of every episode
-samples that version, and a swap that replaces the engine's weights (a full or merged version) first lets
-the groups pinned to other versions finish, while new groups wait for the swap. Episodes past their
-deadline are recorded as aborted; an episode that raises is recorded as failed and its group is not judged
-(the loop plays it again).
+seed), concurrently, so vLLM batches their calls; playing one episode is rollout.episode's. A group is
+pinned to the version served when it starts: every turn of every episode samples that version, and a swap
+that replaces the engine's weights (a full or merged version) first lets the groups pinned to other
+versions finish, while new groups wait for the swap. Episodes past their deadline are recorded as aborted;
+an episode that raises is recorded as failed and its group is not judged (the loop plays it again).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +23,12 @@ import ray
 
 from recorder.client import FlushReport, RecorderClient
 from recorder.config import RecorderConfig
-from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
-from rollout.chat import next_turn_tokens
 from rollout.config import EngineConfig, JudgeConfig
 from rollout.engine import EngineError, PolicyEngine
-from rollout.envs import make_env
+from rollout.episode import EpisodeCounters, EpisodeResult, EpisodeSpec, run_episode
 from rollout.judges import JudgedTrajectory, JudgeOutputError, judge_group
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EpisodeSpec:
-    """What every episode of one group shares."""
-
-    env_name: str
-    env_settings: dict[str, Any]
-    seed: int
-    group_id: str
-    max_turns: int
-    max_tokens: int
-    temperature: float
-    timeout_s: float
-    min_tokens: int = 0
-    is_eval: bool = False
-    version: int | None = None
-
-
-@dataclass
-class EpisodeResult:
-    trajectory_id: str
-    reward: float
-    turns: int
-    status: str
-    completion_tokens: int
-    transcript: str
-    version: int
-    error: str | None = None
 
 
 class _RolloutMetrics:
@@ -106,7 +73,7 @@ class RolloutWorker:
         self._engine: PolicyEngine | None = engine_instance
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
-        self._in_flight, self._calls, self._last_call = 0, 0, None
+        self._counters = EpisodeCounters()  # episodes in flight, LLM calls, when the last one finished
         self._full_weights: dict[int, str] = {}  # prepared full-weight versions: version -> folder
         self._adapters: dict[int, str] = {}  # prepared adapters: version -> folder (reloaded after a weights swap)
         self._pinned: Counter[int] = Counter()  # version -> episodes in flight that sample it
@@ -206,17 +173,18 @@ class RolloutWorker:
     async def health(self) -> dict[str, Any]:
         """Served version, loaded adapters, episodes in flight and when the last LLM call finished."""
         engine = await self._policy()
+        last_call = self._counters.last_call
         return {
             "served_version": None if self._awaiting_restore else engine.version,
             "awaiting_restore": self._awaiting_restore,
             "loaded_versions": engine.loaded_versions,
             "weights_version": engine.weights_version,
-            "episodes_in_flight": self._in_flight,
+            "episodes_in_flight": self._counters.in_flight,
             "episodes_by_version": dict(self._pinned),
             "swapping": not self._groups_open.is_set(),
             "unusable": engine.unusable,
-            "llm_calls": self._calls,
-            "last_call_s_ago": None if self._last_call is None else time.monotonic() - self._last_call,
+            "llm_calls": self._counters.calls,
+            "last_call_s_ago": None if last_call is None else time.monotonic() - last_call,
         }
 
     async def run_group(
@@ -251,7 +219,10 @@ class RolloutWorker:
         started = time.perf_counter()
         self._pinned[pinned] += group_size
         try:
-            episodes = await asyncio.gather(*(self._episode(engine, spec) for _ in range(group_size)))
+            limit = self._engine_config.max_model_len
+            episodes = await asyncio.gather(
+                *(run_episode(engine, spec, self._client, limit, self._counters) for _ in range(group_size))
+            )
         finally:
             self._pinned[pinned] -= group_size
             if self._pinned[pinned] <= 0:
@@ -329,90 +300,6 @@ class RolloutWorker:
         group = [JudgedTrajectory(e.trajectory_id, e.transcript, e.reward) for e in finished]
         version = "base" if weights == 0 else f"v{weights}"
         return await judge_group(group, settings, generate, judge_model=judge_model, judge_version=version)
-
-    async def _episode(self, engine: PolicyEngine, spec: EpisodeSpec) -> EpisodeResult:
-        trajectory_id, seed = uuid.uuid4().hex, spec.seed
-        assert spec.version is not None, "run_group pins the group's version"
-        version = spec.version  # every turn of the episode samples this version
-        common = {
-            "environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id,
-            "is_eval": spec.is_eval,
-        }  # fmt: skip
-        self._client.add(TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}))
-        progress: dict[str, Any] = {"reward": 0.0, "turns": 0, "tokens": 0, "transcript": []}
-        metrics: dict[str, Any] = {}
-        error = None
-        self._in_flight += 1
-        try:
-            await asyncio.wait_for(self._play(engine, spec, trajectory_id, progress), spec.timeout_s)
-            status = "finished"
-        except TimeoutError:
-            status = "aborted"
-            log.warning("episode %s passed its %.0f s deadline; recorded as aborted", trajectory_id, spec.timeout_s)
-        except Exception as exc:  # an episode never stays `running`: its group is reported failed and replayed
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
-            metrics["error"] = error[:2000]  # an outcome column: the end record fills it in
-            log.warning("episode %s failed on version %d: %s", trajectory_id, version, error)
-        finally:
-            self._in_flight -= 1
-        self._client.add(
-            TrajectoryRecord(
-                trajectory_id, **common, model_version=version, status=status, total_reward=progress["reward"],
-                step_count=progress["turns"], metrics=metrics, metadata={"seed": seed},
-            )
-        )  # fmt: skip
-        return EpisodeResult(
-            trajectory_id, progress["reward"], progress["turns"], status, progress["tokens"],
-            "\n".join(progress["transcript"]), version, error,
-        )  # fmt: skip
-
-    async def _play(
-        self, engine: PolicyEngine, spec: EpisodeSpec, trajectory_id: str, progress: dict[str, Any]
-    ) -> None:
-        env = make_env(spec.env_name, **spec.env_settings)
-        max_tokens, temperature = spec.max_tokens, spec.temperature
-        observation = env.reset(spec.seed)
-        messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": observation}]
-        prompt = engine.chat_prompt(messages)
-        # An environment may start the policy's reply for it (e.g. '{"type": "'): those tokens go into the
-        # prompt of every turn, so they are never trained on, and the env parses prefix + completion.
-        prefix = getattr(env, "response_prefix", "")
-        prefix_ids = engine.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        limit = self._engine_config.max_model_len
-        for turn in range(spec.max_turns):
-            started = time.perf_counter()
-            prompt = prompt + prefix_ids
-            generation = await engine.generate(
-                prompt, max_tokens=max_tokens, min_tokens=spec.min_tokens, temperature=temperature, version=spec.version
-            )
-            completion = generation.completions[0]
-            self._calls, self._last_call = self._calls + 1, time.monotonic()
-            action_text = prefix + completion.text
-            result = env.step(action_text)
-            self._client.add(
-                StepRecord(
-                    trajectory_id, turn, observation, action=result.info.get("action"), env_reward=result.reward,
-                    done=result.done, error=result.info.get("error"),
-                ),
-                LlmCallRecord.from_tokens(
-                    trajectory_id, turn, 0, generation.model_version, prompt, completion.token_ids,
-                    completion.logprobs, text=completion.text, finish_reason=completion.finish_reason,
-                    sampling_params={"temperature": temperature, "max_tokens": max_tokens},
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                ),
-            )  # fmt: skip
-            progress["reward"] += result.reward
-            progress["transcript"] += [f"[turn {turn + 1}] saw: {observation[-300:]}", f"did: {action_text}"]
-            progress["turns"] = turn + 1
-            progress["tokens"] += len(completion.token_ids)
-            if result.done:
-                return
-            observation = result.observation
-            prompt = (
-                prompt + completion.token_ids + next_turn_tokens(engine.tokenizer, completion.token_ids, observation)
-            )
-            if len(prompt) + max_tokens > limit:  # the next turn would not fit: end the episode here
-                return
 
     async def _flush(self) -> FlushReport:
         """One flush at a time: concurrent groups share the client, whose flush is not re-entrant."""

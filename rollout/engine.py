@@ -2,14 +2,14 @@
 
 `PolicyEngine` is async and lives on the event loop that created it (a Ray async actor's loop, say).
 `EngineThread` runs one on a private loop in a background thread for synchronous callers (scripts,
-tests), with a deadline on every call.
+tests), with a deadline on every call. The engine's arguments and environment come from rollout.vllm_setup
+(`engine_args`, `configure_vllm_environment` and `resolve_device` are importable from here too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Coroutine
@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rollout.config import EngineConfig
+from rollout.vllm_setup import configure_vllm_environment, engine_args, resolve_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+__all__ = [
+    "Completion", "EngineError", "EngineThread", "Generation", "PolicyEngine", "configure_vllm_environment",
+    "engine_args", "resolve_device",
+]  # fmt: skip
 
 
 class EngineError(RuntimeError):
@@ -48,63 +54,6 @@ class Generation:
     prompt_token_ids: list[int]
     completions: list[Completion]
     model_version: int
-
-
-def resolve_device(config: EngineConfig) -> str:
-    if config.device != "auto":
-        return config.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _cpu_core_list() -> str:
-    cores = sorted(os.sched_getaffinity(0))
-    return ",".join(str(core) for core in cores)
-
-
-def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
-    """Export the settings vLLM reads from the environment; call before the engine starts.
-
-    Values the user already exported win, so a cluster can override them per node.
-    """
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-    if Path(model_path).exists():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if resolve_device(config) == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
-        bind = _cpu_core_list() if config.cpu_threads_bind == "all" else config.cpu_threads_bind
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-
-
-def engine_args(config: EngineConfig, model_path: str) -> Any:
-    """vLLM AsyncEngineArgs for this config (CPU defaults: float32, eager)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    on_cpu = resolve_device(config) == "cpu"
-    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
-    eager = config.enforce_eager if config.enforce_eager is not None else on_cpu
-    kwargs: dict[str, Any] = {
-        "model": model_path,
-        "dtype": dtype,
-        "enforce_eager": eager,
-        "max_model_len": config.max_model_len,
-        "max_num_seqs": config.max_num_seqs,
-        "seed": config.seed,
-        "disable_log_stats": True,
-        "enable_lora": config.enable_lora,
-        "trust_remote_code": config.trust_remote_code,
-        "load_format": "safetensors",  # never unpickle weights (.bin/.pt) from a folder
-        # Log-probs of the distribution that sampled (after temperature), not vLLM's default raw ones: the
-        # trainer divides its logits by each call's temperature and must meet the same numbers.
-        "logprobs_mode": "processed_logprobs",
-    }
-    if config.enable_lora:
-        kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
-    if not on_cpu:
-        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-    return AsyncEngineArgs(**kwargs)
 
 
 class PolicyEngine:

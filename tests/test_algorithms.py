@@ -104,3 +104,27 @@ def test_kl_k3_is_zero_at_equality_and_positive_elsewhere():
     logp = torch.tensor([-1.0, -2.0])
     assert torch.all(kl_k3(logp, logp) == 0)
     assert kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(math.exp(-1) + 1 - 1)
+
+
+def test_the_config_names_only_registered_losses_and_estimators():
+    from typing import get_args
+
+    from pydantic import ValidationError
+
+    from trainer.algorithms import AGGREGATIONS
+    from trainer.config import TrainerConfig
+
+    with pytest.raises(ValidationError, match=r"trainer.policy_loss 'ppo' is not registered; choose one of: clipped"):
+        TrainerConfig(policy_loss="ppo")
+    with pytest.raises(ValidationError, match=r"trainer.advantage 'rloo' is not registered; choose one of: dr_grpo"):
+        TrainerConfig(advantage="rloo")
+    assert TrainerConfig(policy_loss="clipped", advantage="dr_grpo").policy_loss == "clipped"
+    # the config's aggregation modes are exactly the ones `aggregate` decides between
+    assert set(get_args(TrainerConfig.model_fields["aggregation"].annotation)) == set(AGGREGATIONS)
+
+
+def test_a_registered_loss_is_accepted_by_name(monkeypatch):
+    from trainer.config import TrainerConfig
+
+    monkeypatch.setitem(POLICY_LOSSES, "custom", lambda *args, **kwargs: clipped_policy_loss(*args, **kwargs))
+    assert TrainerConfig(policy_loss="custom").policy_loss == "custom"

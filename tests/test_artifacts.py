@@ -79,10 +79,10 @@ def test_two_databases_version_one_never_share_a_folder(ray_session, postgres, t
     first one's files are untouched by the second job, and the manifest covers every file."""
     import uuid
 
+    from cluster.train_job import run_training
     from recorder import queries
     from recorder.store import create_db_engine
     from tests.test_trainer_job import _config, _record_groups
-    from trainer.job import run_training
     from trainer.model import MANIFEST
 
     artifacts = []

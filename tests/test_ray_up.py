@@ -148,7 +148,7 @@ def test_ray_up_local_cluster_runs_a_submitted_trainer_job_then_ray_down(
         submitted = _run(
             [
                 ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                "--", "python", "-m", "trainer.job", "--config", str(root / "job.yaml"),
+                "--", "python", "-m", "cluster.train_job", "--config", str(root / "job.yaml"),
             ],
             timeout=600,
         )  # fmt: skip

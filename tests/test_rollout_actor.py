@@ -75,7 +75,7 @@ def test_a_group_of_multi_turn_episodes_is_recorded_as_generated(ray_session, ti
 
 def test_rollout_entrypoint_plays_and_summarises_groups(ray_session, tiny_model_dir, tmp_path):
     from cluster.config import load_config
-    from rollout.run import run_rollouts
+    from cluster.rollout_job import run_rollouts
 
     base = load_config()
     config = base.model_copy(

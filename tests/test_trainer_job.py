@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from cluster.config import load_config
+from cluster.train_job import run_training
 from recorder import queries
 from recorder.migrate import upgrade
 from recorder.records import LlmCallRecord
 from recorder.store import TrajectoryStore
 from tests.recorder_data import finished, step, trajectory
-from trainer.job import run_training
 from trainer.model import MANIFEST
 
 pytestmark = pytest.mark.slow
@@ -142,10 +142,15 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     manifest = json.loads((artifact / MANIFEST).read_text())
     assert manifest["version"] == 1 and manifest["training_batch"] == registered["training_batch_id"]
     assert "adapter_model.safetensors" in manifest["checksums"]
-    assert registered["wandb_run_id"]  # the offline W&B run of this training
-    assert list((tmp_path / "store" / "wandb").glob(f"offline-run-*-{registered['wandb_run_id']}"))
     batch = queries.get_batch(store.engine, registered["training_batch_id"])
     assert batch["status"] == "completed" and batch["target_version"] == 1 and len(batch["trajectory_ids"]) == 12
+    # every update's report is on the batch's row (the trainer starts no W&B run of its own)
+    updates = batch["stats"]["updates"]
+    assert [u["update"] for u in updates] == [1, 2]
+    assert all(np.isfinite(u["loss"]) and u["tokens"] > 0 and u["tokens_per_s"] > 0 for u in updates)
+    assert all({"clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "elapsed_s"} <= set(u) for u in updates)
+    assert batch["stats"]["progress"] == {"done": 2, "total": 2, "fraction": 1.0, "loss": updates[-1]["loss"]}
+    assert registered["wandb_run_id"] is None
     _served_adapter_matches_peft(tiny_engine, tiny_model_dir, str(artifact))
     _merged_weights_serve_like_the_adapter(tiny_engine, tiny_model_dir, artifact)
     assert registered["metrics"]["merge_s"] > 0
@@ -198,6 +203,28 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres,
     store.dispose()
     assert registered["status"] == "ready" and registered["metrics"]["update"] == 25
     assert registered["metrics"]["resumed_from_update"] >= 1  # the restarted group continued, not restarted
+    store = TrajectoryStore(url)
+    updates = queries.get_batch(store.engine, registered["training_batch_id"])["stats"]["updates"]
+    store.dispose()
+    assert [u["update"] for u in updates] == list(range(1, 26))  # one entry each, a replayed update replaced
+    assert updates[-1]["resumed_from_update"] >= 1
+
+
+def test_update_reports_are_kept_once_per_update_on_the_batch_row(tmp_path):
+    url = f"sqlite:///{tmp_path / 'progress.db'}"
+    upgrade(url)
+    _record_groups(url, groups=2)
+    store = TrajectoryStore(url)
+    batch_id = queries.claim_batch(store.engine, max_groups=2)
+    first = {"update": 1, "loss": 0.5, "tokens": 24.0, "note": "dropped: not a number", "flag": True}
+    queries.set_batch_progress(store.engine, batch_id, 1, 3, loss=0.5, report=first)
+    queries.set_batch_progress(store.engine, batch_id, 2, 3, loss=0.4, report={"update": 2, "loss": float("nan")})
+    # a retried update 2 (a worker restarted from the checkpoint of update 1) replaces its entry
+    queries.set_batch_progress(store.engine, batch_id, 2, 3, loss=0.3, report={"update": 2, "loss": 0.3})
+    stats = queries.get_batch(store.engine, batch_id)["stats"]
+    store.dispose()
+    assert stats["updates"] == [{"update": 1, "loss": 0.5, "tokens": 24.0}, {"update": 2, "loss": 0.3}]
+    assert stats["progress"] == {"done": 2, "total": 3, "fraction": 2 / 3, "loss": 0.3}
 
 
 def test_full_weights_train_sharded_with_fsdp2_on_cpu_workers(ray_session, tiny_model_dir, tmp_path):
@@ -227,9 +254,8 @@ def test_full_weights_train_sharded_with_fsdp2_on_cpu_workers(ray_session, tiny_
 def hand_made_adapter(base: str, folder: Path, seed: int = 0) -> Path:
     """A real LoRA adapter of the tiny model (fresh, as a job starts one), with a manifest that lists every
     file's sha256, as the training job writes it: registered by hand as a version to serve or train from."""
-    from cluster.models import sha256_file
     from trainer.config import TrainerConfig
-    from trainer.model import build_policy
+    from trainer.model import build_policy, sha256_file
 
     build_policy(base, TrainerConfig(seed=seed)).save_pretrained(folder, safe_serialization=True)
     checksums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -291,7 +317,7 @@ def test_staleness_is_judged_once_at_claim_against_the_parent(ray_session, tiny_
 
 
 def test_a_batch_with_nothing_to_train_fails_and_registers_no_version(ray_session, tiny_model_dir, tmp_path):
-    from trainer import job
+    from cluster import train_job
 
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     upgrade(url)
@@ -303,7 +329,7 @@ def test_a_batch_with_nothing_to_train_fails_and_registers_no_version(ray_sessio
     expected = f"training batch {batch_id} has nothing to train with reward 'ruler'"
     with pytest.raises(RuntimeError, match=expected) as info:
         run_training(config, batch_id=batch_id)
-    assert isinstance(info.value, job.NothingToTrain)
+    assert isinstance(info.value, train_job.NothingToTrain)
     assert queries.list_versions(store.engine) == []  # no version identical to its parent
     batch = queries.get_batch(store.engine, batch_id)
     assert batch["status"] == "failed" and "nothing to train" in batch["error"]

@@ -135,3 +135,24 @@ def test_a_resumed_run_anchors_its_ratios_at_the_policy_before_the_batch(tiny_mo
     assert ((restored - before) * mask).abs().max() > 1e-3  # recomputing would have anchored elsewhere
     with pytest.raises(RuntimeError, match="num_workers"):
         pre_batch_logprobs(model, batch, config, 1, {"old_logprobs": saved}, rank=1, world=2)
+
+
+def test_the_update_uses_the_configured_policy_loss(tiny_model_dir, monkeypatch):
+    """trainer.policy_loss picks the loss from the registry: a registered loss is the one every micro-batch calls."""
+    from trainer.algorithms import POLICY_LOSSES, clipped_policy_loss
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return clipped_policy_loss(*args, **kwargs)
+
+    monkeypatch.setitem(POLICY_LOSSES, "counted", counted)
+    config = TrainerConfig(policy_loss="counted", micro_batch_rows=1)
+    model = build_policy(tiny_model_dir, config)
+    batch = _batch([1.0, 0.0], [[100, 101, 102], [200, 201, 202]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    with torch.no_grad():
+        old = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    metrics = grpo_update(model, optimizer, batch, old, config, single_worker_scale(batch, config))
+    assert len(calls) == 2 and np.isfinite(metrics["loss"])  # one call per micro-batch of one row

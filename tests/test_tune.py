@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_sweep_runs_trials_with_asha_and_reports_the_best(ray_session, tiny_model_dir, tmp_path):
+    from cluster.tune import SEARCH_SPACE, sweep
     from recorder.migrate import upgrade
-    from trainer.tune import SEARCH_SPACE, sweep
 
     url = f"sqlite:///{tmp_path / 'tune.db'}"
     upgrade(url)
@@ -24,8 +24,8 @@ def test_sweep_runs_trials_with_asha_and_reports_the_best(ray_session, tiny_mode
 
 
 def test_sweep_refuses_too_little_data(ray_session, tiny_model_dir, tmp_path):
+    from cluster.tune import sweep
     from recorder.migrate import upgrade
-    from trainer.tune import sweep
 
     url = f"sqlite:///{tmp_path / 'tune.db'}"
     upgrade(url)

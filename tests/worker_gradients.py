@@ -44,7 +44,7 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
 
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate, shard_groups
-    from trainer.loop import all_reduce, batch_loss_scale
+    from trainer.loop import all_reduce_named, batch_loss_scale
     from trainer.model import build_policy
     from trainer.parallel import wrap
     from trainer.step import accumulate_gradients, policy_logprobs
@@ -59,7 +59,7 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
         config = TrainerConfig(mode="full", aggregation=mode, micro_batch_rows=2, num_workers=world)
         model = wrap(build_policy(loop_config["model"], config).double(), "ddp", world)
         scale = batch_loss_scale(batch, config, world)
-        (steps,) = all_reduce([-(-batch.input_ids.shape[0] // config.micro_batch_rows)], op="max")
+        steps = all_reduce_named({"steps": -(-batch.input_ids.shape[0] // config.micro_batch_rows)}, op="max")["steps"]
         current = policy_logprobs(model, batch, config.micro_batch_rows, steps=int(steps))
         # an anchor away from the current policy (by token id, so the same on any split): ratios != 1, some clip
         old = current + 0.3 * torch.sin(batch.input_ids.to(current.dtype)) * batch.loss_mask

@@ -1,2 +1,3 @@
-"""Trainer: GRPO over recorded groups. Pure algorithms (`algorithms.py`) and batch tensors (`data.py`) exist;
-the Ray Train loop, checkpoints and the job entrypoint come with the trainer issue."""
+"""Trainer: GRPO over recorded groups. Pure algorithms (`algorithms.py`), batch tensors (`data.py`), one update
+(`step.py`) and the Ray Train worker loop (`loop.py`, given a `spec.TrainJobSpec`); the job that claims a batch
+and starts the workers is `cluster.train_job`, above this package (it imports nothing from cluster)."""

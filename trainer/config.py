@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class LoraConfig(BaseModel):
@@ -38,6 +38,12 @@ class TrainerConfig(BaseModel):
 
     advantage: str = "grpo"
     """Advantage estimator from trainer.algorithms.ADVANTAGES: grpo (std-normalised) or dr_grpo."""
+
+    policy_loss: str = "clipped"
+    """Policy loss from trainer.algorithms.POLICY_LOSSES, looked up by this name on every micro-batch:
+    `clipped` (the PPO/GRPO clipped surrogate, with clip-higher, dual-clip and the truncated importance weight
+    below). A loss registered elsewhere (`@register_loss`) must be imported before the config is read, and on
+    the training workers."""
 
     advantage_eps: float = Field(1e-6, gt=0)
     """Added to the group's std before dividing (verl uses 1e-6, TRL 1e-4)."""
@@ -131,6 +137,19 @@ class TrainerConfig(BaseModel):
 
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""
+
+    @field_validator("advantage", "policy_loss")
+    @classmethod
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        """A name the registry knows (checked when a config sets it: the registries import torch)."""
+        from trainer import algorithms
+
+        table = {"advantage": algorithms.ADVANTAGES, "policy_loss": algorithms.POLICY_LOSSES}[info.field_name]
+        if value not in table:
+            raise ValueError(
+                f"trainer.{info.field_name} {value!r} is not registered; choose one of: {', '.join(sorted(table))}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fsdp_is_for_full_weights(self) -> TrainerConfig:

@@ -1,14 +1,15 @@
-"""Loading the policy for training (LoRA adapters via peft, or full weights) and saving what was trained."""
+"""Loading the policy for training (LoRA adapters via peft, or full weights) and saving what was trained.
+
+torch, transformers and peft are imported where they are used: the model store (cluster.artifacts,
+cluster.models) imports this module for the manifest's name and `sha256_file` alone."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from cluster.models import sha256_file
 from trainer.config import TrainerConfig
 
 MANIFEST = "ziggurat_version.json"
@@ -16,8 +17,18 @@ MERGED_DIR = "merged"
 """Subfolder of a LoRA version holding its adapter merged into the base weights (engine.lora_serving: merged)."""
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read 1 MiB at a time (the checksums in a version's manifest)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", adapter: str | None = None) -> Any:
     """The base model, wrapped with fresh (or `adapter`'s) LoRA weights when config.mode is lora."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
@@ -49,6 +60,7 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """The base weights with a LoRA adapter folded in, saved as a full checkpoint (safetensors) that vLLM
     swaps in like any full-weights version."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,8 @@
-"""One GRPO update on a worker's tensors: token log-probs, the clipped loss, accumulation, the step."""
+"""One GRPO update on a worker's tensors: token log-probs, the policy loss, accumulation, the step.
+
+The policy loss is `trainer.policy_loss` looked up in trainer.algorithms.POLICY_LOSSES, and turning its
+per-token values into the batch loss is trainer.algorithms.aggregate's alone (`trainer.aggregation`): this
+module only hands it the whole batch's sizes (LossScale)."""
 
 from __future__ import annotations
 
@@ -162,7 +166,7 @@ def accumulate_gradients(
     pass `micro_steps` = the largest count on any worker; a worker with fewer rows runs zero-weighted
     passes on a one-token dummy to keep in step.
     """
-    loss_fn = POLICY_LOSSES["clipped"]
+    loss_fn = POLICY_LOSSES[config.policy_loss]
     clip = clip_config(config)
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
     rows = batch.input_ids.shape[0]

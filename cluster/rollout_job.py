@@ -1,4 +1,4 @@
-"""Run N GRPO groups of rollouts on a config and print a summary: `python -m rollout.run --env market`.
+"""Run N GRPO groups of rollouts on a config and print a summary: `python -m cluster.rollout_job --env market`.
 
 Starts (or joins) Ray and the recorder, starts one rollout actor on the config's model, plays the groups
 (one per seed, concurrently), records everything, and prints rewards and tokens/s.
@@ -54,7 +54,7 @@ def run_rollouts(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rollout.run", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cluster.rollout_job", description=__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--env", default="market", help="a registered environment (arithmetic, market)")
     parser.add_argument("--groups", type=int, default=2)

@@ -1,10 +1,13 @@
-"""One training run: `python -m trainer.job --config configs/local.yaml [--batch-id N]`.
+"""One training run: `python -m cluster.train_job --config configs/local.yaml [--batch-id N]`.
 
 Claims a batch of trainable groups from the deployed version (or takes the given one), trains it with GRPO
 as a Ray Train `TorchTrainer` starting from that parent, writes the result to the model store as the next
 version, registers that version as `ready` with its metrics, and marks the batch completed. On failure the
 version is marked failed, the batch failed (its trajectories released for another try) with the error, and
 the process exits non-zero. A batch with nothing to train is failed before any version is registered.
+
+The workers get one frozen `TrainJobSpec` (trainer.spec) and record each update's metrics on the batch's row
+(`stats["updates"]`); the job itself starts no experiment tracker.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import DEFAULT_CONFIG, ZigguratConfig, load_config
-from cluster.logs import configure_logging
+from cluster.logs import configure_logging, library_log_level
 
 log = logging.getLogger("ziggurat.trainer")
 
@@ -121,7 +124,7 @@ def _prepare(
 
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
     """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
@@ -132,6 +135,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     from recorder.migrate import check_schema
     from trainer.loop import STATE_FILE, train_loop_per_worker
     from trainer.model import MERGED_DIR
+    from trainer.spec import TrainJobSpec
 
     settings = config.trainer
     init_ray(config.ray)
@@ -167,19 +171,18 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
         pad = model_config.pad_token_id if model_config.pad_token_id is not None else model_config.eos_token_id
         # Ray Train propagates this from the driver to its controller and workers.
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+        spec = TrainJobSpec(
+            trainer=settings,
+            database=config.database,  # no password: workers read it from their env, as this process does
+            batch_id=batch_id,
+            base_model=base,
+            init_from=parent["artifact_uri"] if parent else None,
+            target_version=version,
+            pad_token_id=pad or 0,
+        )
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={
-                "trainer": settings.model_dump(),
-                "database": config.database.model_dump(mode="json"),  # workers read the password from their env
-                "batch_id": batch_id,
-                "reward_source": settings.reward_source,
-                "base_model": base,
-                "init_from": parent["artifact_uri"] if parent else None,
-                "target_version": version,
-                "pad_token_id": pad or 0,
-                "wandb_dir": str(store),
-            },
+            train_loop_config={"spec": spec},  # Ray Train takes a dict; the workers read the spec from it once
             # a worker stuck in a collective (a peer died mid all-reduce) fails the attempt instead of hanging
             torch_config=TorchConfig(timeout_s=int(settings.collective_timeout_s)),
             scaling_config=ScalingConfig(
@@ -194,6 +197,8 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 name=f"v{version}-batch{batch_id}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(store / "ray_runs"),
                 failure_config=FailureConfig(max_failures=settings.max_failures),
+                # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
+                logging_config=LoggingConfig(log_level=library_log_level()),
             ),
         )
         result = trainer.fit()
@@ -229,7 +234,6 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
             version,
             artifact_uri=str(artifact),
             metrics=metrics,
-            wandb_run_id=(result.metrics or {}).get("wandb_run_id"),
         )
         log.info("version %d ready at %s", version, artifact)
         return version
@@ -244,7 +248,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.job", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cluster.train_job", description=__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--batch-id", type=int, default=None, help="train this batch instead of claiming one")
     args = parser.parse_args(argv)

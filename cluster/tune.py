@@ -1,4 +1,4 @@
-"""Ray Tune sweep of GRPO settings on short runs: `python -m trainer.tune --config configs/local.yaml`.
+"""Ray Tune sweep of GRPO settings on short runs: `python -m cluster.tune --config configs/local.yaml`.
 
 Every trial trains a fresh LoRA (or full) policy for a few updates on the same recorded groups and is
 scored on groups it never trained on: the held-out surrogate gain, the advantage-weighted change of the
@@ -111,7 +111,7 @@ def sweep(
     train, heldout = split_groups(groups)
     if not train or not heldout:
         raise SystemExit(
-            f"trainer.tune needs at least 2 trainable groups (found {len(groups)}); record more rollouts first"
+            f"cluster.tune needs at least 2 trainable groups (found {len(groups)}); record more rollouts first"
         )
     base = resolve_model(config.model)
     model_config = AutoConfig.from_pretrained(base)
@@ -148,7 +148,7 @@ def sweep(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.tune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cluster.tune", description=__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--batch-id", type=int, default=None, help="tune on this batch (default: unused groups)")
     parser.add_argument("--samples", type=int, default=8, help="trials")

@@ -1,0 +1,72 @@
+"""How a vLLM engine is set up from an EngineConfig: the environment variables vLLM reads at start, and its
+AsyncEngineArgs (CPU defaults: float32, eager; safetensors only; processed log-probs). No engine runs here:
+rollout.engine starts one with these.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rollout.config import EngineConfig
+
+
+def resolve_device(config: EngineConfig) -> str:
+    """`cpu` or `cuda`: engine.device, or (auto) whichever torch finds."""
+    if config.device != "auto":
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_core_list() -> str:
+    cores = sorted(os.sched_getaffinity(0))
+    return ",".join(str(core) for core in cores)
+
+
+def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
+    """Export the settings vLLM reads from the environment; call before the engine starts.
+
+    Values the user already exported win, so a cluster can override them per node.
+    """
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    if Path(model_path).exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if resolve_device(config) == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        bind = _cpu_core_list() if config.cpu_threads_bind == "all" else config.cpu_threads_bind
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+
+
+def engine_args(config: EngineConfig, model_path: str) -> Any:
+    """vLLM AsyncEngineArgs for this config (CPU defaults: float32, eager)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_cpu = resolve_device(config) == "cpu"
+    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
+    eager = config.enforce_eager if config.enforce_eager is not None else on_cpu
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "dtype": dtype,
+        "enforce_eager": eager,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "seed": config.seed,
+        "disable_log_stats": True,
+        "enable_lora": config.enable_lora,
+        "trust_remote_code": config.trust_remote_code,
+        "load_format": "safetensors",  # never unpickle weights (.bin/.pt) from a folder
+        # Log-probs of the distribution that sampled (after temperature), not vLLM's default raw ones: the
+        # trainer divides its logits by each call's temperature and must meet the same numbers.
+        "logprobs_mode": "processed_logprobs",
+        # The weight-loading bars pass `disable` explicitly, so TQDM_DISABLE cannot hide them; only --verbose.
+        "use_tqdm_on_load": os.environ.get("ZIGGURAT_VERBOSE", "0") == "1",
+    }
+    if config.enable_lora:
+        kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return AsyncEngineArgs(**kwargs)
