@@ -51,7 +51,8 @@ def measure(config: Any, swaps: int, max_tokens: int = 16) -> dict[str, Any]:
     import ray
 
     from cluster.controller import start_controller
-    from cluster.loop import serving_config, shutdown, start_rollout_actors
+    from cluster.fleet import RolloutFleet
+    from cluster.loop import serving_config, shutdown
     from cluster.models import resolve_model
     from recorder import queries
     from recorder.actor import start_recorder
@@ -69,7 +70,7 @@ def measure(config: Any, swaps: int, max_tokens: int = 16) -> dict[str, Any]:
     db.dispose()
 
     recorder = start_recorder(config.database, config.recorder)
-    actors = start_rollout_actors(config, model_path)
+    actors = RolloutFleet.start(config, model_path)
     controller = start_controller(config)
     rollout = config.rollout
     stop, failures, groups = threading.Event(), [], [0]

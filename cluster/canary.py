@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cluster.config import ControllerConfig
-from recorder.schema import Trajectory
-
-T = Trajectory.__table__
+from recorder.versions import episode_reward_by_version
 
 
 def started_metrics(actors: list[str], deployed: int) -> dict[str, Any]:
@@ -54,22 +51,6 @@ def since(row: dict[str, Any]) -> datetime:
 def canary_actors(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Actor name -> the canary version it should serve, over every version now in `canary` status."""
     return {name: row["version"] for row in rows for name in (row["metrics"] or {}).get("canary_actors", [])}
-
-
-def episode_means(db: Engine, versions: list[int], start: datetime) -> dict[int, tuple[float, int]]:
-    """(mean reward, episodes) of the finished training episodes per version, started at or after `start`."""
-    with db.connect() as conn:
-        rows = conn.execute(
-            sa.select(T.c.model_version, sa.func.avg(T.c.total_reward), sa.func.count())
-            .where(
-                T.c.status == "finished",
-                T.c.is_eval.is_(False),
-                T.c.started_at >= start,
-                T.c.model_version.in_(versions),
-            )
-            .group_by(T.c.model_version)
-        ).all()
-    return {version: (float(mean), count) for version, mean, count in rows}
 
 
 @dataclass(frozen=True)
@@ -117,6 +98,14 @@ def judge(
         f"{settings.canary_tolerance} ({canary_n} vs {deployed_n} episodes)"
     )
     return Verdict(True, promoted, reason, canary_mean, deployed_mean, episodes)
+
+
+def decide(
+    db: Engine, row: dict[str, Any], deployed: int, settings: ControllerConfig, min_episodes: int, final: bool
+) -> Verdict:
+    """The canary in `row` against the deployed version, on both sides' episodes since the canary began."""
+    means = episode_reward_by_version(db, [row["version"], deployed], since(row))
+    return judge(means, row["version"], deployed, settings, min_episodes, final or overdue(row, settings))
 
 
 def overdue(row: dict[str, Any], settings: ControllerConfig) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 
 from cluster.config import DEFAULT_CONFIG, ConfigError, ZigguratConfig, load_config
 from cluster.logs import configure_logging
+
+log = logging.getLogger("ziggurat.cli")
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
@@ -70,7 +73,7 @@ def _db_status(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.job import main as train_main
+    from cluster.train_job import main as train_main
 
     argv = ["--config", str(args.config)] + (["--batch-id", str(args.batch_id)] if args.batch_id is not None else [])
     return train_main(argv)
@@ -100,7 +103,7 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from rollout.run import main as rollout_main
+    from cluster.rollout_job import main as rollout_main
 
     rollout_main(
         [
@@ -120,7 +123,8 @@ def _rollout(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cluster.run import main as run_main
 
-    return run_main(["--config", str(args.config), "--out", str(args.out)])
+    verbose = ["--verbose"] if args.verbose else []
+    return run_main(["--config", str(args.config), "--out", str(args.out), *verbose])
 
 
 class CliError(RuntimeError):
@@ -158,8 +162,113 @@ def _status(args: argparse.Namespace) -> int:
             raise
         print(f"# {exc}\n# showing what the database says", file=sys.stderr)
         status = _database_status(config)
-    print(json.dumps(status, indent=2, default=str))
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        print(format_status(status, config, _rewards_by_version(config, status)))
     return 0
+
+
+def _rewards_by_version(config: ZigguratConfig, status: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Held-out reward (mean, standard error, episodes) per version for the table; the controller's status
+    carries only the mean, so the database is asked too. Best effort: the table still prints without it."""
+    from cluster.report import version_rewards
+
+    if status.get("controller") == "not running":
+        return {v["version"]: v for v in status.get("versions", [])}
+    try:
+        engine = config.database.create_engine()
+        try:
+            return {v["version"]: v for v in version_rewards(engine)}
+        finally:
+            engine.dispose()
+    except Exception as exc:  # the table is still useful without the reward column
+        log.warning("no rewards from the database: %s: %s", type(exc).__name__, exc)
+        return {}
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [indent + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in (header, *rows)]  # fmt: skip
+
+
+def _reward_cell(row: dict[str, Any] | None, metrics: dict[str, Any]) -> str:
+    mean = (row or {}).get("eval_mean_reward", metrics.get("eval_mean_reward"))
+    if mean is None:
+        return "-"
+    stderr = (row or {}).get("eval_stderr")
+    episodes = (row or {}).get("eval_episodes", metrics.get("eval_episodes"))
+    shown = f"{mean:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+    return shown + (f" ({episodes} ep)" if episodes else "")
+
+
+def _training_line(item: dict[str, Any]) -> str:
+    """One training batch, from the controller's health (progress flattened in) or a database row."""
+    progress = {**((item.get("stats") or {}).get("progress") or {}), **item}
+    batch = progress.get("batch_id", progress.get("id"))
+    line = f"batch {batch} {progress.get('status', '?')}"
+    if progress.get("total"):
+        line += f", {progress.get('done', 0)}/{progress['total']} updates ({100 * progress.get('fraction', 0):.0f}%)"
+    if progress.get("loss") is not None:
+        line += f", loss {progress['loss']:.4f}"
+    return line
+
+
+def format_status(status: dict[str, Any], config: ZigguratConfig, rewards: dict[int, dict[str, Any]]) -> str:
+    """`ziggurat status` for a person: deployed version, rollout actors, training, readiness, versions.
+    Works on the controller's status and on the database-only one (no controller running)."""
+    running = status.get("controller") != "not running"
+    versions = status.get("versions", [])
+    deployed = status.get("deployed_version")
+    if deployed is None:
+        deployed = next((v["version"] for v in reversed(versions) if v.get("status") == "deployed"), 0)
+    lines = [
+        f"controller   {config.controller.name}: " + ("running" if running else "not running (read from the database)"),
+        f"deployed     v{deployed}",
+    ]
+    health = status.get("health") or {}
+    actors = health.get("actors") or {}
+    if actors:
+        rows = []
+        for name, actor in sorted(actors.items()):
+            served = actor.get("served_version")
+            note = actor.get("error") or ("swapping" if actor.get("swapping") else "")
+            if actor.get("awaiting_restore"):
+                note = "awaiting restore"
+            rows.append([
+                name, "yes" if actor.get("alive") else "NO", "-" if served is None else f"v{served}",
+                str(actor.get("episodes_in_flight", "-")), str(note)[:60],
+            ])  # fmt: skip
+        lines += ["rollout actors", *_table(["ACTOR", "ALIVE", "SERVES", "IN FLIGHT", "NOTE"], rows)]
+    elif running:
+        lines.append("rollout actors  none reported")
+    for part, state in (("database", health.get("database")), ("recorder", health.get("recorder"))):
+        if state and not state.get("reachable", state.get("alive", True)):
+            lines.append(f"{part:<12} DOWN: {state.get('error', '?')}")
+    training = health.get("training") if running else status.get("training")
+    lines.append("training     " + ("; ".join(_training_line(t) for t in training) if training else "idle"))
+    readiness = status.get("readiness") or {}
+    unmet = readiness.get("unmet")
+    if unmet is None and not readiness.get("ready"):
+        unmet = [
+            f"trainable groups: {readiness.get('groups_with_variance', 0)} of {config.controller.min_groups} needed"
+        ]
+    summary = (
+        f"{readiness.get('groups_with_variance', 0)} trainable groups, "
+        f"{readiness.get('trainable_trajectories', 0)} trajectories"
+    )
+    lines.append(f"readiness    {'ready to train' if readiness.get('ready') else 'not ready'} ({summary})")
+    lines += [f"  - {reason}" for reason in unmet or []]
+    if versions:
+        rows = [
+            [f"v{v['version']}", str(v.get("status", "?")), str(v.get("kind", "?")),
+             "-" if v.get("training_batch_id") is None else str(v["training_batch_id"]),
+             _reward_cell(rewards.get(v["version"]), v.get("metrics") or {})]
+            for v in versions
+        ]  # fmt: skip
+        lines += ["versions", *_table(["VERSION", "STATUS", "KIND", "BATCH", "HELD-OUT REWARD"], rows)]
+    return "\n".join(lines)
 
 
 def _database_status(config: ZigguratConfig) -> dict[str, Any]:
@@ -186,11 +295,14 @@ def _deploy(args: argparse.Namespace) -> int:
     import ray
 
     config = load_config(args.config)
-    result = ray.get(
-        _controller(config).deploy.remote(args.version, args.canary), timeout=config.controller.swap_timeout_s * 3
-    )
+    controller, settings = _controller(config), config.controller
+    if args.force:  # straight to the swap: no evaluation, no deploy_only_if_better
+        result = ray.get(controller.deploy.remote(args.version, args.canary), timeout=settings.swap_timeout_s * 3)
+    else:  # the loop's rules (Controller.release): evaluated, refused if worse, deployed
+        timeout = 2 * settings.call_timeout_s + 3 * settings.swap_timeout_s
+        result = ray.get(controller.release.remote(args.version, args.canary), timeout=timeout)
     print(json.dumps(result, default=str))
-    return 0
+    return 0 if args.force or result["deployed"] or result["canary"] else 1
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -227,7 +339,12 @@ def _fmt(value: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ziggurat", description="Serve, record and train LLM agents on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log INFO from Ziggurat, Ray, vLLM and the trainer (default: warnings)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -261,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_db_status
     )
 
-    train = with_config(commands.add_parser("train", help="train one batch into a new version (python -m trainer.job)"))
+    train = with_config(
+        commands.add_parser("train", help="train one batch into a new version (python -m cluster.train_job)")
+    )
     train.add_argument("--batch-id", type=int, default=None, help="train this batch instead of claiming one")
     train.set_defaults(handler=_train)
     with_config(commands.add_parser("versions", help="list model versions and what is ready to train")).set_defaults(
@@ -276,13 +395,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(commands.add_parser("run", help="run the closed loop on a config (python -m cluster.run)"))
     run.add_argument("--out", type=Path, default=Path("ziggurat-report"), help="where report.json and reward.png go")
+    # SUPPRESS: without the flag here, `ziggurat -v run` keeps the top-level value instead of resetting it.
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log INFO everywhere")
     run.set_defaults(handler=_run)
     status = with_config(commands.add_parser("status", help="readiness, versions, health of the running loop"))
     status.add_argument("--require-controller", action="store_true", help="fail instead of reading the database")
+    status.add_argument("--json", action="store_true", help="print the full status as JSON (for scripts)")
     status.set_defaults(handler=_status)
-    deploy = with_config(commands.add_parser("deploy", help="hot-swap a version into the rollout actors"))
+    deploy = with_config(
+        commands.add_parser(
+            "deploy",
+            help="hot-swap a version into the rollout actors, by the loop's rules",
+            description="Deploy a version as the loop does (Controller.release): evaluated on the held-out "
+            "scenarios first where it can be (an unmerged adapter), refused if worse than the deployed version "
+            "with controller.deploy_only_if_better, deployed fully or as a canary (controller.canary_fraction), "
+            "and evaluated once served otherwise. Exit status 1 if it was not deployed.",
+        )
+    )
     deploy.add_argument("version", type=int)
     deploy.add_argument("--canary", type=float, default=None, help="fraction of actors to deploy to first")
+    deploy.add_argument(
+        "--force", action="store_true", help="deploy without the rules: no evaluation, no deploy_only_if_better"
+    )
     deploy.set_defaults(handler=_deploy)
     rollback = with_config(commands.add_parser("rollback", help="serve an earlier version (default: the previous)"))
     rollback.add_argument("version", type=int, nargs="?", default=None)
@@ -295,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(True if args.verbose else None)  # None: ZIGGURAT_VERBOSE decides
     try:
         return args.handler(args)
     except (ConfigError, CliError) as exc:

@@ -91,11 +91,13 @@ class ControllerConfig(_Section):
     """`ziggurat run`: play -> judge -> train -> deploy rounds before it stops."""
 
     evaluate_before_deploy: bool = True
-    """Play the held-out scenarios on a new version (on one actor, before anyone serves it) and record the
-    score on the version; with `deploy_only_if_better` a worse version is not deployed."""
+    """Play the held-out scenarios on a new version before anyone serves it and record the score on the
+    version; with `deploy_only_if_better` a worse version is not deployed. Only adapters (LoRA, not merged)
+    can be sampled unserved: full and merged versions are evaluated once deployed. Applied by
+    `Controller.release`, which the loop and `ziggurat deploy` (without --force) go through."""
 
     deploy_only_if_better: bool = False
-    """Skip deploying a version whose held-out mean reward is below the serving version's."""
+    """Refuse a version whose held-out mean reward (evaluated before deploy) is below the deployed version's."""
 
     canary_fraction: float = Field(0.0, ge=0, le=1)
     """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once). The loop
@@ -136,6 +138,10 @@ class ControllerConfig(_Section):
 
     restart_timeout_s: float = Field(300.0, gt=0)
     """Deadline for a crashed actor (rollout actor or controller) to come back before the loop gives up."""
+
+    wandb: bool = True
+    """`ziggurat run`: log the loop to one Weights & Biases run (evaluations, rollout rounds, training batches,
+    swaps); its id goes into report.json. W&B's own settings (WANDB_MODE, a login) decide where it goes."""
 
 
 class ZigguratConfig(_Section):

@@ -1,12 +1,17 @@
-"""The controller: readiness, training jobs, model versions, hot-swap, rollback and health.
+"""The controller: readiness, training jobs, model versions, deploy policy, hot-swap, rollback and health.
 
 A named Ray actor whose state that matters lives in the database (batches with their job ids and
 progress, versions with their statuses), so a restarted controller carries on where the last one stopped:
 `recover()` finds training jobs that were running, waits for live ones and fails dead ones.
 
 Hot-swap (two-phase: everyone loads, then everyone flips), canaries and restoring restarted actors are in
-cluster/hotswap.py, which this class inherits. Rollout actors are found by name (`<controller>-rollout-<i>`),
-so they survive a controller restart and the other way round.
+cluster/hotswap.py, which this class inherits. Rollout actors are found by name on every call
+(cluster.fleet.RolloutFleet.attach), so they survive a controller restart and the other way round.
+
+The deploy policy is here too, so the loop and `ziggurat deploy` follow the same rules: `release(version)`
+evaluates a new version before anyone serves it where it can (an adapter, not merged), refuses it if it is
+worse than the deployed one (`controller.deploy_only_if_better`), deploys it (fully or as a canary), and
+evaluates full and merged versions once they are served.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import ray
 
 from cluster import training
 from cluster.config import ZigguratConfig
+from cluster.fleet import RolloutFleet, gather
 from cluster.hotswap import HotSwap
 
 log = logging.getLogger("ziggurat.controller")
@@ -39,10 +45,6 @@ class SwapFailed(RuntimeError):
 
 class ControllerError(RuntimeError):
     """A controller request that cannot be carried out; the message says why and what to do."""
-
-
-def rollout_actor_name(config: ZigguratConfig, index: int) -> str:
-    return f"{config.controller.name}-rollout-{index}"
 
 
 class _Metrics:
@@ -77,60 +79,15 @@ class Controller(HotSwap):
         self.store = Path(config.model.store_dir).expanduser().resolve()
         self._metrics = _Metrics()
         self._training: dict[int, Any] = {}  # batch id -> result ref of a job this incarnation launched
+        # (done, total) of the latest evaluation (groups) and training job (updates), for `progress()`
+        self._evaluating: list[int] | None = None
+        self._trained: tuple[float, float] | None = None
 
-    # ---- rollout actors -------------------------------------------------------------------------
-    def _workers(self) -> dict[str, Any]:
+    def _fleet(self) -> RolloutFleet:
         """The rollout actors that exist now, by name (missing ones are reported by `health`)."""
-        found = {}
-        for index in range(self.config.rollout.actors):
-            name = rollout_actor_name(self.config, index)
-            try:
-                found[name] = ray.get_actor(name, namespace=self.config.ray.namespace)
-            except ValueError:
-                continue
-        return found
-
-    def _gather(self, refs: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], dict[str, str]]:
-        """Results by name, and errors by name (a missed deadline is an error)."""
-        results, errors = {}, {}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        ready_set = set(ready)
-        for name, ref in refs.items():
-            if ref not in ready_set:
-                errors[name] = f"no answer within {timeout_s:.0f} s"
-                continue
-            try:
-                results[name] = ray.get(ref, timeout=0)
-            except Exception as exc:  # an actor error is reported per actor, never raised past the swap
-                errors[name] = f"{type(exc).__name__}: {exc}"
-        return results, errors
+        return RolloutFleet.attach(self.config)
 
     # ---- versions -------------------------------------------------------------------------------
-    def _merged(self, version: dict[str, Any]) -> bool:
-        """Served as the adapter merged into the base weights (engine.lora_serving: merged)."""
-        return version["kind"] == "lora" and self.config.serves_merged()
-
-    def _served_artifact(self, version: dict[str, Any]) -> tuple[str | None, str]:
-        """What rollout actors load to serve `version`, and as what kind: the adapter, or (with
-        engine.lora_serving: merged) the adapter merged into the base weights, served as full weights."""
-        from trainer.model import MERGED_DIR
-
-        if self._merged(version):
-            return self._artifact(version, subfolder=MERGED_DIR), "full"
-        return self._artifact(version), version["kind"]
-
-    def _artifact(self, version: dict[str, Any], subfolder: str | None = None) -> str | None:
-        """The version's folder: inside the model store (never load from elsewhere), safetensors only, and
-        every file matching the checksums in its manifest."""
-        from cluster.artifacts import ArtifactError, servable_folder
-
-        if version["kind"] == "base":
-            return None
-        try:
-            return str(servable_folder(self.store, version, subfolder))
-        except ArtifactError as exc:
-            raise ControllerError(str(exc)) from None
-
     def deployed_version(self) -> int:
         """The deployed version: what every non-canary actor serves, and what the next version trains from."""
         from recorder import queries
@@ -144,25 +101,6 @@ class Controller(HotSwap):
             {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
             for row in queries.list_versions(self.db)
         ]
-
-    # ---- hot-swap -------------------------------------------------------------------------------
-    def rollback(self, version: int | None = None) -> dict[str, Any]:
-        """Serve `version` and mark the current one (and any canary) rolled back. By default: while a canary
-        runs, the deployed version (rolling back a canary undoes the canary, nothing more); otherwise the
-        newest earlier version that was deployed. The version served after this is the next one's parent."""
-        from recorder import queries
-
-        current = self.deployed_version()
-        canaries = [v["version"] for v in queries.list_versions(self.db, status="canary")]
-        if version is None and canaries:
-            version = current
-        elif version is None:
-            earlier = [v["version"] for v in queries.list_versions(self.db, status="retired") if v["version"] < current]
-            version = max(earlier) if earlier else 0
-        result = self.deploy(version, canary_fraction=1.0)  # a rollback serves everywhere, never as a canary
-        for bad in {current, *canaries} - {version}:
-            queries.update_version(self.db, bad, status="rolled_back")
-        return {**result, "rolled_back": sorted({current, *canaries} - {version})}
 
     # ---- readiness and training -----------------------------------------------------------------
     def readiness(self) -> dict[str, Any]:
@@ -201,7 +139,7 @@ class Controller(HotSwap):
         from recorder import queries
 
         self.recover()
-        trainer = self.config.trainer
+        trainer, self._trained = self.config.trainer, None
         with _CLAIMING:
             readiness = self.readiness()
             if not readiness["ready"]:
@@ -259,6 +197,7 @@ class Controller(HotSwap):
         training.stop(self.config, batch["ray_job_id"])
         version = batch["target_version"]
         outcome = {"trained": batch["status"] == "completed", "batch_id": batch_id, "version": version}
+        self._trained = (progress.get("done", 0), progress.get("total", 0)) if progress else None
         if batch["status"] == "failed":
             outcome["error"] = batch["error"]
         return outcome
@@ -283,7 +222,9 @@ class Controller(HotSwap):
         outcomes = []
         for batch in queries.list_batches(self.db, statuses=("pending", "running")):
             error = f"training job {batch['ray_job_id']!r} was lost with the controller"
-            if not training.is_in_cluster(batch["ray_job_id"]) and not self._overdue(batch):
+            if not training.is_in_cluster(batch["ray_job_id"]) and not training.overdue(
+                batch, self.config.controller.training_timeout_s
+            ):
                 # someone else's job (`ziggurat train`, a Ray Jobs submission): alive as far as we can tell, and
                 # the database refuses a second batch from its parent meanwhile
                 outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "external"})
@@ -303,51 +244,73 @@ class Controller(HotSwap):
                 outcomes.append({**self.wait_training(batch["id"]), "recovered": "resumed"})
         return outcomes
 
-    def _overdue(self, batch: dict[str, Any]) -> bool:
-        """Open for longer than controller.training_timeout_s: its job is presumed dead, whoever ran it."""
-        from datetime import UTC, datetime
-
-        since = batch["started_at"] or batch["created_at"]
-        if since is None:
-            return True
-        if since.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
-            since = since.replace(tzinfo=UTC)
-        return (datetime.now(UTC) - since).total_seconds() > self.config.controller.training_timeout_s
-
-    # ---- evaluation, health, status -------------------------------------------------------------
-    def evaluate(self, version: int) -> dict[str, Any]:
-        """Play the held-out scenarios on `version` (loaded for the purpose, not served) and record the
-        mean reward on the version."""
+    # ---- deploy policy, evaluation, health, status -------------------------------------------------
+    def release(self, version: int, canary_fraction: float | None = None) -> dict[str, Any]:
+        """Deploy `version` by the config's rules: evaluated first where it can be sampled without being served
+        (an adapter, not merged; `controller.evaluate_before_deploy`), refused if that scores below the deployed
+        version (`controller.deploy_only_if_better`), deployed (fully or as a canary), and evaluated once served
+        if it could not be before. `canary_fraction` as in `deploy`. Returns the evaluation, the swap, `canary`,
+        `deployed`, and `reason` when it was not deployed."""
         from recorder import queries
 
-        rollout = self.config.rollout
+        settings, evaluated = self.config.controller, bool(self.config.rollout.eval_seeds)
+        row = queries.get_version(self.db, version)
+        before = evaluated and settings.evaluate_before_deploy and row["kind"] == "lora" and not self._merged(row)
+        outcome: dict[str, Any] = {"version": version, "deployed": False, "canary": False}
+        self._evaluating = None  # progress() counts this release's evaluation, not the last one
+        if before:
+            outcome["evaluation"] = self.evaluate(version)
+            served = self.deployed_version()
+            bar = (queries.get_version(self.db, served)["metrics"] or {}).get("eval_mean_reward")
+            mean = outcome["evaluation"]["mean_reward"]
+            if settings.deploy_only_if_better and served != version and bar is not None and mean < bar:
+                outcome["reason"] = (
+                    f"held-out mean reward {mean:.4f} is below the deployed version {served}'s {bar:.4f} "
+                    "(controller.deploy_only_if_better)"
+                )
+                queries.update_version(self.db, version, metrics={"not_deployed": outcome["reason"]})
+                return outcome
+        try:
+            outcome["swap"] = self.deploy(version, canary_fraction)
+        except ControllerError as exc:  # e.g. its parent was rolled back while it trained
+            return {**outcome, "reason": str(exc)}
+        outcome["canary"] = outcome["swap"]["canary"]
+        outcome["deployed"] = not outcome["canary"]  # a canary is deployed once it is promoted
+        if evaluated and not before:
+            outcome["evaluation"] = self.evaluate(version)
+        return outcome
+
+    def evaluate(self, version: int) -> dict[str, Any]:
+        """Play the held-out scenarios on `version` (loaded for the purpose, not served) and record the
+        mean reward on the version. `progress()` counts its groups meanwhile."""
+        from recorder import queries
+
+        rollout, settings = self.config.rollout, self.config.controller
         artifact, kind = self._served_artifact(queries.get_version(self.db, version))
-        workers = self._workers()
-        if not workers:
+        fleet = self._fleet()
+        if not fleet:
             raise ControllerError("no rollout actors are running to evaluate on")
         if kind == "full":  # full (or merged) weights can only be sampled where they are swapped in
-            served = {n: a.get("served_version") for n, a in self.health()["actors"].items()}
-            names = sorted(n for n in workers if served.get(n) == version)
+            served = {n: a.get("served_version") for n, a in fleet.health().items()}
+            names = sorted(n for n in fleet if served.get(n) == version)
             if not names:
                 raise ControllerError(
                     f"version {version} is served by no rollout actor (they serve {served}); full and merged "
                     "versions are evaluated after they are deployed (or on their canary actors)"
                 )
         else:
-            names = sorted(workers)
-            _, errors = self._gather(
-                {n: workers[n].prepare.remote(version, artifact) for n in names},
-                self.config.controller.swap_timeout_s,
-            )
+            names = fleet.names()
+            _, errors = fleet.call("prepare", version, artifact, timeout_s=settings.swap_timeout_s, names=names)
             if errors:
                 raise ControllerError(f"version {version} could not be loaded for evaluation: {errors}")
         refs = {
-            f"{seed}": workers[names[i % len(names)]].run_group.remote(
+            f"{seed}": fleet[names[i % len(names)]].run_group.remote(
                 **rollout.group_call(seed, evaluation=True), version=version
             )
             for i, seed in enumerate(rollout.eval_seeds)
         }
-        groups, errors = self._gather(refs, self.config.controller.call_timeout_s)
+        done = self._evaluating = [0, len(refs)]
+        groups, errors = gather(refs, settings.call_timeout_s, on_each=lambda: done.__setitem__(0, done[0] + 1))
         if errors:
             raise ControllerError(f"evaluation of version {version} failed on scenarios {sorted(errors)}: {errors}")
         rewards = [r for g in groups.values() for r in g["rewards"]]
@@ -360,18 +323,25 @@ class Controller(HotSwap):
         self._metrics.eval_reward.set(mean, tags={"version": str(version)})
         return {"version": version, "mean_reward": mean, "episodes": len(rewards)}
 
+    def progress(self) -> dict[str, tuple[float, float] | None]:
+        """(done, total) of the latest evaluation (groups) and of the open or latest training job (updates),
+        None before the first: cheap enough to poll for a progress bar."""
+        from recorder import queries
+
+        trained = self._trained
+        for batch in queries.list_batches(self.db, statuses=("pending", "running")):
+            done = (batch["stats"] or {}).get("progress", {})
+            trained = (done.get("done", 0), done.get("total", self.config.trainer.updates_per_batch))
+        evaluating = self._evaluating
+        return {"evaluation": (evaluating[0], evaluating[1]) if evaluating else None, "training": trained}
+
     def health(self) -> dict[str, Any]:
         """Rollout actors alive and generating, database reachable, training state."""
         import sqlalchemy as sa
 
         from recorder import queries
 
-        workers = self._workers()
-        answers, errors = self._gather({n: w.health.remote() for n, w in workers.items()}, 10.0)
-        actors: dict[str, dict[str, Any]] = {n: {"alive": True, **a} for n, a in answers.items()}
-        actors.update({n: {"alive": False, "error": e} for n, e in errors.items()})
-        for index in range(self.config.rollout.actors):
-            actors.setdefault(rollout_actor_name(self.config, index), {"alive": False, "error": "not running"})
+        actors = self._fleet().health()
         try:
             with self.db.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
@@ -386,7 +356,7 @@ class Controller(HotSwap):
             recorder_state = {"alive": False, "error": f"{type(exc).__name__}: {exc}"}
         return {
             "actors": actors,
-            "served_versions": {n: a.get("served_version") for n, a in sorted(actors.items())},
+            "served_versions": {n: a.get("served_version") for n, a in actors.items()},
             "database": database,
             "recorder": recorder_state,
             "training": [

@@ -5,7 +5,7 @@ Two-phase: every target rollout actor loads the version first (`prepare`), and o
 full or merged version) first lets the actor's groups in flight on the old version finish
 (`controller.drain_timeout_s`), so an episode never samples two versions. A canary goes to a fraction of the
 actors and is settled on reward (cluster.canary); `sync_workers` puts every actor back on what it should
-serve after a restart. `Controller` inherits these methods; they use its database, config and actor handles.
+serve after a restart. `Controller` inherits these methods; they use its database, config and fleet.
 """
 
 from __future__ import annotations
@@ -13,25 +13,55 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.fleet import RolloutFleet
 
 log = logging.getLogger("ziggurat.controller")
 
 
 class HotSwap:
-    """Deploy, settle canaries and resynchronise actors (mixed into `cluster.controller.Controller`)."""
+    """What actors load for a version, deploy, roll back, settle canaries and resynchronise actors (mixed into
+    `cluster.controller.Controller`)."""
 
     # Provided by Controller.
     db: Any
     config: Any
+    store: Any
     _metrics: Any
-    _workers: Any
-    _gather: Any
-    _served_artifact: Any
+    _fleet: Any
     deployed_version: Any
     health: Any
 
-    def _swap(self, row: dict[str, Any], workers: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+    def _merged(self, version: dict[str, Any]) -> bool:
+        """Served as the adapter merged into the base weights (engine.lora_serving: merged)."""
+        return version["kind"] == "lora" and self.config.serves_merged()
+
+    def _served_artifact(self, version: dict[str, Any]) -> tuple[str | None, str]:
+        """What rollout actors load to serve `version`, and as what kind: the adapter, or (with
+        engine.lora_serving: merged) the adapter merged into the base weights, served as full weights."""
+        from trainer.model import MERGED_DIR
+
+        if self._merged(version):
+            return self._artifact(version, subfolder=MERGED_DIR), "full"
+        return self._artifact(version), version["kind"]
+
+    def _artifact(self, version: dict[str, Any], subfolder: str | None = None) -> str | None:
+        """The version's folder: inside the model store (never load from elsewhere), safetensors only, and
+        every file matching the checksums in its manifest."""
+        from cluster.artifacts import ArtifactError, servable_folder
+
+        if version["kind"] == "base":
+            return None
+        try:
+            return str(servable_folder(self.store, version, subfolder))
+        except ArtifactError as exc:
+            from cluster.controller import ControllerError
+
+            raise ControllerError(str(exc)) from None
+
+    def _swap(self, row: dict[str, Any], fleet: RolloutFleet, targets: list[str]) -> dict[str, Any]:
         """Two-phase swap of `targets` to the version in `row`: all load it, then all flip; statuses unchanged."""
         from cluster.controller import SwapFailed
         from recorder import queries
@@ -39,11 +69,11 @@ class HotSwap:
         version, settings = row["version"], self.config.controller
         artifact, kind = self._served_artifact(row)  # verified before any actor is asked to load it
         started = time.perf_counter()
-        loaded, errors = self._gather(
-            {n: workers[n].prepare.remote(version, artifact, kind) for n in targets}, settings.swap_timeout_s
+        loaded, errors = fleet.call(
+            "prepare", version, artifact, kind, timeout_s=settings.swap_timeout_s, names=targets
         )
         if errors:
-            self._gather({n: workers[n].unload.remote(version) for n in loaded}, settings.swap_timeout_s)
+            fleet.call("unload", version, timeout_s=settings.swap_timeout_s, names=sorted(loaded))
             self._metrics.swaps.inc(1, tags={"outcome": "failed"})
             if row["status"] == "ready":  # a fresh version that cannot be loaded is unusable
                 queries.update_version(self.db, version, status="failed", metrics={"swap_errors": errors})
@@ -52,8 +82,8 @@ class HotSwap:
         # Replacing full weights first lets the groups in flight on the old version finish (drain_timeout_s),
         # then vLLM reloads in place (engine.swap_timeout_s).
         flip_timeout = settings.drain_timeout_s + self.config.engine.swap_timeout_s + settings.swap_timeout_s
-        previous, errors = self._gather(
-            {n: workers[n].activate.remote(version, settings.drain_timeout_s) for n in targets}, flip_timeout
+        previous, errors = fleet.call(
+            "activate", version, settings.drain_timeout_s, timeout_s=flip_timeout, names=targets
         )
         swap_s = time.perf_counter() - started
         if errors:  # every actor had the version loaded: failing here means an actor died or its engine broke
@@ -82,20 +112,20 @@ class HotSwap:
                 raise ControllerError(
                     f"version {version} is not deployed: {reason}; train the next one from the deployed version"
                 )
-        workers = self._workers()
-        if not workers:
+        fleet = self._fleet()
+        if not fleet:
             self._served_artifact(row)  # an unservable folder is the first thing to fix: say so first
             raise ControllerError("no rollout actors are running; start them (ziggurat run) before deploying")
         fraction = self.config.controller.canary_fraction if canary_fraction is None else canary_fraction
         canary = 0 < fraction < 1
-        names = sorted(workers)
+        names = fleet.names()
         targets = names[: max(1, math.ceil(fraction * len(names)))] if canary else names
         if canary and len(targets) == len(names):
             raise ControllerError(
                 f"a canary fraction of {fraction} covers all {len(names)} rollout actors, leaving none on the "
                 "deployed version to compare it with; use a smaller fraction, more actors, or deploy fully"
             )
-        result = self._swap(row, workers, targets)
+        result = self._swap(row, fleet, targets)
         if canary:
             started = canaries.started_metrics(targets, self.deployed_version())
             queries.update_version(self.db, version, status="canary", metrics=started)
@@ -118,9 +148,8 @@ class HotSwap:
         if row["status"] != "canary":
             raise ControllerError(f"version {version} is {row['status']}, not a canary")
         deployed = self.deployed_version()
-        means = canaries.episode_means(self.db, [version, deployed], canaries.since(row))
         needed = settings.canary_min_episodes if min_episodes is None else min_episodes
-        verdict = canaries.judge(means, version, deployed, settings, needed, final or canaries.overdue(row, settings))
+        verdict = canaries.decide(self.db, row, deployed, settings, needed, final)
         outcome = verdict.as_dict()
         if not verdict.decided:
             return {**outcome, "version": version, "needed": needed}
@@ -141,6 +170,24 @@ class HotSwap:
 
         return [self.settle_canary(row["version"], final=final) for row in queries.list_versions(self.db, "canary")]
 
+    def rollback(self, version: int | None = None) -> dict[str, Any]:
+        """Serve `version` and mark the current one (and any canary) rolled back. By default: while a canary
+        runs, the deployed version (rolling back a canary undoes the canary, nothing more); otherwise the
+        newest earlier version that was deployed. The version served after this is the next one's parent."""
+        from recorder import queries
+
+        current = self.deployed_version()
+        canaries = [v["version"] for v in queries.list_versions(self.db, status="canary")]
+        if version is None and canaries:
+            version = current
+        elif version is None:
+            earlier = [v["version"] for v in queries.list_versions(self.db, status="retired") if v["version"] < current]
+            version = max(earlier) if earlier else 0
+        result = self.deploy(version, canary_fraction=1.0)  # a rollback serves everywhere, never as a canary
+        for bad in {current, *canaries} - {version}:
+            queries.update_version(self.db, bad, status="rolled_back")
+        return {**result, "rolled_back": sorted({current, *canaries} - {version})}
+
     def sync_workers(self) -> dict[str, Any]:
         """Make every rollout actor serve what it should (after actors or the controller restarted): a canary's
         actors the canary version, every other actor the deployed version. Version statuses stay as they are."""
@@ -153,9 +200,9 @@ class HotSwap:
         stale = sorted(n for n, a in served.items() if a.get("alive") and a.get("served_version") != wanted.get(n))
         if not stale:
             return {"version": target, "changed": False}
-        workers = self._workers()
+        fleet = self._fleet()
         swaps = [
-            self._swap(queries.get_version(self.db, version), workers, [n for n in stale if wanted[n] == version])
+            self._swap(queries.get_version(self.db, version), fleet, [n for n in stale if wanted[n] == version])
             for version in sorted({wanted[n] for n in stale})
         ]
         return {"version": target, "changed": True, "actors": stale, "swaps": swaps}

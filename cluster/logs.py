@@ -41,13 +41,89 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+VERBOSE_ENV = "ZIGGURAT_VERBOSE"
+"""Set by `init_ray` for every Ray worker (actors, tasks, Ray Train workers), so `configure_logging()` in a
+worker follows the driver's --verbose."""
+
+# Loggers of this project's own packages (module loggers) and its named ones (ziggurat.*).
+OWN_LOGGERS = ("ziggurat", "cluster", "recorder", "rollout", "trainer")
+# Libraries that announce routine progress at INFO; quiet mode leaves them their warnings and errors.
+LIBRARY_LOGGERS = (
+    "vllm",
+    "ray",
+    "ray.train",
+    "ray.tune",
+    "ray.data",
+    "ray.serve",
+    "alembic",
+    "transformers",
+    "huggingface_hub",
+    "datasets",
+    "peft",
+    "torch",
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "filelock",
+    "wandb",
+    "matplotlib",
+    "PIL",
+    "asyncio",
+)
+
+
+def verbose_from_env() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def library_log_level(verbose: bool | None = None) -> str:
+    """The level name libraries log at: INFO when verbose, else WARNING (e.g. for Ray Train's LoggingConfig)."""
+    return "INFO" if (verbose_from_env() if verbose is None else verbose) else "WARNING"
+
+
+def worker_env(verbose: bool) -> dict[str, str]:
+    """Environment for Ray workers (rollout actors hosting vLLM, Ray Train workers, the controller) whose
+    output Ray forwards to the driver's console: their libraries log at WARNING and draw no progress bars
+    unless verbose. A variable the user exported wins (see `init_ray`)."""
+    env = {
+        VERBOSE_ENV: "1" if verbose else "0",
+        "VLLM_LOGGING_LEVEL": "INFO" if verbose else "WARNING",  # read when vllm is first imported
+        "RAY_LOGGER_LEVEL": "info" if verbose else "warning",  # the `ray` logger of every worker process
+    }
+    if not verbose:
+        env.update(
+            {
+                # tqdm turns any non-empty value into True, so these are set only to switch bars off.
+                "TQDM_DISABLE": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                # Ray Train gives each training worker's root logger an INFO console handler (one "Reporting
+                # training result" line per update, and the trainer's INFO); without it, warnings still print.
+                "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+                "WANDB_SILENT": "true",
+            }
+        )
+    return env
+
+
+def configure_logging(verbose: bool | None = None) -> None:
+    """Log records to stderr, secrets redacted. Quiet by default: the console shows cluster.console's phase
+    lines, so log records below WARNING are dropped, this project's own and the libraries' alike.
+    `verbose=True` (the CLI's --verbose) shows INFO from everything. `None` (inside Ray workers) follows
+    ZIGGURAT_VERBOSE, which `init_ray` passes on from the driver."""
+    if verbose is None:
+        verbose = verbose_from_env()
+    else:  # an explicit choice (a --verbose flag) reaches the Ray workers this process starts
+        os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # basicConfig does nothing where a handler exists already (Ray workers, pytest), so the levels are set
+    # explicitly as well.
+    logging.getLogger().setLevel(level)
+    for name in OWN_LOGGERS + LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
-    # Alembic announces each of its plugins at INFO whenever it is imported; that is noise here.
+    # Alembic announces each of its plugins at INFO whenever it is imported; that is noise even when verbose.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

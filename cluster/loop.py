@@ -1,36 +1,42 @@
 """The closed loop on one config: agents act, a trained model replaces the served one, agents get better.
 
-    start Ray, the recorder, `rollout.actors` rollout actors and the controller
-    evaluate the served version on the held-out scenarios
+    start Ray, the recorder, the rollout fleet (`rollout.actors` actors) and the controller
+    controller.evaluate(deployed version)   -> its score on the held-out scenarios
     repeat `controller.iterations` times:
-        play `groups_per_iteration` training scenarios (GRPO groups, judged as they finish)
-        controller.settle_canaries() -> a canary from the last iteration is promoted or rolled back on reward
-        controller.train()    -> claims a batch when ready, runs the Ray Train job, registers version N
-        controller.evaluate() -> version N on the held-out scenarios, before anyone serves it
-        controller.deploy()   -> hot-swap version N into every rollout actor (or, as a canary, into some)
-    a canary deployed by the last iteration gets one more rollout round and is settled
+        fleet.play(`groups_per_iteration` training scenarios)   -> GRPO groups, judged as they finish
+        controller.settle_canaries()  -> a canary from the last iteration is promoted or rolled back on reward
+        controller.train()            -> claims a batch when ready, runs the Ray Train job, registers version N
+        controller.release(N)         -> evaluate, deploy (fully or as a canary) or refuse, by the config's rules
+    a canary released by the last iteration gets one more rollout round and is settled
     write report.json and reward.png (with the version each actor really serves, from controller.health)
 
-Everything runs through the named actors, so `ziggurat status` in another shell sees the same state.
+The loop holds no state the database has: what is deployed and how each version scored are asked of the
+controller. Everything runs through named actors, so `ziggurat status` in another shell sees the same state.
+Each phase prints one console line (cluster.console), long ones a progress bar, and the loop is one W&B run
+(cluster.tracking.LoopTracker).
 """
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-from tqdm import tqdm
 
+from cluster import console
 from cluster.config import ZigguratConfig
-from cluster.controller import ControllerError, rollout_actor_name, start_controller
+from cluster.controller import start_controller
+from cluster.fleet import ACTOR_LOST, RolloutFleet, rollout_actor_name, rollout_placement, wait_until_back
 
-log = logging.getLogger("ziggurat.loop")
+if TYPE_CHECKING:
+    from cluster.tracking import LoopTracker
 
-# Ray destroys a non-detached actor once no handle to it is left, even a named one: the actors a loop
-# starts stay alive (and reachable by name from `ziggurat status`) until `shutdown`.
+__all__ = ["rollout_actor_name", "rollout_placement", "run_loop", "serving_config", "shutdown"]
+
+# Ray destroys a non-detached actor once no handle to it is left, even a named one: the recorder and the
+# controller a loop starts stay alive (and reachable by name from `ziggurat status`) until `shutdown`.
 _keep_alive: dict[str, Any] = {}
 
 
@@ -43,258 +49,236 @@ def serving_config(config: ZigguratConfig) -> ZigguratConfig:
     return config.model_copy(update={"engine": engine})
 
 
-def rollout_placement_name(config: ZigguratConfig) -> str:
-    return f"{config.controller.name}-rollout"
+class ControllerClient:
+    """The controller actor as the driver calls it: a call lost with a crashed controller is made again once
+    it is back (every call the loop makes is idempotent), and the long ones draw a progress bar."""
 
+    def __init__(self, handle: Any, config: ZigguratConfig) -> None:
+        self.handle, self.settings = handle, config.controller
 
-def rollout_placement(config: ZigguratConfig) -> Any:
-    """The rollout actors' placement group (one bundle per actor), created and ready, or None if not asked for.
-    Named, so a restarted driver reuses it instead of reserving the GPUs twice."""
-    from ray.util.placement_group import get_placement_group, placement_group
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        return self._retried(method, lambda: ray.get(self._remote(method, *args), timeout=timeout or self._timeout))
 
-    rollout = config.rollout
-    if rollout.placement_strategy is None:
-        return None
-    name = rollout_placement_name(config)
-    try:
-        group = get_placement_group(name)
-    except ValueError:
-        bundle = {**rollout.actor_resources, **({"GPU": rollout.gpus_per_actor} if rollout.gpus_per_actor else {})}
-        group = placement_group(
-            [dict(bundle) for _ in range(rollout.actors)],
-            strategy=rollout.placement_strategy,
-            name=name,
-            lifetime="detached" if config.controller.detached else None,
-        )
-    try:
-        ray.get(group.ready(), timeout=config.engine.start_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(
-            f"the rollout placement group ({rollout.actors} x {group.bundle_specs[0]}) could not be placed within "
-            f"engine.start_timeout_s: the cluster lacks those resources (check `ray status` and ray_cluster.yaml)"
-        ) from None
-    return group
+    def follow(self, method: str, *args: Any, desc: str, unit: str, progress: str, timeout: float) -> Any:
+        """`call`, with a bar fed by the controller's `progress()[progress]` ((done, total)) while it runs."""
+        return self._retried(method, lambda: self._follow(method, args, desc, unit, progress, timeout))
 
-
-def start_rollout_actors(config: ZigguratConfig, model_path: str) -> dict[str, Any]:
-    """The named rollout actors (existing ones are reused), all started before returning."""
-    from rollout.actor import RolloutWorker
-
-    rollout = config.rollout
-    placement = rollout_placement(config)
-    actors = {}
-    for index in range(rollout.actors):
-        name = rollout_actor_name(config, index)
-        scheduling = {}
-        if placement is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            scheduling["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, index)
-        actors[name] = (
-            ray.remote(RolloutWorker)
-            .options(
-                name=name,
-                namespace=config.ray.namespace,
-                get_if_exists=True,
-                max_restarts=3,
-                max_concurrency=256,
-                num_cpus=0,
-                num_gpus=rollout.gpus_per_actor,
-                resources=rollout.actor_resources or None,
-                **scheduling,
-            )  # fmt: skip
-            .remote(model_path, config.engine, config.recorder, config.judge)
-        )
-    ray.get([a.ready.remote() for a in actors.values()], timeout=config.engine.start_timeout_s)
-    for name, actor in actors.items():
-        _keep_alive.setdefault(name, actor)  # the first (owning) handle keeps it alive; later ones borrow
-    return actors
-
-
-_ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-def _lost_with_actor(exc: BaseException) -> bool:
-    """A group that failed because its actor crashed (or came back and is not yet restored), not on its own."""
-    from rollout.actor import RolloutRestarted
-
-    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-    return isinstance(exc, _ACTOR_LOST) or isinstance(cause, RolloutRestarted)
-
-
-def wait_until_back(actor: Any, method: str, timeout_s: float, call_timeout_s: float = 10.0) -> Any:
-    """Call `method` on a restarting actor until it answers (each try within `call_timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def train(self) -> dict[str, Any]:
+        """controller.train; if the controller crashes meanwhile, its restart picks the job up from the database."""
+        timeout = self.settings.training_timeout_s + 60
         try:
-            return ray.get(getattr(actor, method).remote(), timeout=call_timeout_s)
-        except (*_ACTOR_LOST, ray.exceptions.GetTimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"actor did not come back within {timeout_s:.0f} s ({type(exc).__name__})") from exc
-            time.sleep(0.5)
+            return self._follow("train", (), "training", "update", "training", timeout)
+        except ACTOR_LOST:
+            console.phase("the controller crashed during training; its restart picks the job up")
+        resumed = self._back()
+        if resumed:
+            return resumed[-1]
+        return self.follow("train", desc="training", unit="update", progress="training", timeout=timeout)
 
+    def served_versions(self) -> dict[str, int | None]:
+        """What each rollout actor really serves (a canary serves on some of them only)."""
+        return self.call("health")["served_versions"]
 
-def play(
-    config: ZigguratConfig, actors: dict[str, Any], seeds: list[int], desc: str, controller: Any = None
-) -> list[dict[str, Any]]:
-    """One GRPO group per seed, spread over the actors; returns each group's summary.
+    @property
+    def _timeout(self) -> float:
+        return self.settings.call_timeout_s
 
-    A group lost with a crashed actor is played again (a new group, same seed) once the actor is back and the
-    controller has restored the version it serves, up to `controller.group_retries` times. What the lost group
-    had recorded stays in the database as an unfinished trajectory, which is never trained on. A group with a
-    failed episode (recorded as failed, the group left unjudged) is played again the same way."""
-    names = sorted(actors)
-    settings = config.controller
+    def _remote(self, method: str, *args: Any) -> Any:
+        return getattr(self.handle, method).remote(*args)
 
-    def submit(seed: int, name: str) -> Any:
-        return actors[name].run_group.remote(**config.rollout.group_call(seed))
+    def _follow(self, method: str, args: tuple, desc: str, unit: str, progress: str, timeout: float) -> Any:
+        def probe() -> tuple[float, float] | None:
+            return ray.get(self.handle.progress.remote(), timeout=10)[progress]
 
-    pending = {submit(seed, names[i % len(names)]): (seed, names[i % len(names)], 0) for i, seed in enumerate(seeds)}
-    deadline = time.monotonic() + settings.call_timeout_s
-    results = []
-    with tqdm(total=len(seeds), desc=desc, unit="group") as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), timeout=max(deadline - time.monotonic(), 0))
-            if not done:
-                raise TimeoutError(f"{len(pending)} rollout groups missed controller.call_timeout_s")
-            for ref in done:
-                seed, name, tries = pending.pop(ref)
-                try:
-                    group = ray.get(ref, timeout=10)
-                except Exception as exc:
-                    if not _lost_with_actor(exc) or tries >= settings.group_retries:
-                        raise
-                    log.warning("group %d lost with actor %s (%s); replaying it", seed, name, type(exc).__name__)
-                else:
-                    if not group.get("failed"):
-                        results.append(group)
-                        bar.update(1)
-                        continue
-                    if tries >= settings.group_retries:
-                        raise RuntimeError(
-                            f"group {seed} on {name} had failed episodes in {tries + 1} tries (controller."
-                            f"group_retries: {settings.group_retries}); last errors: {group['errors'][:3]}. Fix what "
-                            "they name, or raise controller.group_retries if the failures are transient"
-                        )
-                    errors = group["errors"][:1]
-                    log.warning("group %d on %s had failed episodes (%s); replaying it", seed, name, errors)
-                wait_until_back(actors[name], "health", settings.restart_timeout_s)
-                if controller is not None:
-                    ray.get(controller.sync_workers.remote(), timeout=settings.call_timeout_s)
-                pending[submit(seed, name)] = (seed, name, tries + 1)
-    return results
+        return console.follow(self._remote(method, *args), probe, desc, unit, timeout)
 
+    def _retried(self, method: str, attempt: Callable[[], Any]) -> Any:
+        tries = 0
+        while True:
+            try:
+                return attempt()
+            except ACTOR_LOST:
+                if tries == self.settings.group_retries:
+                    raise
+                console.phase(f"the controller crashed during {method}; calling it again once it is back")
+                tries += 1
+                self._back()
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    def _back(self) -> list[dict[str, Any]]:
+        """Wait for a restarted controller (its `recover` picks up training jobs), then restore the actors."""
+        settings = self.settings
+        resumed = wait_until_back(self.handle, "recover", settings.restart_timeout_s, settings.training_timeout_s)
+        self.call("sync_workers")
+        return resumed
 
 
 def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
+    from cluster.tracking import LoopTracker
+
+    started = time.perf_counter()
+    config = serving_config(config)
+    fleet, controller, model_path = start(config)
+    tracker = LoopTracker(config, out_dir, enabled=config.controller.wandb)
+    try:
+        controller.call("recover", timeout=config.controller.training_timeout_s)
+        controller.call("sync_workers")
+        if config.rollout.eval_seeds:
+            evaluate(controller, tracker, controller.call("deployed_version"))
+        seeds = SeedCounter(config)
+        iterations = [
+            iteration(number, fleet, controller, tracker, seeds.take())
+            for number in range(1, config.controller.iterations + 1)
+        ]
+        canary_round = None
+        if any(v["status"] == "canary" for v in controller.call("versions")):  # the last iteration's canary
+            canary_round = play_canary_round(fleet, controller, tracker, len(iterations) + 1, seeds.take())
+        return write(config, controller, model_path, iterations, canary_round, out_dir, started, tracker.run_id)
+    finally:
+        tracker.finish()
+
+
+def start(config: ZigguratConfig) -> tuple[RolloutFleet, ControllerClient, str]:
+    """Ray, the database schema, the recorder, the rollout fleet and the controller, all up."""
     from cluster.models import resolve_model
     from cluster.ray_runtime import init_ray
     from recorder.actor import start_recorder
     from recorder.migrate import upgrade
 
-    started = time.perf_counter()
-    config = serving_config(config)
-    settings, rollout = config.controller, config.rollout
+    console.phase(f"starting Ray, the recorder, {config.rollout.actors} rollout actor(s) and the controller")
     init_ray(config.ray)
     if config.database.auto_upgrade:
         upgrade(config.database.resolved_url())
     _keep_alive.setdefault(config.recorder.actor_name, start_recorder(config.database, config.recorder))
     model_path = resolve_model(config.model)
-    actors = start_rollout_actors(config, model_path)
-    controller = _keep_alive.setdefault(config.controller.name, start_controller(config))
+    fleet = RolloutFleet.start(config, model_path)
+    handle = _keep_alive.setdefault(config.controller.name, start_controller(config))
+    return fleet, ControllerClient(handle, config), model_path
 
-    def call(method: str, *args: Any, timeout: float = settings.call_timeout_s) -> Any:
-        """A controller call, made again if the controller crashed under it (these calls are idempotent)."""
-        for attempt in range(settings.group_retries + 1):
-            try:
-                return ray.get(getattr(controller, method).remote(*args), timeout=timeout)
-            except _ACTOR_LOST:
-                if attempt == settings.group_retries:
-                    raise
-                log.warning("the controller crashed during %s; calling it again once it is back", method)
-                wait_until_back(controller, "recover", settings.restart_timeout_s, settings.training_timeout_s)
-                call("sync_workers")
 
-    def train() -> dict[str, Any]:
-        """controller.train; if the controller crashes meanwhile, its restart picks the job up from the database."""
-        try:
-            return ray.get(controller.train.remote(), timeout=settings.training_timeout_s + 60)
-        except _ACTOR_LOST:
-            log.warning("the controller crashed during training; its restart picks the job up")
-        resumed = wait_until_back(controller, "recover", settings.restart_timeout_s, settings.training_timeout_s)
-        call("sync_workers")
-        return resumed[-1] if resumed else call("train", timeout=settings.training_timeout_s + 60)
+class SeedCounter:
+    """Training scenarios are numbered on from `rollout.train_seed_start`, never played twice in a loop."""
 
-    def served_versions() -> dict[str, int | None]:
-        """What each rollout actor really serves (a canary serves on some of them only)."""
-        return call("health")["served_versions"]
+    def __init__(self, config: ZigguratConfig) -> None:
+        self.next, self.size = config.rollout.train_seed_start, config.rollout.groups_per_iteration
 
-    call("recover", timeout=settings.training_timeout_s)
-    call("sync_workers")
-    served = call("deployed_version")
-    evaluations = {served: call("evaluate", served)["mean_reward"]} if rollout.eval_seeds else {}
-    iterations = []
-    next_seed = rollout.train_seed_start
+    def take(self) -> list[int]:
+        self.next += self.size
+        return list(range(self.next - self.size, self.next))
 
-    def next_seeds() -> list[int]:
-        nonlocal next_seed
-        next_seed += rollout.groups_per_iteration
-        return list(range(next_seed - rollout.groups_per_iteration, next_seed))
 
-    for iteration in range(1, settings.iterations + 1):
-        actors_served = served_versions()
-        groups = play(config, actors, next_seeds(), f"iteration {iteration}: rollouts", controller)
-        rewards = [r for g in groups for r in g["rewards"]]
-        entry: dict[str, Any] = {
-            "iteration": iteration,
-            "served_version": served,
-            "served_versions": actors_served,
-            "train_mean_reward": _mean(rewards),
-            "episodes": len(rewards),
-            "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
-        }
-        # A canary lives for one rollout round: decided now, on that round's rewards, before anything trains.
-        settled = call("settle_canaries", True)
-        if settled:
-            entry["canary_settled"], served = settled, call("deployed_version")
-            entry["deployed_after_settling"], entry["served_versions_after_settling"] = served, served_versions()
-        log.info("iteration %d: mean reward %s on version %d; training", iteration, entry["train_mean_reward"], served)
-        outcome = train()
-        entry["training"] = outcome
-        if outcome.get("trained"):
-            version = outcome["version"]
-            # Adapters are evaluated before anyone serves them; full weights can only be sampled once swapped in.
-            before = config.trainer.mode == "lora" and not config.serves_merged() and settings.evaluate_before_deploy
-            if rollout.eval_seeds and before:
-                evaluations[version] = call("evaluate", version)["mean_reward"]
-            worse = evaluations.get(version, 0.0) < evaluations.get(served, float("-inf"))
-            if settings.deploy_only_if_better and before and worse:
-                entry["deployed"] = False
-            else:
-                try:
-                    entry["swap"] = call("deploy", version)
-                except ControllerError as exc:  # e.g. its parent was rolled back while it trained
-                    entry["deployed"], entry["deploy_error"] = False, str(exc)
-                    iterations.append(entry)
-                    continue
-                entry["canary"] = entry["swap"]["canary"]
-                entry["deployed"] = not entry["canary"]  # a canary is deployed once it is promoted
-                if entry["deployed"]:
-                    served = version
-                if rollout.eval_seeds and not before:
-                    evaluations[version] = call("evaluate", version)["mean_reward"]
-        iterations.append(entry)
-    canary_round = None
-    if any(v["status"] == "canary" for v in call("versions")):  # the last iteration's canary gets its round too
-        groups = play(config, actors, next_seeds(), "canary round", controller)
-        canary_round = {
-            "train_mean_reward": _mean([r for g in groups for r in g["rewards"]]),
-            "settled": call("settle_canaries", True),
-        }
-        served = call("deployed_version")
+def iteration(
+    number: int, fleet: RolloutFleet, controller: ControllerClient, tracker: LoopTracker, seeds: list[int]
+) -> dict[str, Any]:
+    """Play, settle the last canary, train, release: one entry of report.json's `iterations`."""
+    served, actors_served = controller.call("deployed_version"), controller.served_versions()
+    entry: dict[str, Any] = {"iteration": number, "served_version": served, "served_versions": actors_served}
+    entry.update(rollouts(fleet, controller, tracker, seeds, f"iteration {number}: rollouts", number, served))
+    # A canary lives for one rollout round: decided now, on that round's rewards, before anything trains.
+    settled = settle(controller)
+    if settled:
+        entry["canary_settled"] = settled
+        entry["deployed_after_settling"] = controller.call("deployed_version")
+        entry["served_versions_after_settling"] = controller.served_versions()
+    entry["training"] = outcome = train(controller, tracker, fleet.config, number)
+    if outcome.get("trained"):
+        entry.update(release(controller, tracker, outcome["version"]))
+    return entry
+
+
+def rollouts(
+    fleet: RolloutFleet,
+    controller: ControllerClient,
+    tracker: LoopTracker,
+    seeds: list[int],
+    desc: str,
+    number: int,
+    served: int,
+) -> dict[str, Any]:
+    """One rollout round on the fleet; its mean reward, episodes and throughput."""
+    groups = fleet.play(seeds, desc, controller.handle)
+    rewards = [r for g in groups for r in g["rewards"]]
+    stats = {
+        "train_mean_reward": _mean(rewards),
+        "episodes": len(rewards),
+        "tokens_per_s": _mean([g["tokens_per_s"] for g in groups]),
+    }
+    console.phase(f"{desc}: mean reward {_fmt(stats['train_mean_reward'])} over {len(rewards)} episodes")
+    tracker.log_rollouts(number, served, stats["train_mean_reward"], len(rewards), stats["tokens_per_s"])
+    return stats
+
+
+def settle(controller: ControllerClient) -> list[dict[str, Any]]:
+    """controller.settle_canaries(final): every canary is promoted or rolled back now, on its round's rewards."""
+    settled = controller.call("settle_canaries", True)
+    for canary in settled:
+        verdict = "promoted" if canary.get("promoted") else "rolled back"
+        console.phase(f"canary version {canary['canary_version']} {verdict}: {canary['reason']}")
+    return settled
+
+
+def train(controller: ControllerClient, tracker: LoopTracker, config: ZigguratConfig, number: int) -> dict[str, Any]:
+    """controller.train, then the finished batch's numbers to W&B."""
+    from recorder import queries
+
+    console.phase(f"iteration {number}: training on the judged groups")
+    outcome = controller.train()
+    if not outcome.get("trained"):
+        console.phase(f"iteration {number}: no new version ({outcome.get('error') or outcome.get('unmet')})")
+        return outcome
+    console.phase(f"iteration {number}: trained batch {outcome['batch_id']} -> version {outcome['version']}")
+    db = config.database.create_engine()
+    try:
+        tracker.log_training(outcome["version"], queries.get_batch(db, outcome["batch_id"]))
+    finally:
+        db.dispose()
+    return outcome
+
+
+def evaluate(controller: ControllerClient, tracker: LoopTracker, version: int) -> dict[str, Any]:
+    desc, timeout = f"evaluating version {version}", controller.settings.call_timeout_s
+    result = controller.follow("evaluate", version, desc=desc, unit="group", progress="evaluation", timeout=timeout)
+    _evaluated(tracker, result)
+    return result
+
+
+def release(controller: ControllerClient, tracker: LoopTracker, version: int) -> dict[str, Any]:
+    """controller.release: evaluated, then deployed (fully or as a canary) or refused, by the config's rules."""
+    desc, timeout = f"releasing version {version}", 3 * controller.settings.call_timeout_s
+    outcome = controller.follow("release", version, desc=desc, unit="group", progress="evaluation", timeout=timeout)
+    if "evaluation" in outcome:
+        _evaluated(tracker, outcome["evaluation"])
+    if "swap" in outcome:
+        swap = outcome["swap"]
+        tracker.log_swap(version, swap)
+        where = "as a canary on" if outcome["canary"] else "deployed to"
+        console.phase(f"version {version} {where} {', '.join(swap['actors'])} (swap {swap['swap_s']:.2f} s)")
+    entry = {k: outcome[k] for k in ("deployed", "canary", "swap") if k in outcome}
+    if "reason" in outcome:
+        console.phase(f"version {version} not deployed: {outcome['reason']}")
+        entry["not_deployed"] = outcome["reason"]
+    return entry
+
+
+def play_canary_round(
+    fleet: RolloutFleet, controller: ControllerClient, tracker: LoopTracker, number: int, seeds: list[int]
+) -> dict[str, Any]:
+    """The rollout round a canary released by the last iteration is settled on (logged as round `number`)."""
+    served = controller.call("deployed_version")
+    stats = rollouts(fleet, controller, tracker, seeds, "canary round", number, served)
+    return {"train_mean_reward": stats["train_mean_reward"], "settled": settle(controller)}
+
+
+def write(
+    config: ZigguratConfig,
+    controller: ControllerClient,
+    model_path: str,
+    iterations: list[dict[str, Any]],
+    canary_round: dict[str, Any] | None,
+    out_dir: Path,
+    started: float,
+    wandb_run_id: str | None,
+) -> dict[str, Any]:
+    """report.json and reward.png: every version's scores from the database, what each actor serves now."""
     from cluster.report import version_rewards, write_report
 
     db = config.database.create_engine()
@@ -303,22 +287,39 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
     finally:
         db.dispose()
     evals = {v["version"]: v["eval_mean_reward"] for v in versions}
+    final = controller.call("deployed_version")
     report = {
         "model": model_path,
-        "environment": rollout.env,
+        "environment": config.rollout.env,
         "seed": config.engine.seed,
-        "eval_seeds": rollout.eval_seeds,
+        "eval_seeds": config.rollout.eval_seeds,
         "base_eval_mean_reward": evals.get(0),
-        "final_version": served,
-        "final_eval_mean_reward": evals.get(served),
-        "served_versions": served_versions(),
+        "final_version": final,
+        "final_eval_mean_reward": evals.get(final),
+        "served_versions": controller.served_versions(),
         "iterations": iterations,
         "canary_round": canary_round,
         "versions": versions,
         "wall_s": round(time.perf_counter() - started, 1),
+        "wandb_run_id": wandb_run_id,
     }
     report["report_files"] = write_report(report, out_dir)
+    console.phase(f"done: version {final} serves, held-out mean reward {_fmt(evals.get(final))}")
     return report
+
+
+def _evaluated(tracker: LoopTracker, result: dict[str, Any]) -> None:
+    version, mean, episodes = result["version"], result["mean_reward"], result["episodes"]
+    console.phase(f"version {version}: held-out mean reward {_fmt(mean)} over {episodes} episodes")
+    tracker.log_evaluation(version, mean, episodes)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def shutdown(config: ZigguratConfig) -> None:
@@ -326,31 +327,13 @@ def shutdown(config: ZigguratConfig) -> None:
     from recorder.actor import stop_recorder
 
     namespace = config.ray.namespace
-    for index in range(config.rollout.actors):
-        try:
-            actor = ray.get_actor(rollout_actor_name(config, index), namespace=namespace)
-        except ValueError:
-            continue
-        try:
-            ray.get(actor.close.remote(), timeout=120)
-        except Exception as exc:  # a busy or dead actor: what it had not flushed is reported, not waited on
-            log.warning("rollout actor %d did not close cleanly (%s: %s)", index, type(exc).__name__, exc)
-        finally:
-            ray.kill(actor, no_restart=True)
-    for name in (config.controller.name,):
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:
-            pass
+    RolloutFleet(config, {}).shutdown()
+    try:
+        ray.kill(ray.get_actor(config.controller.name, namespace=namespace), no_restart=True)
+    except ValueError:
+        pass
     try:
         stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
     except ValueError:
         pass
-    if config.rollout.placement_strategy is not None:
-        from ray.util.placement_group import get_placement_group, remove_placement_group
-
-        try:
-            remove_placement_group(get_placement_group(rollout_placement_name(config)))
-        except ValueError:
-            pass
     _keep_alive.clear()

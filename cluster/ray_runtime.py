@@ -7,13 +7,45 @@ import os
 from typing import Any
 
 from cluster.config import RayConfig
+from cluster.logs import VERBOSE_ENV, verbose_from_env, worker_env
 
 log = logging.getLogger(__name__)
 
+_IN_SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
 
-def init_kwargs(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> dict[str, Any]:
-    """What `init_ray` passes to `ray.init` for this config."""
-    kwargs: dict[str, Any] = {"address": config.address, "namespace": config.namespace, "log_to_driver": True}
+
+def _runtime_env(verbose: bool, runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """The caller's runtime_env with the console settings for workers added to its env_vars; what the caller
+    passes, then what the user exported in this shell, wins over the defaults."""
+    runtime_env = dict(runtime_env or {})
+    defaults = worker_env(verbose)
+    if _IN_SUBMITTED_JOB in os.environ:
+        # A submitted job's env_vars are in this process's environment and already reach its workers; Ray
+        # refuses a ray.init runtime_env that sets any of them again.
+        defaults = {name: value for name, value in defaults.items() if name not in os.environ}
+    else:
+        exported = {name: os.environ[name] for name in defaults if name in os.environ and name != VERBOSE_ENV}
+        defaults.update(exported)
+    runtime_env["env_vars"] = {**defaults, **(runtime_env.get("env_vars") or {})}
+    return runtime_env
+
+
+def init_kwargs(
+    config: RayConfig, temp_dir: str | None = None, verbose: bool | None = None, **extra: Any
+) -> dict[str, Any]:
+    """What `init_ray` passes to `ray.init` for this config.
+
+    Quiet unless verbose (None: ZIGGURAT_VERBOSE): the driver's `ray` logger at WARNING hides the "Started a
+    local Ray instance / View the dashboard" banner, and workers get `worker_env` (vLLM, Ray and progress
+    bars quiet). `log_to_driver` stays on so workers' warnings and errors still reach the console.
+    """
+    verbose = verbose_from_env() if verbose is None else verbose
+    kwargs: dict[str, Any] = {
+        "address": config.address,
+        "namespace": config.namespace,
+        "log_to_driver": True,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     if config.address == "local":
         kwargs.update(
             num_cpus=config.num_cpus, include_dashboard=config.include_dashboard, dashboard_host=config.dashboard_host
@@ -21,10 +53,11 @@ def init_kwargs(config: RayConfig, temp_dir: str | None = None, **extra: Any) ->
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
     kwargs.update(extra)
+    kwargs["runtime_env"] = _runtime_env(verbose, extra.get("runtime_env"))
     return kwargs
 
 
-def init_ray(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> Any:
+def init_ray(config: RayConfig, temp_dir: str | None = None, verbose: bool | None = None, **extra: Any) -> Any:
     """`ray.init` for this config; a no-op returning the current context if Ray is already up.
 
     RAY_AUTH_MODE is exported explicitly (unless the user set it) because Ray 2.60 switches token auth
@@ -36,6 +69,13 @@ def init_ray(config: RayConfig, temp_dir: str | None = None, **extra: Any) -> An
     os.environ.setdefault("RAY_AUTH_MODE", config.auth_mode)
     if ray.is_initialized():
         return ray.get_runtime_context()
-    context = ray.init(**init_kwargs(config, temp_dir, **extra))
+    verbose = verbose_from_env() if verbose is None else verbose
+    kwargs = init_kwargs(config, temp_dir, verbose, **extra)
+    # A local cluster's raylet and its workers inherit this process's environment, so the console settings
+    # go here too (without overriding what the user exported); the flag itself follows this call.
+    for name, value in worker_env(verbose).items():
+        os.environ.setdefault(name, value)
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    context = ray.init(**kwargs)
     log.info("connected to Ray at %s (namespace %s)", context.address_info.get("address"), config.namespace)
     return context

@@ -2,7 +2,7 @@
 
 The actor is detached and named after its batch (`<controller>-train-b<batch id>`), and the name is stored
 on the batch row (`ray_job_id`), so a restarted controller finds the running job from the database alone.
-The job itself (`trainer.job.run_training`) writes every state change to the database: version
+The job itself (`cluster.train_job.run_training`) writes every state change to the database: version
 `training` -> `ready`/`failed`, batch `running` -> `completed`/`failed`, progress after every update.
 """
 
@@ -30,7 +30,7 @@ class TrainingRun:
         self._config = ZigguratConfig.model_validate_json(config_json)
 
     def run(self, batch_id: int) -> int | None:
-        from trainer.job import run_training
+        from cluster.train_job import run_training
 
         return run_training(self._config, batch_id=batch_id)
 
@@ -74,3 +74,15 @@ def stop(config: ZigguratConfig, ray_job_id: str | None) -> None:
     actor = find(config, ray_job_id)
     if actor is not None:
         ray.kill(actor, no_restart=True)
+
+
+def overdue(batch: dict[str, Any], timeout_s: float) -> bool:
+    """Open for longer than `timeout_s` (controller.training_timeout_s): its job is presumed dead, whoever ran it."""
+    from datetime import UTC, datetime
+
+    since = batch["started_at"] or batch["created_at"]
+    if since is None:
+        return True
+    if since.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
+        since = since.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - since).total_seconds() > timeout_s

@@ -7,15 +7,17 @@ version is never a parent, so a bad candidate cannot leak into every version aft
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from recorder.schema import VERSION_STATUSES, ModelVersion, utcnow
+from recorder.schema import VERSION_STATUSES, ModelVersion, Trajectory, utcnow
 
 V = ModelVersion.__table__
+T = Trajectory.__table__
 
 
 class VersionStateConflict(RuntimeError):
@@ -206,3 +208,20 @@ def update_version_in(
             f"model version {version} is {now}, not {' or '.join(_statuses(expected or ()))}: another process "
             f"changed it first; read it again (`ziggurat versions`) before changing it"
         )
+
+
+def episode_reward_by_version(engine: Engine, versions: list[int], since: datetime) -> dict[int, tuple[float, int]]:
+    """(mean reward, episodes) of the finished training episodes per version, started at or after `since`:
+    what a canary is decided on (evaluation episodes are left out, they play other scenarios)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(T.c.model_version, sa.func.avg(T.c.total_reward), sa.func.count())
+            .where(
+                T.c.status == "finished",
+                T.c.is_eval.is_(False),
+                T.c.started_at >= since,
+                T.c.model_version.in_(versions),
+            )
+            .group_by(T.c.model_version)
+        ).all()
+    return {version: (float(mean), count) for version, mean, count in rows}

@@ -10,7 +10,8 @@ import pytest
 import ray
 import sqlalchemy as sa
 
-from cluster.loop import play, run_loop, shutdown, start_rollout_actors
+from cluster.fleet import RolloutFleet
+from cluster.loop import run_loop, shutdown
 from recorder.schema import Trajectory
 from tests.rollout_harness import rows
 from tests.test_controller import loop_config
@@ -66,9 +67,9 @@ def test_canaries_are_settled_and_the_report_says_what_every_actor_serves(ray_se
         broken = config.model_copy(
             update={"rollout": config.rollout.model_copy(update={"env_settings": {"no_such_setting": 1}})}
         )
-        handles = start_rollout_actors(config, tiny_model_dir)
+        handles = RolloutFleet.start(config, tiny_model_dir)
         with pytest.raises(RuntimeError, match=r"group 7000 on canary-rollout-0 had failed episodes in 2 tries"):
-            play(broken, {actors[0]: handles[actors[0]]}, [7000], "failing group", controller)
+            RolloutFleet(broken, {actors[0]: handles[actors[0]]}).play([7000], "failing group", controller)
         outcomes = rows(
             url, sa.select(Trajectory.status, sa.func.count()).where(Trajectory.scenario_id == "lowercase:7000")
             .group_by(Trajectory.status)

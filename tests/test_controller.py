@@ -11,7 +11,8 @@ import ray
 import sqlalchemy as sa
 
 from cluster.config import load_config
-from cluster.loop import play, run_loop, shutdown, start_rollout_actors
+from cluster.fleet import RolloutFleet
+from cluster.loop import run_loop, shutdown
 from recorder.schema import RewardJudgment, Trajectory
 from rollout.config import EngineConfig
 
@@ -87,14 +88,14 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, p
         assert trained_on > 0 and combined >= 16  # every finished episode was judged
         assert dict(evals) == {0: 4, 1: 4}  # held-out scenarios, played on each version, never trained on
 
-        actors = start_rollout_actors(config, tiny_model_dir)  # the running, named actors
-        after_swap = play(config, actors, [5000, 5001], "after swap")
+        actors = RolloutFleet.start(config, tiny_model_dir)  # the running, named actors
+        after_swap = actors.play([5000, 5001], "after swap")
         assert {v for g in after_swap for v in g["model_versions"]} == {1}
 
         controller = ray.get_actor("e2e", namespace=config.ray.namespace)
         rolled = ray.get(controller.rollback.remote(), timeout=120)
         assert rolled["version"] == 0 and rolled["rolled_back"] == [1]
-        after_rollback = play(config, actors, [5002, 5003], "after rollback")
+        after_rollback = actors.play([5002, 5003], "after rollback")
         assert {v for g in after_rollback for v in g["model_versions"]} == {0}
         health = ray.get(controller.health.remote(), timeout=60)
         assert all(a["alive"] and a["served_version"] == 0 for a in health["actors"].values())
@@ -120,7 +121,7 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, p
         served = ray.get(controller.health.remote(), timeout=60)["actors"]
         assert {n: a["served_version"] for n, a in served.items()} == {"e2e-rollout-0": 1, "e2e-rollout-1": 0}
         assert not ray.get(controller.settle_canary.remote(1), timeout=60)["decided"]  # no episodes yet
-        play(config, actors, list(range(6000, 6004)), "canary")
+        actors.play(list(range(6000, 6004)), "canary")
         settled = ray.get(controller.settle_canary.remote(1), timeout=120)
         assert settled["decided"] and settled["promoted"] == (
             settled["canary_mean_reward"] >= settled["deployed_mean_reward"]
@@ -160,7 +161,7 @@ def test_readiness_says_what_is_missing_and_artifacts_must_come_from_the_store(r
 def test_rollout_actors_that_cannot_be_placed_fail_with_the_missing_resources(ray_session, tiny_model_dir, tmp_path):
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
-    from cluster.loop import rollout_placement
+    from cluster.fleet import rollout_placement
 
     config = loop_config(f"sqlite:///{tmp_path / 'p.db'}", tiny_model_dir, tmp_path, "unplaceable")
     config = config.model_copy(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import ray
 
-from cluster.loop import serving_config, shutdown, start_rollout_actors
+from cluster.fleet import RolloutFleet
+from cluster.loop import serving_config, shutdown
 from tests.test_controller import loop_config
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_a_rolled_back_canary_leaves_the_deployed_version_serving_and_parenting_
     db = create_db_engine(url)
     try:
         controller = start_controller(config)
-        start_rollout_actors(config, tiny_model_dir)
+        RolloutFleet.start(config, tiny_model_dir)
         for version in (1, 2, 3):
             adapter = hand_made_adapter(tiny_model_dir, tmp_path / "store" / f"by-hand-v{version}", seed=version)
             registered = queries.register_version(

@@ -43,9 +43,11 @@ def test_ziggurat_run_then_status_report_and_deploy_without_a_controller(ray_ses
     assert summary["final_version"] == 1 and set(summary["versions"]) == {"0", "1"}
     assert summary["base_eval_mean_reward"] is not None and summary["final_eval_mean_reward"] is not None
     assert Path(summary["report_files"][1]).stat().st_size > 1000
+    report = json.loads(Path(summary["report_files"][0]).read_text())
+    assert "wandb_run_id" in report  # the loop's one W&B run (offline under the tests)
 
     # The loop has ended: status reads the database, deploy says there is nothing to deploy to.
-    assert main(["status", "--config", str(config)]) == 0
+    assert main(["status", "--config", str(config), "--json"]) == 0
     out = capsys.readouterr().out
     status = json.loads(out[out.index("{") :])
     assert status["controller"] == "not running"

@@ -4,7 +4,9 @@ store and only as safetensors, no remote code, SQL only through bound parameters
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,59 @@ def test_sql_is_never_built_from_strings():
                 if pattern.search(line) or re.search(r"(text|execute)\([^)]*[\"']\s*%\s*\(", line):
                     offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+@pytest.fixture
+def restore_log_levels() -> Iterator[None]:
+    from cluster.logs import LIBRARY_LOGGERS, OWN_LOGGERS
+
+    names = ["", *OWN_LOGGERS, *LIBRARY_LOGGERS]
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_logs_are_quiet_unless_verbose(monkeypatch, restore_log_levels, caplog):
+    monkeypatch.setenv("ZIGGURAT_VERBOSE", "0")
+    configure_logging()
+    for name in ("ziggurat.loop", "cluster.ray_runtime", "vllm", "ray", "ray.train", "alembic", "httpx"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    logging.getLogger("ziggurat.test_security").info("routine")
+    logging.getLogger("ziggurat.test_security").warning("worth seeing")
+    assert "routine" not in caplog.text and "worth seeing" in caplog.text
+
+    monkeypatch.setenv("ZIGGURAT_VERBOSE", "1")  # what init_ray hands a Ray worker of a --verbose run
+    configure_logging()
+    assert logging.getLogger("ziggurat.loop").isEnabledFor(logging.INFO)
+    assert logging.getLogger("ray.train").isEnabledFor(logging.INFO)
+    configure_logging(False)  # an explicit choice is passed on to the workers this process starts
+    assert os.environ["ZIGGURAT_VERBOSE"] == "0" and not logging.getLogger("vllm").isEnabledFor(logging.INFO)
+
+
+def test_ray_workers_get_the_console_settings(monkeypatch):
+    from cluster.logs import worker_env
+
+    for name in worker_env(False):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    quiet = init_kwargs(RayConfig(address="local"), verbose=False, runtime_env={"env_vars": {"PYTHONPATH": "/r"}})
+    env = quiet["runtime_env"]["env_vars"]
+    assert quiet["log_to_driver"] is True and quiet["logging_level"] == logging.WARNING
+    assert env["PYTHONPATH"] == "/r" and env["ZIGGURAT_VERBOSE"] == "0"
+    assert env["VLLM_LOGGING_LEVEL"] == "WARNING" and env["RAY_LOGGER_LEVEL"] == "warning"
+    assert env["TQDM_DISABLE"] == "1" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+    loud = init_kwargs(RayConfig(address="local"), verbose=True)
+    env = loud["runtime_env"]["env_vars"]
+    assert loud["logging_level"] == logging.INFO and env["ZIGGURAT_VERBOSE"] == "1"
+    assert env["VLLM_LOGGING_LEVEL"] == "INFO" and "TQDM_DISABLE" not in env  # tqdm reads any value as "off"
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # the user's choice wins
+    assert init_kwargs(RayConfig(address="local"), verbose=False)["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"] == (
+        "DEBUG"
+    )
+    # Inside `ray job submit` the job's env_vars are in the environment already; setting them again is refused.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert "VLLM_LOGGING_LEVEL" not in init_kwargs(RayConfig(address="auto"), verbose=False)["runtime_env"]["env_vars"]

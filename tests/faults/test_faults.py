@@ -27,7 +27,8 @@ import pytest
 import ray
 import sqlalchemy as sa
 
-from cluster.loop import play, run_loop, shutdown, start_rollout_actors
+from cluster.fleet import RolloutFleet
+from cluster.loop import run_loop, shutdown
 from recorder import queries
 from recorder.schema import LlmCall, Step, Trajectory
 from recorder.store import create_db_engine
@@ -83,7 +84,7 @@ def system(ray_session, postgres, tiny_model_dir, tmp_path_factory) -> Any:
     first = run_loop(config, tmp / "setup")
     assert first["final_version"] == 1
     system = System(config, url, tiny_model_dir, tmp, create_db_engine(url))  # pings: survives a restart
-    system.actors = start_rollout_actors(config, tiny_model_dir)
+    system.actors = RolloutFleet.start(config, tiny_model_dir)
     yield system
     shutdown(config)
     system.db.dispose()
@@ -182,7 +183,7 @@ def rollout_phase(system: System, seeds: list[int], inject: Callable[[], Any], d
     fault = Fault(lambda: episodes_in_flight(system), delay_s, inject)
     fault.start()
     started = time.monotonic()
-    groups = play(system.config, system.actors, seeds, "under fault", system.controller)
+    groups = system.actors.play(seeds, "under fault", system.controller)
     ended = time.monotonic()
     fired = fault.finish()
     assert fired < ended, "the fault came after the rollouts had finished; it tested nothing"
