@@ -159,8 +159,6 @@ async def _play(
         if result.done:
             return
         observation = result.observation
-        prompt = (
-            prompt + completion.token_ids + next_turn_tokens(engine.tokenizer, completion.token_ids, observation)
-        )
+        prompt = prompt + completion.token_ids + next_turn_tokens(engine.tokenizer, completion.token_ids, observation)
         if len(prompt) + max_tokens > limit:  # the next turn would not fit: end the episode here
             return

@@ -99,8 +99,8 @@ _CONTROLLER_STATUS = {
 
 
 def test_status_reads_as_a_table():
-    from cluster.cli import format_status
     from cluster.config import ZigguratConfig
+    from cluster.status_view import format_status
 
     rewards = {0: {"eval_mean_reward": 0.25, "eval_stderr": 0.05, "eval_episodes": 8}}
     text = format_status(_CONTROLLER_STATUS, ZigguratConfig(), rewards)
@@ -121,8 +121,8 @@ def test_status_reads_as_a_table():
 
 
 def test_status_without_a_controller_reads_the_database_rows():
-    from cluster.cli import format_status
     from cluster.config import ZigguratConfig
+    from cluster.status_view import format_status
 
     status = {
         "controller": "not running",

@@ -142,9 +142,7 @@ def local_sizes(batch: TrainingTensors) -> tuple[float, float, float]:
     return float(per_row.sum()), float((per_row > 0).sum()), longest
 
 
-def loss_scale(
-    config: TrainerConfig, tokens: float, sequences: float, longest: float, world: int = 1
-) -> LossScale:
+def loss_scale(config: TrainerConfig, tokens: float, sequences: float, longest: float, world: int = 1) -> LossScale:
     """The batch's LossScale from its global sizes (sums over workers; `longest` is the max over workers)."""
     budget = config.constant_tokens if config.constant_tokens is not None else max(longest, 1.0)
     return LossScale(tokens=tokens, sequences=sequences, constant=max(sequences, 1.0) * budget, world=world)
