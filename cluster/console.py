@@ -63,8 +63,9 @@ def _advance(progress_bar: tqdm, progress: Callable[[], tuple[float, float] | No
     done, total = point
     if progress_bar.total != total:
         progress_bar.total = total
-    progress_bar.n = done
-    progress_bar.refresh()
+        progress_bar.refresh()
+    if done != progress_bar.n:  # update() redraws at most every mininterval: a log file gets few lines
+        progress_bar.update(done - progress_bar.n)
 
 
 def follow(

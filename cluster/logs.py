@@ -101,6 +101,9 @@ def worker_env(verbose: bool) -> dict[str, str]:
                 # training result" line per update, and the trainer's INFO); without it, warnings still print.
                 "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
                 "WANDB_SILENT": "true",
+                # libraries' deprecation notices (Ray's, torch's inside vLLM) are for their developers, not a run
+                "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+                "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10's C++ notices (NUMA binding) at every engine start
             }
         )
     return env

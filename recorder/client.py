@@ -215,6 +215,15 @@ class RecorderClient:
             "They are kept in client.unacked; call flush() again once the recorder or database is back."
         )
 
+    async def _discover_wire_async(self) -> None:
+        """`_discover_wire` without blocking an async actor's event loop; a failure is left to `_fill`, which
+        asks again and handles the error like any other send."""
+        if self._wire is None:
+            try:
+                self._wire = await asyncio.wait_for(self._handle().wire_format.remote(), self.settings.call_timeout_s)
+            except Exception as exc:
+                log.debug("asking the recorder for its wire format failed: %s", exc)
+
     def _timeout(self, deadline: float) -> float:
         return max(0.1, min(self.settings.call_timeout_s, deadline - time.monotonic()))
 
@@ -321,6 +330,7 @@ class _Flush:
                 self.backoff = 0.1
 
     async def run_async(self) -> FlushReport:
+        await self.client._discover_wire_async()
         while True:
             self._fill()
             if not self.in_flight:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.config import EngineConfig
+from rollout.vllm_logs import quiet_vllm_logs
 
 
 def resolve_device(config: EngineConfig) -> str:
@@ -33,6 +34,7 @@ def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
     """
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    quiet_vllm_logs()
     if Path(model_path).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if resolve_device(config) == "cpu":
