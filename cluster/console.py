@@ -91,6 +91,6 @@ def follow(
             if remaining <= 0:
                 raise TimeoutError(f"{desc}: no result after {timeout_s:.0f} s")
             ready, _ = ray.wait([ref], timeout=min(poll_s, remaining))
-            _advance(progress_bar, progress)
+            _advance(progress_bar, progress)  # the caller's probe carries its own short deadline
             if ready:
                 return ray.get(ref)

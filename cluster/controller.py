@@ -238,7 +238,8 @@ class Controller(HotSwap):
                 outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "failed"})
             elif lost:  # it ended while we looked: report how
                 trained = queries.get_batch(self.db, batch["id"])["status"] == "completed"
-                outcomes.append({"trained": trained, "batch_id": batch["id"], "recovered": "ended"})
+                ended = {"trained": trained, "batch_id": batch["id"], "version": batch["target_version"]}
+                outcomes.append({**ended, "recovered": "ended"})
             else:
                 log.info("batch %d: picking up running job %s", batch["id"], batch["ray_job_id"])
                 outcomes.append({**self.wait_training(batch["id"]), "recovered": "resumed"})

@@ -18,6 +18,7 @@ Each phase prints one console line (cluster.console), long ones a progress bar, 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,8 @@ __all__ = ["rollout_actor_name", "rollout_placement", "run_loop", "serving_confi
 # Ray destroys a non-detached actor once no handle to it is left, even a named one: the recorder and the
 # controller a loop starts stay alive (and reachable by name from `ziggurat status`) until `shutdown`.
 _keep_alive: dict[str, Any] = {}
+
+log = logging.getLogger("ziggurat.loop")
 
 
 def serving_config(config: ZigguratConfig) -> ZigguratConfig:
@@ -88,7 +91,7 @@ class ControllerClient:
 
     def _follow(self, method: str, args: tuple, desc: str, unit: str, progress: str, timeout: float) -> Any:
         def probe() -> tuple[float, float] | None:
-            return ray.get(self.handle.progress.remote(), timeout=10)[progress]
+            return ray.get(self.handle.progress.remote(), timeout=2)[progress]
 
         return console.follow(self._remote(method, *args), probe, desc, unit, timeout)
 
@@ -226,11 +229,15 @@ def train(controller: ControllerClient, tracker: LoopTracker, config: ZigguratCo
         console.phase(f"iteration {number}: no new version ({outcome.get('error') or outcome.get('unmet')})")
         return outcome
     console.phase(f"iteration {number}: trained batch {outcome['batch_id']} -> version {outcome['version']}")
-    db = config.database.create_engine()
-    try:
-        tracker.log_training(outcome["version"], queries.get_batch(db, outcome["batch_id"]))
-    finally:
-        db.dispose()
+    if tracker.enabled:
+        try:  # tracking observes: a failed read of the batch's numbers never ends a run that trained
+            db = config.database.create_engine()
+            try:
+                tracker.log_training(outcome["version"], queries.get_batch(db, outcome["batch_id"]))
+            finally:
+                db.dispose()
+        except Exception as exc:
+            log.warning("batch %s not logged to W&B: %s: %s", outcome["batch_id"], type(exc).__name__, exc)
     return outcome
 
 

@@ -12,6 +12,14 @@ from cluster.logs import VERBOSE_ENV, verbose_from_env, worker_env
 log = logging.getLogger(__name__)
 
 _IN_SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
+# Names init_ray put into os.environ itself: a later init_ray (tests, notebooks) may change them, while
+# what the user exported always wins.
+_SET_BY_INIT: dict[str, str] = {}
+
+
+def _ours(name: str) -> bool:
+    """Whether os.environ[name] is still the value init_ray put there (not one the user set since)."""
+    return name in _SET_BY_INIT and os.environ.get(name) == _SET_BY_INIT[name]
 
 
 def _runtime_env(verbose: bool, runtime_env: dict[str, Any] | None) -> dict[str, Any]:
@@ -24,7 +32,11 @@ def _runtime_env(verbose: bool, runtime_env: dict[str, Any] | None) -> dict[str,
         # refuses a ray.init runtime_env that sets any of them again.
         defaults = {name: value for name, value in defaults.items() if name not in os.environ}
     else:
-        exported = {name: os.environ[name] for name in defaults if name in os.environ and name != VERBOSE_ENV}
+        exported = {
+            name: os.environ[name]
+            for name in defaults
+            if name in os.environ and name != VERBOSE_ENV and not _ours(name)
+        }
         defaults.update(exported)
     runtime_env["env_vars"] = {**defaults, **(runtime_env.get("env_vars") or {})}
     return runtime_env
@@ -73,8 +85,13 @@ def init_ray(config: RayConfig, temp_dir: str | None = None, verbose: bool | Non
     kwargs = init_kwargs(config, temp_dir, verbose, **extra)
     # A local cluster's raylet and its workers inherit this process's environment, so the console settings
     # go here too (without overriding what the user exported); the flag itself follows this call.
-    for name, value in worker_env(verbose).items():
-        os.environ.setdefault(name, value)
+    wanted = worker_env(verbose)
+    for name in [n for n in _SET_BY_INIT if n not in wanted and _ours(n)]:
+        os.environ.pop(name)  # a quiet-only knob an earlier, quiet init_ray in this process set
+        del _SET_BY_INIT[name]
+    for name, value in wanted.items():
+        if name not in os.environ or _ours(name):
+            os.environ[name] = _SET_BY_INIT[name] = value
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     context = ray.init(**kwargs)
     log.info("connected to Ray at %s (namespace %s)", context.address_info.get("address"), config.namespace)

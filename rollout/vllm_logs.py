@@ -51,14 +51,14 @@ def quiet_vllm_logs() -> None:
     verbose, or the user set VLLM_LOGGING_CONFIG_PATH or VLLM_CONFIGURE_LOGGING=0 themselves)."""
     if _verbose():
         return
+    from vllm.logger import DEFAULT_LOGGING_CONFIG  # importing vllm creates its handler: filter it after
+
     # lastResort prints records logged before vLLM's own handler exists (the Triton check at import).
     for handler in (*logging.getLogger("vllm").handlers, logging.lastResort):
         if handler is not None and not _has_filter(handler):
             handler.addFilter(ExpectedOnCpu())
     if "VLLM_LOGGING_CONFIG_PATH" in os.environ or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
         return
-    from vllm.logger import DEFAULT_LOGGING_CONFIG
-
     config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
     config["filters"] = {"expected_on_cpu": {"()": f"{__name__}.ExpectedOnCpu"}}
     for handler in config["handlers"].values():

@@ -65,7 +65,7 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
         # trainer divides its logits by each call's temperature and must meet the same numbers.
         "logprobs_mode": "processed_logprobs",
         # The weight-loading bars pass `disable` explicitly, so TQDM_DISABLE cannot hide them; only --verbose.
-        "use_tqdm_on_load": os.environ.get("ZIGGURAT_VERBOSE", "0") == "1",
+        "use_tqdm_on_load": os.environ.get("ZIGGURAT_VERBOSE", "").strip().lower() in ("1", "true", "yes"),
     }
     if config.enable_lora:
         kwargs.update(max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
