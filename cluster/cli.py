@@ -214,6 +214,20 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steer(args: argparse.Namespace) -> int:
+    """`ziggurat pause|resume|stop`: the live loop running inside the controller (controller.mode: live)."""
+    import ray
+
+    config = load_config(args.config)
+    method = {"pause": "pause", "resume": "resume", "stop": "stop_live"}[args.action]
+    try:
+        status = ray.get(getattr(_controller(config), method).remote(), timeout=config.ray.call_timeout_s)
+    except ray.exceptions.RayTaskError as exc:
+        raise CliError(str(exc.cause if exc.cause is not None else exc)) from None
+    print(json.dumps({k: v for k, v in status.items() if k != "events"}, default=str))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from cluster.report import version_rewards, write_report
 
@@ -321,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = with_config(commands.add_parser("rollback", help="serve an earlier version (default: the previous)"))
     rollback.add_argument("version", type=int, nargs="?", default=None)
     rollback.set_defaults(handler=_rollback)
+    for action, about in (
+        ("pause", "live mode: admit no new groups or batches; what is in flight finishes"),
+        ("resume", "live mode: carry on after `pause`"),
+        ("stop", "live mode: end the controller's loop once groups in flight and the training batch end"),
+    ):
+        with_config(commands.add_parser(action, help=about)).set_defaults(handler=_steer, action=action)
     report = with_config(commands.add_parser("report", help="mean reward per version as JSON and a PNG"))
     report.add_argument("--out", type=Path, default=Path("ziggurat-report"))
     report.set_defaults(handler=_report)

@@ -79,6 +79,26 @@ class ControllerConfig(_Section):
     name: str = "ziggurat-controller"
     """Ray actor name of the controller; rollout actors are `<name>-rollout-<i>`."""
 
+    mode: Literal["sync", "live"] = "sync"
+    """`sync`: the driver's loop plays a round, stops, trains, evaluates, swaps, repeats (rollout actors idle
+    while training). `live`: the controller runs its own loop inside its actor (cluster.live): rollout actors
+    play continuously, admitted new groups while the data in flight stays within trainer.max_staleness; a batch
+    trains in the background whenever readiness passes; every new version is released by the same rules
+    (evaluated, refused, canaried, rolled out replica by replica) with no driver in the loop."""
+
+    live_groups_per_actor: int = Field(2, ge=1)
+    """Live mode: groups each rollout actor plays at once (each is `rollout.group_size` episodes)."""
+
+    live_versions: int | None = Field(None, ge=1)
+    """Live mode: stop after this many versions have been trained (released or not); None runs until
+    `ziggurat stop`. `ziggurat run` in live mode uses `controller.iterations` when this is unset."""
+
+    rolling_fraction: float | None = Field(None, gt=0, le=1)
+    """Share of the target rollout actors swapped to a new version at a time; the next share starts once the
+    previous one serves it. A replica that fails to load is taken out of traffic and reported, the others keep
+    serving. None: one replica at a time in live mode, all at once (two-phase: everyone loads, then everyone
+    flips, nobody flips if any load fails) in sync mode, where nothing plays during a swap."""
+
     detached: bool = False
     """Start the controller as a detached actor: it outlives the driver that started it (a cluster service
     that `ziggurat status/deploy/rollback` talk to); stop it with `ray.kill` or `ray stop`."""
@@ -204,6 +224,16 @@ class ZigguratConfig(_Section):
                 f"controller.canary_fraction {fraction} puts all {actors} of rollout.actors on the canary, leaving "
                 "none on the deployed version to compare it with (every canary would be rolled back); use at "
                 "least 2 rollout.actors and a fraction below (actors - 1) / actors, or canary_fraction: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _simulated_backends_go_together(self) -> ZigguratConfig:
+        # A simulated trainer publishes versions without weights, which only a simulated engine can "serve".
+        if self.trainer.backend == "simulated" and self.engine.backend != "simulated":
+            raise ValueError(
+                "trainer.backend: simulated publishes versions that hold no trained weights, which a vLLM engine "
+                "cannot serve; set engine.backend: simulated too (both are for tests and benchmarks only)"
             )
         return self
 

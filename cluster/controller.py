@@ -28,6 +28,8 @@ from cluster import training
 from cluster.config import ZigguratConfig
 from cluster.fleet import RolloutFleet, gather
 from cluster.hotswap import HotSwap
+from cluster.live import LiveLoop
+from cluster.live_steering import LiveSteering
 
 log = logging.getLogger("ziggurat.controller")
 
@@ -61,7 +63,7 @@ class _Metrics:
         self.trainable = Gauge("ziggurat_trainable_groups", "Groups ready for training")
 
 
-class Controller(HotSwap):
+class Controller(HotSwap, LiveSteering):
     """Create with `start_controller`; every method is a remote call with a deadline on the caller's side."""
 
     def __init__(self, config: ZigguratConfig) -> None:
@@ -82,6 +84,10 @@ class Controller(HotSwap):
         # (done, total) of the latest evaluation (groups) and training job (updates), for `progress()`
         self._evaluating: list[int] | None = None
         self._trained: tuple[float, float] | None = None
+        self._live: LiveLoop | None = None  # controller.mode: live (cluster.live)
+        self._out_of_service: dict[str, str] = {}  # rollout actor -> why a rolling swap took it out of traffic
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.resume_live_after_restart()  # live mode: the loop it ran goes on (cluster.live_steering)
 
     def _fleet(self) -> RolloutFleet:
         """The rollout actors that exist now, by name (missing ones are reported by `health`)."""
@@ -358,6 +364,7 @@ class Controller(HotSwap):
         return {
             "actors": actors,
             "served_versions": {n: a.get("served_version") for n, a in actors.items()},
+            "out_of_service": self.out_of_service(),
             "database": database,
             "recorder": recorder_state,
             "training": [
@@ -377,6 +384,7 @@ class Controller(HotSwap):
             "deployed_version": self.deployed_version(),
             "readiness": self.readiness(),
             "health": self.health(),
+            "live": None if self._live is None else {k: v for k, v in self._live.status().items() if k != "events"},
             "versions": [
                 {k: v[k] for k in ("version", "status", "kind", "training_batch_id")} | {"metrics": v["metrics"]}
                 for v in self.versions()

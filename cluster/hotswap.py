@@ -31,6 +31,7 @@ class HotSwap:
     store: Any
     _metrics: Any
     _fleet: Any
+    _out_of_service: dict[str, str]
     deployed_version: Any
     health: Any
 
@@ -94,9 +95,71 @@ class HotSwap:
         log.info("version %d serving on %s (load %.3f s, swap %.3f s)", version, targets, load_s, swap_s)
         return {"version": version, "actors": targets, "previous": previous, "load_s": load_s, "swap_s": swap_s}
 
-    def deploy(self, version: int, canary_fraction: float | None = None) -> dict[str, Any]:
-        """Load `version` into the target actors, then flip them all; nobody flips if any load fails. A canary
-        (0 < fraction < 1) goes to the first actors only and is settled by `settle_canaries`."""
+    def rolling_step(self, targets: int, fraction: float | None = None) -> int:
+        """Actors swapped at a time (`fraction`, else controller.rolling_fraction; by default one in live mode,
+        all at once in sync mode)."""
+        settings = self.config.controller
+        fraction = settings.rolling_fraction if fraction is None else fraction
+        if fraction is None:
+            fraction = 1.0 if settings.mode == "sync" else 1.0 / max(targets, 1)
+        return max(1, math.ceil(fraction * targets))
+
+    def _roll(
+        self, row: dict[str, Any], fleet: RolloutFleet, targets: list[str], fraction: float | None = None
+    ) -> dict[str, Any]:
+        """Swap `targets` a share at a time (`rolling_step`), each share two-phase. If the first share fails
+        nobody serves the version (SwapFailed, as a two-phase swap); a later share's actors that fail are taken
+        out of traffic (`out_of_service`, reported by health), while every other actor goes on."""
+        from cluster.controller import SwapFailed
+
+        step = self.rolling_step(len(targets), fraction)
+        if step >= len(targets):
+            return self._swap(row, fleet, targets)
+        started = time.perf_counter()
+        served: list[str] = []
+        failed: dict[str, str] = {}
+        steps: list[float] = []
+        previous: dict[str, Any] = {}
+        for first in range(0, len(targets), step):
+            share = targets[first : first + step]
+            try:
+                result = self._swap(row, fleet, share)
+            except SwapFailed as exc:
+                if not served:
+                    raise
+                for name in share:
+                    failed[name] = str(exc)
+                    self._out_of_service[name] = f"version {row['version']} failed to load: {exc}"
+                log.error("rolling swap to %d: %s taken out of traffic: %s", row["version"], share, exc)
+                continue
+            served += share
+            row = {**row, "status": "rolling"}  # served somewhere now: a later share's failure must not fail it
+            steps.append(result["swap_s"])
+            previous.update(result["previous"])
+            for name in share:
+                self._out_of_service.pop(name, None)
+        return {
+            "version": row["version"], "actors": served, "previous": previous, "failed": failed,
+            "load_s": None, "swap_s": time.perf_counter() - started, "steps": len(steps),
+            "step_swap_s_max": max(steps) if steps else None, "rolling_step": step,
+        }  # fmt: skip
+
+    def out_of_service(self) -> dict[str, str]:
+        """Rollout actors a rolling swap took out of traffic, and why (back once a later swap serves them)."""
+        return dict(self._out_of_service)
+
+    def canaries(self) -> list[int]:
+        """Versions being canaried now."""
+        from recorder import queries
+
+        return [row["version"] for row in queries.list_versions(self.db, "canary")]
+
+    def deploy(
+        self, version: int, canary_fraction: float | None = None, rolling_fraction: float | None = None
+    ) -> dict[str, Any]:
+        """Load `version` into the target actors and flip them, a share at a time (`rolling_fraction`, else
+        controller.rolling_fraction; see `_roll`). A canary (0 < fraction < 1) goes to the first actors only
+        and is settled by `settle_canaries`."""
         from cluster import canary as canaries
         from cluster.controller import LIVE_STATUSES, ControllerError
         from recorder import queries
@@ -125,7 +188,7 @@ class HotSwap:
                 f"a canary fraction of {fraction} covers all {len(names)} rollout actors, leaving none on the "
                 "deployed version to compare it with; use a smaller fraction, more actors, or deploy fully"
             )
-        result = self._swap(row, fleet, targets)
+        result = self._roll(row, fleet, targets, rolling_fraction)
         if canary:
             started = canaries.started_metrics(targets, self.deployed_version())
             queries.update_version(self.db, version, status="canary", metrics=started)

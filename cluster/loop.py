@@ -120,6 +120,10 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     config = serving_config(config)
+    if config.controller.mode == "live":  # the controller runs the loop; the driver follows it
+        from cluster.live_driver import run_live
+
+        return run_live(config, out_dir)
     fleet, controller, model_path = start(config)
     tracker = LoopTracker(config, out_dir, enabled=config.controller.wandb)
     try:

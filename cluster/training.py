@@ -30,6 +30,10 @@ class TrainingRun:
         self._config = ZigguratConfig.model_validate_json(config_json)
 
     def run(self, batch_id: int) -> int | None:
+        if self._config.trainer.backend == "simulated":  # tests and benchmarks of the orchestration only
+            from cluster.simulated_training import run_simulated_training
+
+            return run_simulated_training(self._config, batch_id=batch_id)
         from cluster.train_job import run_training
 
         return run_training(self._config, batch_id=batch_id)

@@ -86,8 +86,16 @@ __all__ = [
     "staleness_floor",
     "start_batch",
     "training_parent",
+    "training_scenarios_played",
     "update_version",
 ]
+
+
+def training_scenarios_played(engine: Engine) -> int:
+    """Distinct training (not held-out) scenarios with a recorded trajectory: where live mode's seeds go on."""
+    with engine.connect() as conn:
+        query = sa.select(sa.func.count(sa.distinct(T.c.scenario_id))).where(T.c.is_eval.is_(False))
+        return int(conn.execute(query).scalar_one())
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -27,6 +27,11 @@ from rollout.config import EngineConfig, JudgeConfig
 from rollout.engine import EngineError, PolicyEngine
 from rollout.episode import EpisodeCounters, EpisodeResult, EpisodeSpec, run_episode
 from rollout.judges import JudgedTrajectory, JudgeOutputError, judge_group
+
+if TYPE_CHECKING:
+    from rollout.simulated import SimulatedEngine
+
+    Engine = PolicyEngine | SimulatedEngine  # `engine.backend` picks one; both have PolicyEngine's interface
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class RolloutWorker:
         recorder: RecorderConfig,
         judge: JudgeConfig | None = None,
         restore_on_restart: bool = True,
-        engine_instance: PolicyEngine | None = None,
+        engine_instance: Engine | None = None,
     ) -> None:
         """`engine_instance`: an engine already started on this event loop, served instead of starting one
         (tests share one engine; outside a Ray actor, pass restore_on_restart=False)."""
@@ -70,7 +75,7 @@ class RolloutWorker:
         self._model_path, self._engine_config = model_path, engine
         self._judge = judge
         self._client = RecorderClient(recorder)
-        self._engine: PolicyEngine | None = engine_instance
+        self._engine: Engine | None = engine_instance
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
         self._counters = EpisodeCounters()  # episodes in flight, LLM calls, when the last one finished
@@ -82,12 +87,17 @@ class RolloutWorker:
         self._swapping = asyncio.Lock()
         self._metrics: _RolloutMetrics | None = None
 
-    async def _policy(self) -> PolicyEngine:
+    async def _policy(self) -> Engine:
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._engine is None:
-                self._engine = await PolicyEngine.start(self._model_path, self._engine_config)
+                if self._engine_config.backend == "simulated":  # tests and benchmarks only: no model runs
+                    from rollout.simulated import SimulatedEngine
+
+                    self._engine = await SimulatedEngine.start(self._model_path, self._engine_config)
+                else:
+                    self._engine = await PolicyEngine.start(self._model_path, self._engine_config)
         return self._engine
 
     async def ready(self) -> int:
@@ -269,7 +279,7 @@ class RolloutWorker:
             self._metrics.reward.set(sum(rewards) / len(rewards), tags={"version": str(version)})
         self._metrics.tokens_per_s.set(tokens_per_s)
 
-    async def _judge_group(self, engine: PolicyEngine, finished: list[EpisodeResult]) -> list[Any]:
+    async def _judge_group(self, engine: Engine, finished: list[EpisodeResult]) -> list[Any]:
         assert self._judge is not None
         settings = self._judge
         # The judge samples whatever weights the engine holds, named as they are: the base model's, or (only

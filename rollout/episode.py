@@ -13,12 +13,15 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recorder.client import RecorderClient
 from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
 from rollout.chat import next_turn_tokens
 from rollout.engine import PolicyEngine
+
+if TYPE_CHECKING:
+    from rollout.simulated import SimulatedEngine
 from rollout.envs import make_env
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,11 @@ class EpisodeCounters:
 
 
 async def run_episode(
-    engine: PolicyEngine, spec: EpisodeSpec, client: RecorderClient, max_model_len: int, counters: EpisodeCounters
+    engine: PolicyEngine | SimulatedEngine,
+    spec: EpisodeSpec,
+    client: RecorderClient,
+    max_model_len: int,
+    counters: EpisodeCounters,
 ) -> EpisodeResult:
     """Play one episode of `spec`'s group on `spec.version` and record it: its start, every step and LLM call,
     and its end (finished, aborted past `spec.timeout_s`, or failed with the error). Never raises for the
@@ -112,7 +119,7 @@ async def run_episode(
 
 
 async def _play(
-    engine: PolicyEngine,
+    engine: PolicyEngine | SimulatedEngine,
     spec: EpisodeSpec,
     trajectory_id: str,
     progress: dict[str, Any],

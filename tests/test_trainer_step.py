@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,134 @@ def test_the_update_uses_the_configured_policy_loss(tiny_model_dir, monkeypatch)
         old = token_logprobs(model, batch.input_ids, batch.attention_mask)
     metrics = grpo_update(model, optimizer, batch, old, config, single_worker_scale(batch, config))
     assert len(calls) == 2 and np.isfinite(metrics["loss"])  # one call per micro-batch of one row
+
+
+def _mismatch_tensors(old: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor):
+    """TrainingTensors carrying only what sampler_mismatch reads (the ids are placeholders)."""
+    from trainer.data import TrainingTensors
+
+    rows, length = mask.shape
+    return TrainingTensors(
+        input_ids=torch.zeros(rows, length, dtype=torch.long),
+        attention_mask=torch.ones(rows, length, dtype=torch.long),
+        loss_mask=mask,
+        behaviour_logprobs=behaviour,
+        temperatures=torch.ones(rows, length),
+        advantages=torch.zeros(rows),
+        model_versions=torch.zeros(rows, dtype=torch.long),
+        group_index=torch.zeros(rows, dtype=torch.long),
+    )
+
+
+def _ragged(rows: int = 5, length: int = 9, seed: int = 3):
+    generator = np.random.default_rng(seed)
+    mask = np.zeros((rows, length), np.float32)
+    for i, (start, stop) in enumerate([(2, 9), (4, 6), (0, 0), (1, 8), (5, 9)][:rows]):
+        mask[i, start:stop] = 1
+    old = -generator.uniform(0.05, 4.0, (rows, length)).astype(np.float32)
+    behaviour = (old + generator.normal(0, 0.6, (rows, length))).astype(np.float32) * mask  # 0 off the mask
+    return old, behaviour, mask
+
+
+def _direct_mismatch(old: np.ndarray, behaviour: np.ndarray, mask: np.ndarray, cap: float, level: str):
+    """The sums by hand, in float64 Python, token by token."""
+    sums = dict.fromkeys(("policy_tokens", "k1", "k3", "clipped", "weight"), 0.0)
+    largest = 0.0
+    for i in range(mask.shape[0]):
+        tokens = [t for t in range(mask.shape[1]) if mask[i, t] > 0]
+        diffs = [float(old[i, t]) - float(behaviour[i, t]) for t in tokens]
+        row_weight = math.exp(sum(diffs))
+        for d in diffs:
+            weight = math.exp(d) if level == "token" else row_weight
+            sums["policy_tokens"] += 1
+            sums["k1"] += -d
+            sums["k3"] += math.exp(d) - d - 1
+            sums["clipped"] += weight > cap
+            sums["weight"] += min(weight, cap)
+            largest = max(largest, abs(d))
+    return sums, largest
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sampler_mismatch_sums_match_a_direct_computation(level):
+    from trainer.step import MISMATCH_MAX_KEYS, sampler_mismatch
+
+    old, behaviour, mask = _ragged()
+    cap = 1.5
+    config = TrainerConfig(tis_cap=cap, tis_level=level)
+    got = sampler_mismatch(
+        torch.from_numpy(old), _mismatch_tensors(*map(torch.from_numpy, (old, behaviour, mask))), config
+    )
+    expected, largest = _direct_mismatch(old, behaviour, mask, cap, level)
+    assert got["policy_tokens"] == expected["policy_tokens"] == 20
+    assert got["mismatch_k1_sum"] == pytest.approx(expected["k1"], rel=1e-9, abs=1e-9)
+    assert got["mismatch_k3_sum"] == pytest.approx(expected["k3"], rel=1e-9)
+    assert got["tis_clipped_sum"] == expected["clipped"] and 0 < expected["clipped"] < 20  # some capped, not all
+    assert got["tis_weight_sum"] == pytest.approx(expected["weight"], rel=1e-6)
+    assert got["abs_logprob_diff_max"] == pytest.approx(largest, rel=1e-9) and MISMATCH_MAX_KEYS == (
+        "abs_logprob_diff_max",
+    )
+    assert set(got) == {
+        "policy_tokens", "mismatch_k1_sum", "mismatch_k3_sum", "tis_clipped_sum", "tis_weight_sum",
+        "abs_logprob_diff_max",
+    }  # fmt: skip
+
+
+def test_sampler_mismatch_weights_are_the_losss_weights():
+    """tis_weight_sum is the sum of the weights clipped_policy_loss applies (at logp = old, A = -1 the loss
+    of each token is its weight), so the metric and the loss cannot drift apart."""
+    from trainer.algorithms import clipped_policy_loss
+    from trainer.step import clip_config, sampler_mismatch
+
+    old, behaviour, mask = map(torch.from_numpy, _ragged(seed=11))
+    for level in ("token", "sequence"):
+        config = TrainerConfig(tis_cap=1.2, tis_level=level)
+        terms = clipped_policy_loss(old, old, -torch.ones(5), mask, clip_config(config), behaviour)
+        got = sampler_mismatch(old, _mismatch_tensors(old, behaviour, mask), config)
+        assert got["tis_weight_sum"] == pytest.approx(float(terms.per_token.double().sum()), rel=1e-6)
+
+
+def test_sampler_mismatch_is_zero_when_the_sampler_is_the_trainer():
+    from trainer.step import sampler_mismatch
+
+    old, _, mask = _ragged()
+    old = torch.from_numpy(old)
+    behaviour = old * torch.from_numpy(mask)  # the sampler's log-probs are the trainer's, on every policy token
+    for level in ("token", "sequence"):
+        got = sampler_mismatch(
+            old, _mismatch_tensors(old, behaviour, torch.from_numpy(mask)), TrainerConfig(tis_level=level)
+        )
+        assert got["mismatch_k1_sum"] == got["mismatch_k3_sum"] == got["tis_clipped_sum"] == 0
+        assert got["abs_logprob_diff_max"] == 0 and got["tis_weight_sum"] == got["policy_tokens"] == 20
+
+
+def test_sampler_mismatch_edge_cases():
+    from trainer.step import sampler_mismatch
+
+    # one wild token (the sampler gave it a log-prob of -1000): finite sums, the row capped at every token
+    old = torch.full((1, 4), -1.0)
+    behaviour = torch.tensor([[0.0, -1.0, -1000.0, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    got = sampler_mismatch(old, _mismatch_tensors(old, behaviour, mask), TrainerConfig(tis_level="sequence"))
+    assert all(math.isfinite(v) for v in got.values())
+    assert got["tis_clipped_sum"] == 3 and got["tis_weight_sum"] == pytest.approx(3 * 2.0)
+    assert got["abs_logprob_diff_max"] == pytest.approx(999.0) and got["mismatch_k1_sum"] == pytest.approx(-999.0)
+    # the correction off: the loss applies no weight, so each token counts 1 and none is clipped
+    off = sampler_mismatch(old, _mismatch_tensors(old, behaviour, mask), TrainerConfig(tis_cap=None))
+    assert (
+        off["tis_weight_sum"] == 3 and off["tis_clipped_sum"] == 0 and off["mismatch_k3_sum"] == got["mismatch_k3_sum"]
+    )
+    # the trainer finds a sampled token far less likely than the sampler did: a negative log-ratio, still the max
+    unlikely = torch.tensor([[-1.0, -1.0, -50.0, -1.0]])
+    got = sampler_mismatch(unlikely, _mismatch_tensors(unlikely, old * mask, mask), TrainerConfig())
+    assert got["abs_logprob_diff_max"] == pytest.approx(49.0) and got["tis_clipped_sum"] == 0
+    # a worker without rows contributes zeros
+    empty = torch.zeros(0, 0)
+    assert set(sampler_mismatch(empty, _mismatch_tensors(empty, empty, empty), TrainerConfig()).values()) == {0.0}
+
+
+def test_clip_config_carries_the_tis_level():
+    from trainer.step import clip_config
+
+    assert clip_config(TrainerConfig(tis_level="sequence", tis_cap=3.0)).tis_level == "sequence"
+    assert clip_config(TrainerConfig()).tis_level == "token"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -66,6 +66,9 @@ def has_signal(rewards: torch.Tensor) -> bool:
     return rewards.numel() > 1 and bool((rewards != rewards[0]).any())
 
 
+TIS_LEVELS = ("token", "sequence")
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     eps_low: float = 0.2
@@ -79,6 +82,13 @@ class ClipConfig:
     tis_cap: float | None = 2.0
     """Truncated importance weight min(pi_old/mu, cap) against the behaviour policy mu that sampled the
     tokens (vLLM, possibly versions behind); None disables the correction."""
+    tis_level: Literal["token", "sequence"] = "token"
+    """Where the truncated importance weight is taken: `token` (each token's own ratio) or `sequence` (one
+    weight per row, the product of its policy tokens' ratios); see truncated_is_weights."""
+
+    def __post_init__(self) -> None:
+        if self.tis_level not in TIS_LEVELS:
+            raise ValueError(f"tis_level must be one of {', '.join(TIS_LEVELS)}, got {self.tis_level!r}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,40 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def truncated_is_weights(
+    old_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float | None,
+    level: str = "token",
+    log_clamp: float = 20.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights of the trainer's pre-batch policy pi_old against the sampler mu, and where
+    the cap bit: (weights [batch, tokens], clipped [batch, tokens] bool), both detached.
+
+    token: each token's weight min(pi_old/mu, cap). sequence: one weight per row, min(prod pi_old/mu, cap) over
+    the row's policy tokens, i.e. exp of the masked sum of log-ratios; a capped row counts as clipped at every
+    one of its policy tokens. Log-ratios (summed, at sequence level) are clamped to +-`log_clamp` before exp,
+    so nothing overflows. `cap` None: no truncation (the plain ratio, never clipped). Weights are 1 and
+    clipped is False where the mask is 0, so what lies outside the mask (prompt positions) cannot leak in.
+    """
+    if level not in TIS_LEVELS:
+        raise ValueError(f"tis level must be one of {', '.join(TIS_LEVELS)}, got {level!r}")
+    inside = mask > 0
+    old_logp, behaviour_logp = old_logp.detach(), behaviour_logp.detach()
+    if level == "token":
+        weight = torch.exp((old_logp - behaviour_logp).clamp(-log_clamp, log_clamp))
+    else:
+        # float64 sum: a long row's thousands of small log-ratios should not lose their precision
+        log_ratio = torch.where(inside, old_logp.double() - behaviour_logp.double(), 0.0)
+        row = torch.exp(log_ratio.sum(dim=1).clamp(-log_clamp, log_clamp)).to(old_logp.dtype)
+        weight = row[:, None].expand_as(old_logp)
+    clipped = inside & (weight > cap) if cap is not None else torch.zeros_like(inside)
+    if cap is not None:
+        weight = weight.clamp(max=cap)
+    return torch.where(inside, weight, torch.ones_like(weight)), clipped
+
+
 @register_loss("clipped")
 def clipped_policy_loss(
     logp: torch.Tensor,
@@ -119,7 +163,9 @@ def clipped_policy_loss(
 
     Shapes: logp, old_logp, mask, behaviour_logp are [batch, tokens]; advantages is [batch] or
     [batch, tokens]. `old_logp` is the trainer's policy before this update (equal to `logp` detached on the
-    first step of an on-policy batch).
+    first step of an on-policy batch). With `behaviour_logp` and `clip.tis_cap`, each token's loss is
+    multiplied by its detached truncated importance weight (truncated_is_weights at `clip.tis_level`), so the
+    gradient is the weight times the surrogate's.
     """
     mask = mask.to(logp.dtype)
     if advantages.ndim == 1:
@@ -133,8 +179,10 @@ def clipped_policy_loss(
     if clip.dual_clip is not None:
         loss = torch.where(advantages < 0, torch.min(loss, -clip.dual_clip * advantages), loss)
     if behaviour_logp is not None and clip.tis_cap is not None:
-        weight = torch.exp((old_logp - behaviour_logp).clamp(-clip.log_ratio_clamp, clip.log_ratio_clamp))
-        loss = loss * weight.clamp(max=clip.tis_cap).detach()
+        weight, _ = truncated_is_weights(
+            old_logp, behaviour_logp, mask, clip.tis_cap, clip.tis_level, clip.log_ratio_clamp
+        )
+        loss = loss * weight
     was_clipped = ((ratio < 1 - clip.eps_low) | (ratio > 1 + clip.eps_high)).to(logp.dtype)
     return LossTerms(
         per_token=loss * mask,

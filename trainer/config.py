@@ -58,7 +58,16 @@ class TrainerConfig(BaseModel):
     """Cap on the loss of negative-advantage tokens as a multiple of -A (3 is usual); None disables it."""
 
     tis_cap: float | None = Field(2.0, gt=0)
-    """Truncation of the importance weight against the sampler's recorded log-probs; None disables it."""
+    """Truncation of the importance weight against the sampler's recorded log-probs (at `tis_level`); None
+    disables the correction."""
+
+    tis_level: Literal["token", "sequence"] = "token"
+    """Where the truncated importance weight is taken, against the sampler's policy mu (possibly versions
+    behind, up to `max_staleness`). `token`: each token's weight min(pi_old/mu, cap). `sequence`: one weight
+    per row, the product over its policy tokens min(prod pi_old/mu, cap), i.e. exp of the masked sum of
+    log-ratios, clamped in log space before exp so it cannot overflow. Both are detached (the gradient is the
+    weight times the surrogate's). A trajectory whose calls do not extend each other is several rows, each
+    weighted on its own."""
 
     aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     """How per-token losses become one number: `token_mean` (every policy token of the batch weighs the same,
@@ -99,6 +108,14 @@ class TrainerConfig(BaseModel):
     max_staleness: int | None = Field(4, ge=0)
     """Claim only groups sampled by a version at most this many versions behind the one the batch trains from
     (its parent, the deployed version); judged once, when the batch is claimed. `None`: no bound."""
+
+    backend: Literal["torch", "simulated"] = "torch"
+    """`torch` trains the model. `simulated` is for tests and benchmarks of the orchestration only: no model
+    is trained, every update sleeps `simulated_update_s` and the version it publishes holds only a manifest.
+    Never a default."""
+
+    simulated_update_s: float = Field(1.0, gt=0)
+    """Seconds one simulated update takes (backend: simulated)."""
 
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (processes)."""

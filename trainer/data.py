@@ -172,3 +172,32 @@ def shard_groups(groups: list[GroupData], rank: int, world_size: int) -> list[Gr
         if worker == rank:
             mine.append(groups[index])
     return mine
+
+
+def version_lag_tokens(groups: list[GroupData], parent_version: int) -> dict[int, int]:
+    """Completion tokens of a batch by how many versions behind the batch's parent sampled them (0: the
+    parent itself): what off-policy correction has to cover, and what admission control bounds."""
+    lags: dict[int, int] = {}
+    for group in groups:
+        for trajectory in group.trajectories:
+            for call in trajectory.calls:
+                lag = parent_version - call.model_version
+                lags[lag] = lags.get(lag, 0) + len(call.completion_token_ids)
+    return dict(sorted(lags.items()))
+
+
+def lag_percentiles(lags: dict[int, int]) -> dict[str, float]:
+    """p50, p99 and max of a token-weighted lag histogram (`version_lag_tokens`); empty: zeros."""
+    total = sum(lags.values())
+    if not total:
+        return {"version_lag_p50": 0.0, "version_lag_p99": 0.0, "version_lag_max": 0.0}
+    out: dict[str, float] = {}
+    for name, share in (("version_lag_p50", 0.5), ("version_lag_p99", 0.99)):
+        seen = 0
+        for lag, tokens in lags.items():
+            seen += tokens
+            if seen >= share * total:
+                out[name] = float(lag)
+                break
+    out["version_lag_max"] = float(max(lags))
+    return out

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3
+from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3, truncated_is_weights
 from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
 
@@ -115,8 +115,55 @@ def reference_logprobs(model: Any, config: TrainerConfig, base_model: str | None
 
 def clip_config(config: TrainerConfig) -> ClipConfig:
     return ClipConfig(
-        eps_low=config.clip_eps_low, eps_high=config.clip_eps_high, dual_clip=config.dual_clip, tis_cap=config.tis_cap
+        eps_low=config.clip_eps_low,
+        eps_high=config.clip_eps_high,
+        dual_clip=config.dual_clip,
+        tis_cap=config.tis_cap,
+        tis_level=config.tis_level,
     )
+
+
+MISMATCH_MAX_KEYS = ("abs_logprob_diff_max",)
+"""sampler_mismatch's entries to reduce across workers with max; all its others are sums."""
+
+
+def sampler_mismatch(old_logprobs: torch.Tensor, batch: TrainingTensors, config: TrainerConfig) -> dict[str, float]:
+    """How far the sampler's recorded log-probs (mu) are from the trainer's pre-batch policy (pi_old) on this
+    worker's policy tokens, as SUMS to all-reduce by name across workers (`abs_logprob_diff_max` with max).
+
+    `old_logprobs` [rows, length] is the full batch's pre-batch log-probs (policy_logprobs), so micro-batching
+    plays no part. Entries: `policy_tokens` (masked tokens); `mismatch_k1_sum`, the sum of behaviour - old
+    (the tokens were drawn from mu, so its mean is the k1 estimate of KL(mu || pi_old)); `mismatch_k3_sum`, the
+    sum of exp(old - behaviour) - (old - behaviour) - 1 (the k3 estimate, >= 0 per token; the log-ratio is
+    clamped like the loss's, so one wild token cannot make it inf); `tis_clipped_sum`, tokens whose truncated
+    importance weight was capped (at sequence level every policy token of a capped row); `tis_weight_sum`, the
+    sum of the weights the loss applies (with `tis_cap` None the loss applies none: each counts 1, never
+    clipped); `abs_logprob_diff_max`, the largest |old - behaviour| (0 without tokens).
+
+    Reported numbers, after reducing: kl_k1 = mismatch_k1_sum / policy_tokens, kl_k3 = mismatch_k3_sum /
+    policy_tokens, tis_clip_fraction = tis_clipped_sum / policy_tokens, tis_weight_mean = tis_weight_sum /
+    policy_tokens (each over max(policy_tokens, 1)), abs_logprob_diff_max as is.
+    """
+    clip = clip_config(config)
+    device = old_logprobs.device
+    inside = (batch.loss_mask > 0).to(device)
+    behaviour = batch.behaviour_logprobs.detach().to(device)
+    # float64 sums; the weights below are computed in the loss's own dtypes, so they are the loss's weights
+    diff = torch.where(inside, old_logprobs.detach().double() - behaviour.double(), 0.0)  # log(pi_old / mu)
+    clamped = diff.clamp(-clip.log_ratio_clamp, clip.log_ratio_clamp)
+    if clip.tis_cap is None:
+        weights, clipped = torch.ones_like(diff), torch.zeros_like(inside)
+    else:
+        level, log_clamp = clip.tis_level, clip.log_ratio_clamp
+        weights, clipped = truncated_is_weights(old_logprobs, behaviour, inside, clip.tis_cap, level, log_clamp)
+    return {
+        "policy_tokens": float(inside.sum()),
+        "mismatch_k1_sum": float(-diff.sum()),
+        "mismatch_k3_sum": float(torch.where(inside, torch.exp(clamped) - clamped - 1, 0.0).sum()),
+        "tis_clipped_sum": float(clipped.sum()),
+        "tis_weight_sum": float(torch.where(inside, weights.to(torch.float64), 0.0).sum()),
+        "abs_logprob_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
+    }
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,293 @@
+"""Live mode on the simulated engine and trainer (real Ray, real recorder, real database, real controller):
+agents keep playing while batches train, admission keeps every trained token within max_staleness, versions
+roll out replica by replica, and `pause`/`resume`/`stop` steer the controller's loop.
+
+The checks read the database, not the loop's own counters: what was played while a batch trained, and how
+many versions behind its batch's parent every trained trajectory was sampled.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import sqlalchemy as sa
+
+from cluster.config import ZigguratConfig
+from cluster.loop import run_loop, shutdown
+from rollout.config import EngineConfig, SimulatedEngineConfig
+from tests.test_controller import loop_config
+
+pytestmark = pytest.mark.slow
+
+
+def live_config(url: str, model: str, tmp_path: Path, name: str, max_staleness: int = 1, **controller: object):
+    """Two simulated rollout actors on the lowercase task, a simulated trainer: every phase takes a known time.
+    A group (16 tokens at 6 tokens/s) takes about as long as a batch's training job (its actor's start and one
+    0.6 s update), so the fleet has something to play while a batch trains."""
+    config = loop_config(url, model, tmp_path, name)
+    return config.model_copy(
+        update={
+            "engine": EngineConfig(
+                backend="simulated",
+                max_model_len=1024,
+                simulated=SimulatedEngineConfig(tokens_per_s=6.0, batch_tokens_per_s=2000.0, load_s=0.02),
+            ),
+            "rollout": config.rollout.model_copy(
+                update={"placement_strategy": None, "actor_resources": {}, "group_size": 2, "max_tokens": 16}
+            ),
+            "controller": config.controller.model_copy(
+                update={"mode": "live", "min_groups": 4, "live_groups_per_actor": 2, "live_versions": 3, **controller}
+            ),
+            "trainer": config.trainer.model_copy(
+                update={
+                    "backend": "simulated",
+                    "simulated_update_s": 0.6,
+                    "updates_per_batch": 1,
+                    "batch_max_groups": 4,
+                    "max_staleness": max_staleness,
+                    "reward_source": "env",
+                }
+            ),
+        }
+    )
+
+
+def _trained_lags(url: str) -> list[int]:
+    """parent version - sampling version of every trajectory in a completed batch (from the database)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT b.parent_version - t.model_version FROM training_batches b "
+                    "JOIN training_batch_trajectories m ON m.batch_id = b.id "
+                    "JOIN trajectories t ON t.id = m.trajectory_id WHERE b.status = 'completed'"
+                )
+            ).all()
+        return [int(r[0]) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def _played_while_training(url: str) -> list[int]:
+    """For every completed batch, training trajectories that finished (were recorded) between its claim and its
+    completion: while its job started and trained."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            batches = conn.execute(
+                sa.text("SELECT created_at, finished_at FROM training_batches WHERE status = 'completed' ORDER BY id")
+            ).all()
+            return [
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM trajectories "
+                        "WHERE is_eval = :no AND finished_at > :a AND finished_at < :b"
+                    ),
+                    {"no": False, "a": start, "b": end},
+                ).scalar_one()
+                for start, end in batches
+            ]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_agents_play_while_batches_train_and_no_trained_token_is_staler_than_allowed(
+    ray_session, tiny_model_dir, tmp_path, max_staleness
+):
+    from recorder import queries
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    upgrade(url)
+    config: ZigguratConfig = live_config(url, tiny_model_dir, tmp_path, f"live{max_staleness}", max_staleness)
+    try:
+        report = run_loop(config, tmp_path / "out")
+    finally:
+        shutdown(config)
+    live = report["live"]
+    assert live["state"] == "stopped" and live["versions_trained"] >= 3, live
+    assert report["final_version"] >= 3, report["versions"]
+
+    lags = _trained_lags(url)
+    assert lags and max(lags) <= max_staleness, sorted(set(lags))
+    engine = sa.create_engine(url)
+    try:
+        # admission, not discards: nothing played became too stale to train
+        ready = queries.readiness(engine, "env", 2, parent_version=report["final_version"], max_staleness=max_staleness)
+        assert ready.stale == 0, ready
+    finally:
+        engine.dispose()
+    during = _played_while_training(url)
+    if max_staleness == 0:
+        # a group sampled while a batch trains would be a version behind when trained: none is admitted
+        assert sum(during) <= 2 * config.rollout.group_size * 2, during  # only groups already admitted finish
+    else:
+        assert all(n > 0 for n in during), during  # the fleet kept playing through every batch
+    released = [e for e in report["iterations"] if e["event"] == "released"]
+    assert released and all(e["deployed"] for e in released), released
+    assert all(len(e["actors"]) == 2 for e in released)
+
+
+def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_model_dir, tmp_path):
+    from cluster.controller import start_controller
+    from cluster.fleet import RolloutFleet
+    from recorder.actor import start_recorder
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'steer.db'}"
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "steer", live_versions=None)
+    recorder = start_recorder(config.database, config.recorder)
+    try:
+        RolloutFleet.start(config, tiny_model_dir)
+        controller = start_controller(config)
+        ray.get(controller.start_live.remote(), timeout=60)
+
+        def status() -> dict:
+            return ray.get(controller.live_status.remote(), timeout=30)
+
+        deadline = time.monotonic() + 60
+        while status()["groups_played"] < 4:
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.2)
+        assert ray.get(controller.pause.remote(), timeout=30)["state"] == "paused"
+        deadline = time.monotonic() + 60
+        while status()["groups_in_flight"]:
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.1)
+        played = status()["groups_played"]
+        time.sleep(1.5)
+        assert status()["groups_played"] == played  # paused: nothing new was admitted
+
+        assert ray.get(controller.resume.remote(), timeout=30)["state"] == "running"
+        deadline = time.monotonic() + 60
+        while status()["groups_played"] <= played:
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.2)
+
+        ray.get(controller.stop_live.remote(), timeout=30)
+        deadline = time.monotonic() + 120
+        while status()["state"] != "stopped":
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.2)
+        final = status()
+        assert final["groups_in_flight"] == 0 and not final["training"], final
+    finally:
+        shutdown(config)
+        try:
+            ray.kill(recorder)
+        except Exception:
+            pass
+
+
+def test_a_sync_controller_refuses_to_start_a_live_loop(ray_session, tiny_model_dir, tmp_path):
+    from cluster.controller import ControllerError, start_controller
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "syncref")
+    config = config.model_copy(update={"controller": config.controller.model_copy(update={"mode": "sync"})})
+    try:
+        controller = start_controller(config)
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(controller.start_live.remote(), timeout=30)
+        assert isinstance(raised.value.cause, ControllerError)
+        assert "controller.mode: live" in str(raised.value.cause)
+    finally:
+        shutdown(config)
+
+
+def _wait(condition, timeout_s: float, what: str) -> float:
+    """Poll `condition` (exceptions count as not yet) until it holds; returns the seconds it took."""
+    started = time.monotonic()
+    last: object = None
+    while time.monotonic() - started < timeout_s:
+        try:
+            if condition():
+                return time.monotonic() - started
+        except Exception as exc:  # an actor restarting answers nothing for a while
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout_s} s (last error: {last!r})")
+
+
+def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_controller(
+    ray_session, tiny_model_dir, tmp_path
+):
+    """Kill a rollout actor, then the controller (Ray restarts both) while the loop runs: the lost groups are
+    played again, the restarted actor is restored before it takes traffic, the restarted controller resumes
+    the loop towards the same version, and the database holds every finished episode whole, exactly once."""
+    from cluster.controller import start_controller
+    from cluster.fleet import RolloutFleet, rollout_actor_name
+    from recorder.actor import start_recorder
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'faults.db'}"
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "faults", live_versions=None)
+    recorder = start_recorder(config.database, config.recorder)
+    try:
+        RolloutFleet.start(config, tiny_model_dir)
+        controller = start_controller(config)
+        assert ray.get(controller.start_live.remote(4), timeout=60)["until_version"] == 4
+
+        def status() -> dict:
+            return ray.get(controller.live_status.remote(), timeout=10)
+
+        _wait(lambda: status()["versions_trained"] >= 1, 120, "a first version trained")
+        victim = rollout_actor_name(config, 1)
+        played = status()["groups_played"]
+        ray.kill(ray.get_actor(victim, namespace=config.ray.namespace), no_restart=False)
+
+        def restored() -> bool:
+            health = ray.get(controller.health.remote(), timeout=10)
+            deployed = ray.get(controller.deployed_version.remote(), timeout=10)
+            return health["served_versions"][victim] == deployed and status()["groups_played"] > played + 2
+
+        actor_recovery_s = _wait(restored, 120, "the killed rollout actor restored and the loop playing on")
+
+        ray.kill(controller, no_restart=False)  # a restarted controller finds the loop's state file and resumes
+        controller_recovery_s = _wait(
+            lambda: (s := status()) is not None and s["state"] == "running", 180, "the restarted controller's loop"
+        )
+        _wait(lambda: status()["state"] == "stopped", 300, "the resumed loop reaching version 4")
+        print(f"recovery: rollout actor {actor_recovery_s:.1f} s, controller {controller_recovery_s:.1f} s")
+
+        served = ray.get(controller.health.remote(), timeout=30)["served_versions"]
+        deployed = ray.get(controller.deployed_version.remote(), timeout=30)
+        assert deployed >= 4 and set(served.values()) == {deployed}, (deployed, served)
+    finally:
+        shutdown(config)
+        try:
+            ray.kill(recorder)
+        except Exception:
+            pass
+
+    assert max(_trained_lags(url)) <= config.trainer.max_staleness
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            # every finished episode whole: as many step rows and LLM calls as the steps it says it took
+            broken = conn.execute(
+                sa.text(
+                    "SELECT t.id, t.step_count, (SELECT count(*) FROM steps s WHERE s.trajectory_id = t.id), "
+                    "(SELECT count(*) FROM llm_calls c WHERE c.trajectory_id = t.id) FROM trajectories t "
+                    "WHERE t.status = 'finished'"
+                )
+            ).all()
+            assert broken and all(r[1] == r[2] == r[3] for r in broken), [r for r in broken if not r[1] == r[2] == r[3]]
+            # a group lost with the actor is played again as a new group: no group is trained twice
+            twice = conn.execute(
+                sa.text(
+                    "SELECT trajectory_id FROM training_batch_trajectories GROUP BY trajectory_id HAVING count(*) > 1"
+                )
+            ).all()
+            assert not twice
+    finally:
+        engine.dispose()
