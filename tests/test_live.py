@@ -252,9 +252,12 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
 
         actor_recovery_s = _wait(restored, 120, "the killed rollout actor restored and the loop playing on")
 
+        uptime = status()["uptime_s"]
         ray.kill(controller, no_restart=False)  # a restarted controller finds the loop's state file and resumes
-        controller_recovery_s = _wait(
-            lambda: (s := status()) is not None and s["state"] == "running", 180, "the restarted controller's loop"
+        controller_recovery_s = _wait(  # a loop younger than the killed one's: the new incarnation's
+            lambda: (s := status()) is not None and s["state"] == "running" and s["uptime_s"] < uptime,
+            180,
+            "the restarted controller's loop",
         )
         _wait(lambda: status()["state"] == "stopped", 300, "the resumed loop reaching version 4")
         print(f"recovery: rollout actor {actor_recovery_s:.1f} s, controller {controller_recovery_s:.1f} s")
