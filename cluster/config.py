@@ -93,6 +93,11 @@ class ControllerConfig(_Section):
     """Live mode: stop after this many versions have been trained (released or not); None runs until
     `ziggurat stop`. `ziggurat run` in live mode uses `controller.iterations` when this is unset."""
 
+    persistent_trainer: bool = False
+    """Train every batch on one long-running Ray Train job (cluster.trainer_service) whose workers keep the model
+    and optimizer between batches, instead of one job per batch (a worker-group start and a model load each).
+    The optimizer's moments carry over between batches trained in a row from each other's versions."""
+
     rolling_fraction: float | None = Field(None, gt=0, le=1)
     """Share of the target rollout actors swapped to a new version at a time; the next share starts once the
     previous one serves it. A replica that fails to load is taken out of traffic and reported, the others keep

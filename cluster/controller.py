@@ -86,7 +86,7 @@ class Controller(HotSwap, LiveSteering):
         self._trained: tuple[float, float] | None = None
         self._live: LiveLoop | None = None  # controller.mode: live (cluster.live)
         self._out_of_service: dict[str, str] = {}  # rollout actor -> why a rolling swap took it out of traffic
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if _restarted_actor():
             self.resume_live_after_restart()  # live mode: the loop it ran goes on (cluster.live_steering)
 
     def _fleet(self) -> RolloutFleet:
@@ -165,10 +165,30 @@ class Controller(HotSwap, LiveSteering):
                 return {"trained": False, "unmet": ["another claimer took the trainable groups"]}
             # The job id goes on the row before the job starts, so a controller that dies in between leaves a
             # batch whose job `recover` can look for (and fail, finding none).
-            queries.set_batch_job(self.db, batch_id, training.job_id(self.config, batch_id))
-            self._training[batch_id] = training.launch(self.config, batch_id)
+            if self.config.controller.persistent_trainer:
+                failed = self._submit_to_service(batch_id)
+                if failed is not None:
+                    return failed
+            else:
+                queries.set_batch_job(self.db, batch_id, training.job_id(self.config, batch_id))
+                self._training[batch_id] = training.launch(self.config, batch_id)
         log.info("training batch %d in-cluster", batch_id)
         return self.wait_training(batch_id)
+
+    def _submit_to_service(self, batch_id: int) -> dict[str, Any] | None:
+        """Hand a claimed batch to the persistent trainer (started if need be); the outcome if it was refused."""
+        from cluster import trainer_service
+        from recorder import queries
+
+        queries.set_batch_job(self.db, batch_id, trainer_service.job_id(self.config))
+        try:
+            trainer_service.ensure(self.config, timeout_s=self.config.controller.restart_timeout_s)
+            trainer_service.submit(self.config, batch_id, timeout_s=self.config.controller.call_timeout_s)
+        except Exception as exc:  # the batch is released for another try; the message says why
+            error = f"the persistent trainer did not take batch {batch_id}: {type(exc).__name__}: {exc}"
+            self._fail_batch(queries.get_batch(self.db, batch_id), error)
+            return {"trained": False, "batch_id": batch_id, "error": error}
+        return None
 
     def wait_training(self, batch_id: int) -> dict[str, Any]:
         """Follow a batch's job through its database row until it ends, dies, or passes its deadline."""
@@ -189,7 +209,7 @@ class Controller(HotSwap, LiveSteering):
                 except Exception as exc:  # the job's own error is already on the row; this is a fallback
                     self._fail_batch(batch, f"training job failed: {type(exc).__name__}: {exc}")
                 continue
-            if ref is None and training.find(self.config, batch["ray_job_id"]) is None:
+            if ref is None and not training.alive(self.config, batch):
                 self._fail_batch(batch, f"training job {batch['ray_job_id']} is gone (its process died)")
                 continue
             if time.monotonic() > deadline:
@@ -228,7 +248,7 @@ class Controller(HotSwap, LiveSteering):
         outcomes = []
         for batch in queries.list_batches(self.db, statuses=("pending", "running")):
             error = f"training job {batch['ray_job_id']!r} was lost with the controller"
-            if not training.is_in_cluster(batch["ray_job_id"]) and not training.overdue(
+            if not training.is_ours(batch["ray_job_id"]) and not training.overdue(
                 batch, self.config.controller.training_timeout_s
             ):
                 # someone else's job (`ziggurat train`, a Ray Jobs submission): alive as far as we can tell, and
@@ -238,7 +258,7 @@ class Controller(HotSwap, LiveSteering):
             with _CLAIMING:
                 if batch["id"] in self._training:
                     continue
-                lost = training.find(self.config, batch["ray_job_id"]) is None
+                lost = not training.alive(self.config, batch)
                 failed = lost and self._fail_batch(batch, error)
             if failed:
                 outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "failed"})
@@ -390,6 +410,14 @@ class Controller(HotSwap, LiveSteering):
                 for v in self.versions()
             ],
         }
+
+
+def _restarted_actor() -> bool:
+    """Whether this is a controller actor Ray restarted after a crash (False in a driver, as in tests)."""
+    try:
+        return ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # asked outside a Ray actor process
+        return False
 
 
 def start_controller(config: ZigguratConfig) -> Any:

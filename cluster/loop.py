@@ -334,7 +334,8 @@ def _fmt(value: float | None) -> str:
 
 
 def shutdown(config: ZigguratConfig) -> None:
-    """Flush and stop the rollout actors, the controller and the recorder started by `run_loop`."""
+    """Flush and stop the rollout actors, the controller, the persistent trainer and the recorder started by
+    `run_loop`."""
     from recorder.actor import stop_recorder
 
     namespace = config.ray.namespace
@@ -343,6 +344,11 @@ def shutdown(config: ZigguratConfig) -> None:
         ray.kill(ray.get_actor(config.controller.name, namespace=namespace), no_restart=True)
     except ValueError:
         pass
+    if config.controller.persistent_trainer:
+        from cluster import trainer_service
+
+        if trainer_service.find(config) is not None:
+            trainer_service.stop(config)
     try:
         stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
     except ValueError:

@@ -122,19 +122,58 @@ def _prepare(
     return batch_id, number, parent
 
 
+def publish_version(
+    config: ZigguratConfig,
+    store: Path,
+    batch_id: int,
+    version: int,
+    parent: dict[str, Any] | None,
+    folder: Path,
+    metrics: dict[str, Any],
+    *,
+    base_model: str,
+) -> Path:
+    """Write `folder` (a checkpoint: the weights, and the STATE_FILE, left out) into the model store as
+    `version`, with its merged weights if the rollout serves them merged (`metrics["merge_s"]` is added) and a
+    manifest; returns the version's folder. Shared by the one-batch job and the trainer service."""
+    from cluster import artifacts
+    from trainer.loop import STATE_FILE
+    from trainer.model import MERGED_DIR
+
+    # Version numbers restart with every fresh database while the store stays: the folder name is unique,
+    # the version is assembled in a staging folder (merged weights included) and renamed into place once.
+    name = artifacts.version_folder_name(version, batch_id)
+    staging, artifact = artifacts.staging_folder(store, name), store / name
+    try:
+        shutil.copytree(folder, staging)
+        (staging / STATE_FILE).unlink(missing_ok=True)  # optimizer state belongs to the run, not the version
+        if config.serves_merged():  # rollout engines serve the adapter folded into the base weights
+            from trainer.model import merge_adapter
+
+            started = time.perf_counter()
+            merge_adapter(base_model, staging, staging / MERGED_DIR)
+            metrics["merge_s"] = round(time.perf_counter() - started, 3)
+        parent_version = parent and parent["version"]
+        artifacts.write_manifest(
+            staging, version=version, base_model=base_model, training_batch=batch_id, parent=parent_version
+        )
+        artifacts.publish(staging, artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a publish; half a version after a failure
+    return artifact
+
+
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
     """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
-    from cluster import artifacts
     from cluster.models import resolve_model
     from cluster.ray_runtime import init_ray
     from recorder import queries
     from recorder.migrate import check_schema
-    from trainer.loop import STATE_FILE, train_loop_per_worker
-    from trainer.model import MERGED_DIR
+    from trainer.loop import train_loop_per_worker
     from trainer.spec import TrainJobSpec
 
     settings = config.trainer
@@ -205,27 +244,8 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
         if result.checkpoint is None:
             raise RuntimeError(f"training of batch {batch_id} reported no checkpoint: {result.error}")
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        # Version numbers restart with every fresh database while the store stays: the folder name is unique,
-        # the version is assembled in a staging folder (merged weights included) and renamed into place once.
-        name = artifacts.version_folder_name(version, batch_id)
-        staging, artifact = artifacts.staging_folder(store, name), store / name
-        try:
-            with result.checkpoint.as_directory() as folder:
-                shutil.copytree(folder, staging)
-            (staging / STATE_FILE).unlink(missing_ok=True)  # optimizer state belongs to the run, not the version
-            if config.serves_merged():  # rollout engines serve the adapter folded into the base weights
-                from trainer.model import merge_adapter
-
-                started = time.perf_counter()
-                merge_adapter(base, staging, staging / MERGED_DIR)
-                metrics["merge_s"] = round(time.perf_counter() - started, 3)
-            parent_version = parent and parent["version"]
-            artifacts.write_manifest(
-                staging, version=version, base_model=base, training_batch=batch_id, parent=parent_version
-            )
-            artifacts.publish(staging, artifact)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone after a publish; half a version after a failure
+        with result.checkpoint.as_directory() as folder:
+            artifact = publish_version(config, store, batch_id, version, parent, Path(folder), metrics, base_model=base)
         # The batch completes and its version becomes ready together; a batch the controller failed meanwhile
         # (its deadline passed) raises BatchStateConflict here and its version never becomes ready.
         queries.complete_batch(

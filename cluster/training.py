@@ -90,3 +90,21 @@ def overdue(batch: dict[str, Any], timeout_s: float) -> bool:
     if since.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
         since = since.replace(tzinfo=UTC)
     return (datetime.now(UTC) - since).total_seconds() > timeout_s
+
+
+def alive(config: ZigguratConfig, batch: dict[str, Any]) -> bool:
+    """Whether the job behind an open batch is still there: its training actor, or the persistent trainer
+    service with the batch queued or in progress."""
+    from cluster import trainer_service
+
+    ray_job_id = batch["ray_job_id"] or ""
+    if ray_job_id.startswith(trainer_service.SERVICE_PREFIX):
+        return trainer_service.serving(config, batch["id"])
+    return find(config, ray_job_id) is not None
+
+
+def is_ours(ray_job_id: str | None) -> bool:
+    """A job the controller started (a training actor or the trainer service), which it can check on."""
+    from cluster import trainer_service
+
+    return is_in_cluster(ray_job_id) or bool(ray_job_id) and ray_job_id.startswith(trainer_service.SERVICE_PREFIX)

@@ -294,3 +294,37 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
             assert not twice
     finally:
         engine.dispose()
+
+
+def test_live_mode_trains_real_adapters_on_the_persistent_trainer(ray_session, tiny_model_dir, tmp_path):
+    """Simulated engines, the real trainer: the live loop hands batches to one long-running Ray Train job,
+    which keeps its model between them (the second batch reuses it) and publishes real adapters."""
+    from recorder import queries
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'persistent.db'}"
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "persist", live_versions=2, persistent_trainer=True)
+    config = config.model_copy(
+        update={
+            "trainer": config.trainer.model_copy(update={"backend": "torch", "num_workers": 1, "updates_per_batch": 1}),
+            "rollout": config.rollout.model_copy(update={"eval_seeds": []}),
+        }
+    )
+    try:
+        report = run_loop(config, tmp_path / "out")
+    finally:
+        shutdown(config)
+    assert report["live"]["state"] == "stopped" and report["final_version"] >= 2, report["live"]
+    engine = sa.create_engine(url)
+    try:
+        batches = [b for b in queries.list_batches(engine) if b["status"] == "completed"]
+        assert len(batches) >= 2
+        assert {b["ray_job_id"] for b in batches} == {"service:persist-trainer"}
+        reused = [b["stats"]["updates"][0]["reused_model"] for b in sorted(batches, key=lambda b: b["id"])]
+        assert reused[0] == 0 and all(r == 1 for r in reused[1:]), reused
+        for version in (1, 2):
+            assert (Path(queries.get_version(engine, version)["artifact_uri"]) / "adapter_model.safetensors").is_file()
+    finally:
+        engine.dispose()
+    assert max(_trained_lags(url)) <= config.trainer.max_staleness

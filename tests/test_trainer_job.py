@@ -149,6 +149,11 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     assert [u["update"] for u in updates] == [1, 2]
     assert all(np.isfinite(u["loss"]) and u["tokens"] > 0 and u["tokens_per_s"] > 0 for u in updates)
     assert all({"clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "elapsed_s"} <= set(u) for u in updates)
+    # the trainer-sampler mismatch is measured once per batch, before its first update: every report says the same
+    mismatch = ("mismatch_kl_k1", "mismatch_kl_k3", "tis_clip_fraction", "tis_weight_mean")
+    assert [tuple(u[k] for k in mismatch) for u in updates] == [tuple(updates[0][k] for k in mismatch)] * 2
+    assert updates[0]["mismatch_kl_k3"] >= 0 and 0 <= updates[0]["tis_clip_fraction"] <= 1
+    assert 0 < updates[0]["tis_weight_mean"] <= config.trainer.tis_cap
     assert batch["stats"]["progress"] == {"done": 2, "total": 2, "fraction": 1.0, "loss": updates[-1]["loss"]}
     assert registered["wandb_run_id"] is None
     _served_adapter_matches_peft(tiny_engine, tiny_model_dir, str(artifact))

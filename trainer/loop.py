@@ -5,6 +5,10 @@ Runs inside `TorchTrainer` workers (DDP over gloo on CPUs, NCCL on GPUs), given 
 (the adapter or full weights, plus optimizer state and the update count) after every update, so a run
 restarted by `FailureConfig` resumes from the last finished update instead of starting over. Metrics go to
 the database only; experiment tracking (W&B) reads them from there, outside the trainer.
+
+The pieces (`worker_layout`, `load_tensors`, `read_checkpoint`, `load_policy`, `prepare_training`,
+`run_updates`) are shared by the one-batch job's `train_loop_per_worker` and the persistent trainer service
+(cluster.trainer_service), which keeps the model and optimizer between batches.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,59 +115,127 @@ def batch_report(totals: dict[str, float]) -> dict[str, float]:
     }
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker's job: `loop_config` is `{"spec": TrainJobSpec}` (trainer.spec). Rank 0 records
-    every update's report on the batch's row (`stats["updates"]`, read by the controller and the loop's
-    tracking) and writes the checkpoint."""
+BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logprobs", "temperatures", "advantages")
+
+
+def sampler_mismatch_report(old: torch.Tensor, batch: Any, config: Any) -> dict[str, float]:
+    """How far the sampler's recorded log-probs are from the trainer's policy before the batch, over every
+    worker's policy tokens: k1 and k3 estimates of KL(sampler || trainer), the share of tokens whose truncated
+    importance weight was capped, the mean weight, and the largest |log-prob difference|."""
+    from trainer.step import MISMATCH_MAX_KEYS, sampler_mismatch
+
+    local = sampler_mismatch(old, batch, config)
+    sums = all_reduce_named({k: v for k, v in local.items() if k not in MISMATCH_MAX_KEYS})
+    maxima = all_reduce_named({k: local[k] for k in MISMATCH_MAX_KEYS}, op="max")
+    tokens = max(sums["policy_tokens"], 1.0)
+    return {
+        "mismatch_kl_k1": sums["mismatch_k1_sum"] / tokens,
+        "mismatch_kl_k3": sums["mismatch_k3_sum"] / tokens,
+        "tis_clip_fraction": sums["tis_clipped_sum"] / tokens,
+        "tis_weight_mean": sums["tis_weight_sum"] / tokens,
+        "mismatch_abs_logprob_diff_max": maxima["abs_logprob_diff_max"],
+    }
+
+
+def worker_layout(config: Any) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker, with torch's threads set for it."""
     import ray.train
     import ray.train.torch
 
-    from recorder.queries import load_batch, set_batch_progress
-    from trainer.data import build_rows, collate, shard_groups
-    from trainer.model import build_policy, save_policy
-    from trainer.parallel import checkpoint_state, restore_optimizer, wrap
-    from trainer.spec import spec_from
-    from trainer.step import grpo_update, reference_logprobs
-
-    spec = spec_from(loop_config)
-    config = spec.trainer
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    return rank, world, device
 
-    engine = spec.database.create_engine()
-    try:
-        groups = load_batch(engine, spec.batch_id, config.reward_source)
-    finally:
-        engine.dispose()
+
+def load_tensors(engine: Any, spec: Any, rank: int, world: int, device: torch.device) -> tuple[Any, Any]:
+    """This worker's share of the batch's groups as training tensors on `device`, and its BatchStats."""
+    from recorder.queries import load_batch
+    from trainer.data import build_rows, collate, shard_groups
+
+    config = spec.trainer
+    groups = load_batch(engine, spec.batch_id, config.reward_source)
     rows, stats = build_rows(shard_groups(groups, rank, world), config.advantage, config.advantage_eps)
     batch = collate(rows, pad_id=spec.pad_token_id, stats=stats)
-    batch_tensors = ("input_ids", "attention_mask", "loss_mask", "behaviour_logprobs", "temperatures", "advantages")
-    for name in batch_tensors:
+    for name in BATCH_TENSORS:
         setattr(batch, name, getattr(batch, name).to(device))
+    return batch, stats
 
-    resume = ray.train.get_checkpoint()
-    resume_dir: str | None = None
-    state: dict[str, Any] = {}
-    if resume is not None:  # a restart after a failure: continue from the last finished update
-        resume_dir = tempfile.mkdtemp(prefix="ziggurat-resume-")
-        with resume.as_directory() as folder:
-            shutil.copytree(folder, resume_dir, dirs_exist_ok=True)
-        state = torch.load(Path(resume_dir) / STATE_FILE, weights_only=False)
-    start_from = resume_dir or spec.init_from  # last checkpoint, else the parent version
+
+def read_checkpoint(checkpoint: Any) -> tuple[str | None, dict[str, Any]]:
+    """(a local copy of a Ray Train checkpoint's folder, its STATE_FILE), or (None, {}) without one. The copy
+    outlives the checkpoint's `as_directory`: the model is loaded from it afterwards."""
+    if checkpoint is None:
+        return None, {}
+    folder = tempfile.mkdtemp(prefix="ziggurat-resume-")
+    with checkpoint.as_directory() as source:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+    return folder, torch.load(Path(folder) / STATE_FILE, weights_only=False)
+
+
+def load_policy(spec: Any, device: torch.device, start_from: str | None) -> Any:
+    """The policy (not yet wrapped for DDP/FSDP: no collective) from `start_from` (a checkpoint or the parent
+    version's folder), else the base model with fresh adapters."""
+    from trainer.model import build_policy
+
+    config = spec.trainer
     if config.mode == "lora":
-        model = build_policy(spec.base_model, config, str(device), adapter=start_from)
-    else:
-        model = build_policy(start_from or spec.base_model, config, str(device))
+        return build_policy(spec.base_model, config, str(device), adapter=start_from)
+    return build_policy(start_from or spec.base_model, config, str(device))
+
+
+def prepare_training(
+    model: Any, config: Any, world: int, optimizer_state: dict[str, Any] | None = None
+) -> tuple[Any, torch.optim.Optimizer]:
+    """The policy wrapped for DDP/FSDP (a collective) and its AdamW, restored from `optimizer_state` if given."""
+    from trainer.parallel import restore_optimizer, wrap
+
     model = wrap(model, config.strategy, world)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    if state.get("optimizer"):
-        restore_optimizer(model, optimizer, state["optimizer"], config.strategy)
+    if optimizer_state:
+        restore_optimizer(model, optimizer, optimizer_state, config.strategy)
+    return model, optimizer
 
+
+@dataclass
+class BatchOutcome:
+    """What `run_updates` leaves: the last update's report, and (rank 0, asked for with keep_final) the folder
+    of the last checkpoint it wrote, which the caller publishes and then deletes."""
+
+    report: dict[str, Any] | None
+    final_folder: str | None
+
+
+def run_updates(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    stats: Any,
+    spec: Any,
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+    reference: Any,
+    *,
+    extra_report: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    keep_final: bool = False,
+) -> BatchOutcome:
+    """The batch's remaining updates (from `state["updates_done"]`, 0 for a fresh batch), every one reported
+    to Ray Train and checkpointed by rank 0, which also records it on the batch's row. `extra_report` joins
+    every report, `extra_state` every checkpoint's STATE_FILE. Every worker must call it (collectives)."""
+    import ray.train
+
+    from recorder.queries import set_batch_progress
+    from trainer.model import save_policy
+    from trainer.parallel import checkpoint_state
+    from trainer.step import grpo_update
+
+    config = spec.trainer
     about_batch = batch_report(batch_totals(batch, stats))
     scale = batch_loss_scale(batch, config, world)
     rows_here = batch.input_ids.shape[0]
@@ -170,10 +243,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # the policy before this batch's updates; under FSDP every forward is a collective, so all workers run
     # the same number of them
     old, old_by_rank = pre_batch_logprobs(model, batch, config, micro_steps, state, rank, world)
+    about_batch.update(sampler_mismatch_report(old, batch, config))
 
-    reference = reference_logprobs(model, config, spec.base_model)
     resumed_from = state.get("updates_done", 0)
     progress = spec.database.create_engine() if rank == 0 else None  # rank 0 records every update's report
+    outcome = BatchOutcome(report=state.get("report"), final_folder=None)
     try:
         last_report_s, last_elapsed = 0.0, 1.0
         for update in range(resumed_from, config.updates_per_batch):
@@ -191,26 +265,67 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tokens_per_s=scale.tokens / max(elapsed, 1e-9),
                 elapsed_s=elapsed,
                 **about_batch,
+                **(extra_report or {}),
             )
             # Reporting cost, measured (DESIGN: ray.train.report blocks ~2 s unless its health-check interval is
             # lowered): the previous update's report time, against that update's compute time.
             report.update(report_s=last_report_s, report_fraction=last_report_s / max(last_elapsed, 1e-9))
             model_state, optimizer_state = checkpoint_state(model, optimizer, config.strategy)  # FSDP: collective
             reported = time.perf_counter()
+            outcome.report = report
             if progress is not None:
                 set_batch_progress(
                     progress, spec.batch_id, update + 1, config.updates_per_batch, loss=report["loss"], report=report
                 )
-                with tempfile.TemporaryDirectory(prefix="ziggurat-ckpt-") as folder:
+                folder = tempfile.mkdtemp(prefix="ziggurat-ckpt-")
+                final = keep_final and update + 1 == config.updates_per_batch
+                try:
                     save_policy(model, folder, {"kind": config.mode, "update": update + 1}, state_dict=model_state)
                     torch.save(
-                        {"updates_done": update + 1, "optimizer": optimizer_state, "old_logprobs": old_by_rank},
+                        {
+                            "updates_done": update + 1,
+                            "optimizer": optimizer_state,
+                            "old_logprobs": old_by_rank,
+                            "report": report,
+                            **(extra_state or {}),
+                        },
                         os.path.join(folder, STATE_FILE),
                     )
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                finally:
+                    if final:
+                        outcome.final_folder = folder
+                    else:
+                        shutil.rmtree(folder, ignore_errors=True)
             else:
                 ray.train.report(report)
             last_report_s, last_elapsed = time.perf_counter() - reported, elapsed
     finally:
         if progress is not None:
             progress.dispose()
+    return outcome
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker's job: `loop_config` is `{"spec": TrainJobSpec}` (trainer.spec). Rank 0 records
+    every update's report on the batch's row (`stats["updates"]`, read by the controller and the loop's
+    tracking) and writes the checkpoint."""
+    import ray.train
+
+    from trainer.spec import spec_from
+    from trainer.step import reference_logprobs
+
+    spec = spec_from(loop_config)
+    config = spec.trainer
+    rank, world, device = worker_layout(config)
+    engine = spec.database.create_engine()
+    try:
+        batch, stats = load_tensors(engine, spec, rank, world, device)
+    finally:
+        engine.dispose()
+    # a restart after a failure continues from the last finished update
+    resume_dir, state = read_checkpoint(ray.train.get_checkpoint())
+    model = load_policy(spec, device, resume_dir or spec.init_from)  # last checkpoint, else the parent version
+    model, optimizer = prepare_training(model, config, world, state.get("optimizer"))
+    reference = reference_logprobs(model, config, spec.base_model)
+    run_updates(model, optimizer, batch, stats, spec, state, rank, world, reference)

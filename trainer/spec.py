@@ -58,3 +58,22 @@ def spec_from(loop_config: dict[str, Any]) -> TrainJobSpec:
     if not isinstance(spec, TrainJobSpec):
         raise TypeError(f"train_loop_config['spec'] must be a TrainJobSpec, got {type(spec).__name__}")
     return spec
+
+
+@dataclass(frozen=True)
+class BatchAssignment:
+    """One batch handed to the persistent trainer service's workers (cluster.trainer_service): the same
+    object to every rank, so every rank makes the same choices (keep the model, resume, skip)."""
+
+    index: int
+    """Position in the service's queue: the workers take assignments in this order, one at a time."""
+
+    spec: TrainJobSpec
+    """What to train, exactly as a one-batch job gets it."""
+
+    parent_version: int
+    """The version the batch trains from: the workers keep their model when they just produced it."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, TrainJobSpec):
+            raise TypeError(f"BatchAssignment.spec must be a TrainJobSpec, got {type(self.spec).__name__}")
