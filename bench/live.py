@@ -303,6 +303,7 @@ def main() -> None:
     parser.add_argument("--group-s", type=float, default=8.0, help="seconds one group takes to generate")
     parser.add_argument("--update-s", type=float, default=3.0, help="seconds one simulated update takes")
     parser.add_argument("--scale-actors", type=int, default=64, help="0 skips the scale run")
+    parser.add_argument("--max-staleness", type=int, default=1, help="trainer.max_staleness in both modes")
     parser.add_argument(
         "--real-versions", type=int, default=0, help="instead: configs/local.yaml (real vLLM and trainer), N versions"
     )

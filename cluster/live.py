@@ -90,6 +90,7 @@ class LiveLoop:
         self.counters = LiveCounters()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self._event_number = 0
+        self._events_lock = threading.Lock()
         self._groups: dict[Any, _Group] = {}  # ref -> group in flight
         self._replay: deque[tuple[int, int]] = deque()  # (seed, tries) of groups to play again
         self._waiting = 0  # trainable groups finished and not yet claimed (refreshed from readiness)
@@ -156,7 +157,7 @@ class LiveLoop:
             "idle_fraction_while_training": c.idle_training_lane_s / c.training_lane_s if c.training_lane_s else None,
             "training_s": round(c.training_s, 2),
             "train_mean_reward": sum(c.rewards) / len(c.rewards) if c.rewards else None,
-            "events": [e for e in self.events if e["n"] > since_event],
+            "events": [e for e in self._events_copy() if e["n"] > since_event],
         }
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -168,6 +169,8 @@ class LiveLoop:
                 self._account(now - last)
                 last = now
                 self._collect()
+                if self._training is not None and self._training.done():  # also while paused or stopping
+                    self._finish_training(self._training)
                 if self.state == "running":
                     self._admit()
                     self._drive_training()
@@ -227,11 +230,12 @@ class LiveLoop:
         fleet = self._probe_health()
         deployed = self.controller.deployed_version()
         for name, free in self._lanes(fleet).items():
-            version = self._served.get(name, deployed) or deployed
+            served = self._served.get(name)
+            version = deployed if served is None else served
             for _ in range(free):
                 if not self._admitted(version, deployed):
                     self.counters.refused += 1
-                    return
+                    break  # this actor's version is refused; another actor's may not be
                 seed, tries = self._replay.popleft() if self._replay else (self._take_seed(), 0)
                 call = self.config.rollout.group_call(seed)
                 ref = fleet[name].run_group.remote(**call)
@@ -313,12 +317,12 @@ class LiveLoop:
         if self.until_version is not None and outcome["version"] >= self.until_version:
             self._done = True
         self._event("trained", version=outcome["version"], batch_id=outcome["batch_id"], train_s=round(trained_s, 2))
-        self._waiting = self.controller.readiness()["groups_with_variance"]
         release = self.controller.release(outcome["version"])
         return {"training": outcome, "release": release, "train_s": trained_s}
 
     def _finish_training(self, future: Future) -> None:
         self._training = None
+        self._last_readiness = 0.0  # `_waiting` is read from the database again on the next tick
         try:
             result = future.result(timeout=0)
         except Exception as exc:
@@ -401,8 +405,14 @@ class LiveLoop:
         self._next_seed += 1
         return self._next_seed - 1
 
+    def _events_copy(self) -> list[dict[str, Any]]:
+        with self._events_lock:
+            return list(self.events)
+
     def _event(self, kind: str, **fields: Any) -> None:
-        self._event_number += 1
-        entry = {"n": self._event_number, "event": kind, "t": round(time.monotonic() - self._started, 2), **fields}
-        self.events.append(entry)
+        # the loop, its two background threads and the actor's status calls all touch the events
+        with self._events_lock:
+            self._event_number += 1
+            entry = {"n": self._event_number, "event": kind, "t": round(time.monotonic() - self._started, 2), **fields}
+            self.events.append(entry)
         log.info("live: %s %s", kind, {k: v for k, v in fields.items() if v is not None})
