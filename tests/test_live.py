@@ -256,7 +256,7 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
         ray.kill(controller, no_restart=False)  # a restarted controller finds the loop's state file and resumes
         controller_recovery_s = _wait(  # a loop younger than the killed one's: the new incarnation's
             lambda: (s := status()) is not None and s["state"] == "running" and s["uptime_s"] < uptime,
-            180,
+            300,
             "the restarted controller's loop",
         )
         _wait(lambda: status()["state"] == "stopped", 300, "the resumed loop reaching version 4")
