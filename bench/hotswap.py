@@ -220,7 +220,13 @@ def tokens_per_s(groups: list[dict[str, Any]], start: float, end: float) -> floa
 
 
 def measure(
-    config: Any, kind: str, swaps: int, concurrency: int, warmup_s: float, gap_s: float, max_tokens: int
+    config: Any,
+    kind: str = "lora",
+    swaps: int = 10,
+    concurrency: int = 4,
+    warmup_s: float = 5.0,
+    gap_s: float = 0.5,
+    max_tokens: int = 16,
 ) -> dict[str, Any]:
     """Run the swaps under load on an already-configured loop (Ray up, database migrated)."""
     import ray

@@ -258,7 +258,14 @@ class Controller(HotSwap, LiveSteering):
             with _CLAIMING:
                 if batch["id"] in self._training:
                     continue
-                lost = not training.alive(self.config, batch)
+                # A job a previous controller launched that never started its batch may never run at all (its
+                # caller died before the call reached it): failed and released, never waited on. Were it about to
+                # start, the batch's compare-and-set refuses it.
+                unstarted = batch["status"] == "pending" and training.is_in_cluster(batch["ray_job_id"])
+                if unstarted:
+                    training.stop(self.config, batch["ray_job_id"])
+                    error = f"training job {batch['ray_job_id']!r} never started its batch before the controller died"
+                lost = unstarted or not training.alive(self.config, batch)
                 failed = lost and self._fail_batch(batch, error)
             if failed:
                 outcomes.append({"trained": False, "batch_id": batch["id"], "recovered": "failed"})
