@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ def _bench_module():
 
     spec = importlib.util.spec_from_file_location("bench_hotswap", REPO_ROOT / "bench" / "hotswap.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
