@@ -313,7 +313,7 @@ def main() -> None:
 
     init_ray(load_config().ray)
     if args.real_versions:
-        real = {"sync": real_mode(args, "sync"), "live": real_mode(args, "live")}
+        real = {"live": real_mode(args, "live"), "sync": real_mode(args, "sync")}  # live first: the newer path
         print(
             "real: " + "; ".join(f"{m}: " + ", ".join(f"v{c['version']} {c['eval_mean_reward']:.3f} at {c['at_s']} s"
             for c in r["curve"] if c["eval_mean_reward"] is not None) for m, r in real.items())

@@ -93,6 +93,10 @@ class ControllerConfig(_Section):
     """Live mode: stop after this many versions have been trained (released or not); None runs until
     `ziggurat stop`. `ziggurat run` in live mode uses `controller.iterations` when this is unset."""
 
+    live_database_outage_s: float = Field(600.0, gt=0)
+    """Live mode: how long the loop waits out a database it cannot reach (agents keep playing on the versions
+    they serve, the recorder holds their steps, nothing is claimed or released) before it stops as failed."""
+
     persistent_trainer: bool = False
     """Train every batch on one long-running Ray Train job (cluster.trainer_service) whose workers keep the model
     and optimizer between batches, instead of one job per batch (a worker-group start and a model load each).

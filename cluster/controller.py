@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from sqlalchemy.exc import DBAPIError
 
 from cluster import training
 from cluster.config import ZigguratConfig
@@ -191,17 +192,47 @@ class Controller(HotSwap, LiveSteering):
         return None
 
     def wait_training(self, batch_id: int) -> dict[str, Any]:
-        """Follow a batch's job through its database row until it ends, dies, or passes its deadline."""
+        """Follow a batch's job through its database row until it ends, dies, or passes its deadline. A database
+        outage is waited out (the job goes on without it) until that deadline."""
+        settings = self.config.controller
+        deadline = time.monotonic() + settings.training_timeout_s
+        unreachable = False
+        while True:
+            try:
+                batch = self._batch_if_ended(batch_id, deadline)
+            except DBAPIError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                if not unreachable:
+                    log.warning("batch %d: the database is unreachable, still waiting on the job: %s", batch_id, exc)
+                unreachable = True
+                time.sleep(settings.poll_interval_s)
+                continue
+            unreachable = False
+            if batch is not None:
+                break
+            time.sleep(settings.poll_interval_s)
+        progress = (batch["stats"] or {}).get("progress", {})
+        self._training.pop(batch_id, None)
+        training.stop(self.config, batch["ray_job_id"])
+        version = batch["target_version"]
+        outcome = {"trained": batch["status"] == "completed", "batch_id": batch_id, "version": version}
+        self._trained = (progress.get("done", 0), progress.get("total", 0)) if progress else None
+        if batch["status"] == "failed":
+            outcome["error"] = batch["error"]
+        return outcome
+
+    def _batch_if_ended(self, batch_id: int, deadline: float) -> dict[str, Any] | None:
+        """The batch's row once it is completed or failed; fails it first if its job died or overran."""
         from recorder import queries
 
         settings = self.config.controller
-        deadline = time.monotonic() + settings.training_timeout_s
         while True:
             batch = queries.get_batch(self.db, batch_id)
             progress = (batch["stats"] or {}).get("progress", {})
             self._metrics.progress.set(float(progress.get("fraction", 0.0)))
             if batch["status"] in ("completed", "failed"):
-                break
+                return batch
             ref = self._training.get(batch_id)
             if ref is not None and ray.wait([ref], timeout=0)[0]:
                 try:
@@ -218,15 +249,7 @@ class Controller(HotSwap, LiveSteering):
                     batch, f"training passed controller.training_timeout_s ({settings.training_timeout_s} s)"
                 )
                 continue
-            time.sleep(settings.poll_interval_s)
-        self._training.pop(batch_id, None)
-        training.stop(self.config, batch["ray_job_id"])
-        version = batch["target_version"]
-        outcome = {"trained": batch["status"] == "completed", "batch_id": batch_id, "version": version}
-        self._trained = (progress.get("done", 0), progress.get("total", 0)) if progress else None
-        if batch["status"] == "failed":
-            outcome["error"] = batch["error"]
-        return outcome
+            return None
 
     def _fail_batch(self, batch: dict[str, Any], error: str) -> bool:
         """Fail an open batch (and its version); False if it ended meanwhile, which then stands: a job that

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
+from sqlalchemy.exc import DBAPIError
 
 from cluster.fleet import RolloutFleet, lost_with_actor
 
@@ -42,6 +43,8 @@ log = logging.getLogger("ziggurat.live")
 
 TICK_S = 0.05
 HEALTH_EVERY_S = 5.0
+DATABASE_RETRY_S = 1.0
+ABANDONED_HOLD_FACTOR = 4  # a group with no answer for this many call deadlines no longer holds its lane
 
 
 @dataclass
@@ -74,6 +77,10 @@ class LiveCounters:
     training_s: float = 0.0
     refused: int = 0
     """Admission checks that refused a free lane a group (staleness capacity full)."""
+    groups_held: int = 0
+    """Groups returned with their records held by the rollout actor (the recorder or database unreachable)."""
+    database_outages: int = 0
+    """Times the database became unreachable and the loop waited it out."""
     rewards: list[float] = field(default_factory=list)
 
 
@@ -92,6 +99,9 @@ class LiveLoop:
         self._event_number = 0
         self._events_lock = threading.Lock()
         self._groups: dict[Any, _Group] = {}  # ref -> group in flight
+        # groups given up on for want of an answer may still run on their actor: their lanes stay busy until the
+        # call ends (or, for an actor that hangs, ABANDONED_HOLD_FACTOR deadlines), so no actor is over-filled
+        self._abandoned: dict[Any, _Group] = {}
         self._replay: deque[tuple[int, int]] = deque()  # (seed, tries) of groups to play again
         self._waiting = 0  # trainable groups finished and not yet claimed (refreshed from readiness)
         self._next_seed = self._first_seed()
@@ -104,6 +114,8 @@ class LiveLoop:
         self._last_health = 0.0
         self._last_readiness = 0.0
         self._last_swap_check = 0.0
+        self._database_down_since: float | None = None
+        self._last_deployed: int | None = None  # admission goes on with it while the database is away
         self._restore_due = False  # an actor serves nothing (restarted, or its swap failed): restore it
         self._done = False  # the version to stop at has been trained
         self._started = time.monotonic()
@@ -153,6 +165,11 @@ class LiveLoop:
             "groups_replayed": c.groups_replayed,
             "episodes": c.episodes,
             "admission_refusals": c.refused,
+            "database_outages": c.database_outages,
+            "groups_held": c.groups_held,
+            "database_unreachable_s": None
+            if self._database_down_since is None
+            else round(time.monotonic() - self._database_down_since, 1),
             "idle_fraction": c.idle_lane_s / c.lane_s if c.lane_s else None,
             "idle_fraction_while_training": c.idle_training_lane_s / c.training_lane_s if c.training_lane_s else None,
             "training_s": round(c.training_s, 2),
@@ -168,14 +185,14 @@ class LiveLoop:
                 now = time.monotonic()
                 self._account(now - last)
                 last = now
-                self._collect()
-                if self._training is not None and self._training.done():  # also while paused or stopping
-                    self._finish_training(self._training)
-                if self.state == "running":
-                    self._admit()
-                    self._drive_training()
-                self._drive_swaps()
-                if self.state == "stopping" and not self._groups and self._training is None:
+                try:
+                    self._tick()
+                except DBAPIError as exc:
+                    self._database_unreachable(exc)
+                    time.sleep(DATABASE_RETRY_S)
+                    continue
+                self._database_reachable()
+                if self.state == "stopping" and not self._groups and self._training is None and self._swapping is None:
                     break
                 time.sleep(TICK_S)
             if self._swapping is not None:
@@ -191,11 +208,52 @@ class LiveLoop:
             self._trainer.shutdown(wait=False)
             self._swapper.shutdown(wait=False)
 
+    def _tick(self) -> None:
+        self._collect()
+        if self._training is not None and self._training.done():  # also while paused or stopping
+            self._finish_training(self._training)
+        if self.state == "running":
+            self._admit()
+            self._drive_training()
+        self._drive_swaps()
+
+    def _database_unreachable(self, exc: DBAPIError) -> None:
+        """A database outage is waited out (for controller.live_database_outage_s): groups in flight finish and
+        new ones are admitted on the last deployed version known; claims and releases wait."""
+        now = time.monotonic()
+        if self._database_down_since is None:
+            self._database_down_since = now
+            self.counters.database_outages += 1
+            self._event("database_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+            log.warning("live loop: the database is unreachable, waiting for it: %s", str(exc).splitlines()[0][:300])
+            return
+        limit = self.config.controller.live_database_outage_s
+        if now - self._database_down_since > limit:
+            raise RuntimeError(
+                f"the database has been unreachable for over {limit:.0f} s (controller.live_database_outage_s): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
+                "start the database again, then the loop (`ziggurat run`)"
+            ) from exc
+
+    def _database_reachable(self) -> None:
+        if self._database_down_since is not None:
+            outage_s = time.monotonic() - self._database_down_since
+            self._database_down_since = None
+            self._event("database_back", outage_s=round(outage_s, 2))
+
+    def _deployed(self) -> int:
+        try:
+            self._last_deployed = self.controller.deployed_version()
+        except DBAPIError:
+            if self._last_deployed is None:
+                raise
+        return self._last_deployed
+
     def _lanes(self, fleet: RolloutFleet) -> dict[str, int]:
         """Free lanes per actor that may take traffic (alive, restored, not taken out by a failed swap)."""
         per_actor = self.config.controller.live_groups_per_actor
         busy: dict[str, int] = {}
-        for group in self._groups.values():
+        for group in (*self._groups.values(), *self._abandoned.values()):
             busy[group.actor] = busy.get(group.actor, 0) + 1
         out = self.controller.out_of_service()
         return {
@@ -228,7 +286,7 @@ class LiveLoop:
 
     def _admit(self) -> None:
         fleet = self._probe_health()
-        deployed = self.controller.deployed_version()
+        deployed = self._deployed()
         for name, free in self._lanes(fleet).items():
             served = self._served.get(name)
             version = deployed if served is None else served
@@ -237,22 +295,28 @@ class LiveLoop:
                     self.counters.refused += 1
                     break  # this actor's version is refused; another actor's may not be
                 seed, tries = self._replay.popleft() if self._replay else (self._take_seed(), 0)
-                call = self.config.rollout.group_call(seed)
+                # an outage of the recorder or database is played through: the actor holds the records
+                call = {**self.config.rollout.group_call(seed), "wait_stored": False}
                 ref = fleet[name].run_group.remote(**call)
                 self._groups[ref] = _Group(seed, name, version, time.monotonic(), tries)
 
     def _collect(self) -> None:
+        deadline = self.config.controller.call_timeout_s
+        now = time.monotonic()
+        if self._abandoned:
+            ended, _ = ray.wait(list(self._abandoned), num_returns=len(self._abandoned), timeout=0, fetch_local=False)
+            for ref in list(self._abandoned):
+                if ref in ended or now - self._abandoned[ref].started > ABANDONED_HOLD_FACTOR * deadline:
+                    self._abandoned.pop(ref)
         if not self._groups:
             return
         done, _ = ray.wait(list(self._groups), num_returns=len(self._groups), timeout=0, fetch_local=False)
-        deadline = self.config.controller.call_timeout_s
-        now = time.monotonic()
         for ref in list(self._groups):
             group = self._groups[ref]
             if ref not in done:
                 if now - group.started > deadline:
                     ray.cancel(ref, force=False)
-                    self._groups.pop(ref)
+                    self._abandoned[ref] = self._groups.pop(ref)
                     self._again(group, f"no answer within controller.call_timeout_s ({deadline} s)")
                 continue
             self._groups.pop(ref)
@@ -269,6 +333,7 @@ class LiveLoop:
                 continue
             c = self.counters
             c.groups_played += 1
+            c.groups_held += 1 if result.get("held_records") else 0
             c.episodes += len(result["rewards"])
             c.rewards = (c.rewards + list(result["rewards"]))[-2000:]
             if len(set(result["rewards"])) > 1:
@@ -317,8 +382,32 @@ class LiveLoop:
         if self.until_version is not None and outcome["version"] >= self.until_version:
             self._done = True
         self._event("trained", version=outcome["version"], batch_id=outcome["batch_id"], train_s=round(trained_s, 2))
-        release = self.controller.release(outcome["version"])
+        release = self._release(outcome["version"])
         return {"training": outcome, "release": release, "train_s": trained_s}
+
+    def _release(self, version: int) -> dict[str, Any]:
+        """Controller.release, tried again once an unreachable database is back while the version is still
+        only `ready` (its release never happened): a trained version is not left behind by an outage."""
+        from recorder import queries
+
+        limit = time.monotonic() + self.config.controller.live_database_outage_s
+        while True:
+            try:
+                return self.controller.release(version)
+            except DBAPIError as exc:
+                log.warning("version %d: release interrupted by the database, trying again: %s", version, exc)
+                while True:
+                    if time.monotonic() > limit:
+                        raise
+                    time.sleep(DATABASE_RETRY_S)
+                    try:
+                        status = queries.get_version(self.controller.db, version)["status"]
+                        break
+                    except DBAPIError:
+                        continue
+                if status != "ready":  # it got as far as a swap before the database went away
+                    return {"version": version, "deployed": status == "deployed", "canary": status == "canary",
+                            "reason": f"release interrupted by the database; the version is {status}"}  # fmt: skip
 
     def _finish_training(self, future: Future) -> None:
         self._training = None
@@ -356,6 +445,8 @@ class LiveLoop:
             except Exception as exc:
                 self._event("swap_failed", error=f"{type(exc).__name__}: {exc}"[:500])
             self._last_health = 0.0
+        if self.state == "stopping":  # a stopping loop finishes the swap it runs and starts no other
+            return
         now = time.monotonic()
         if now - self._last_swap_check < self.config.controller.poll_interval_s:
             return

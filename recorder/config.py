@@ -121,5 +121,14 @@ class RecorderConfig(BaseModel):
     """How long a producer keeps retrying unacknowledged records before it reports them as not stored
     (they stay in the client; a later flush tries again)."""
 
+    hold_after_s: float = Field(5.0, gt=0)
+    """Live mode: how long a finished group's flush tries before its records are held in the rollout actor
+    (the recorder or database is unreachable) and the group is returned so its lane plays on. A background
+    flush keeps retrying; nothing held is trained on until it is stored."""
+
+    max_held_records: int = Field(50_000, ge=0)
+    """Live mode: records a rollout actor may hold unstored while it plays on through an outage; past it, a
+    finished group waits for its records to be stored (backpressure). 0: every group waits, as in sync mode."""
+
     detached: bool = False
     """Keep the recorder alive after the driver that started it exits (for long-running clusters)."""

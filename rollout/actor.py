@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from recorder.client import FlushReport, RecorderClient
+from recorder.client import FlushReport, RecorderClient, RecorderUnreachable
 from recorder.config import RecorderConfig
 from rollout.config import EngineConfig, JudgeConfig
 from rollout.engine import EngineError, PolicyEngine
@@ -78,6 +78,7 @@ class RolloutWorker:
         self._engine: Engine | None = engine_instance
         self._starting: asyncio.Lock | None = None
         self._flushing: asyncio.Lock | None = None
+        self._held_flush: asyncio.Task | None = None  # retries records held through an outage (live mode)
         self._counters = EpisodeCounters()  # episodes in flight, LLM calls, when the last one finished
         self._full_weights: dict[int, str] = {}  # prepared full-weight versions: version -> folder
         self._adapters: dict[int, str] = {}  # prepared adapters: version -> folder (reloaded after a weights swap)
@@ -195,6 +196,7 @@ class RolloutWorker:
             "unusable": engine.unusable,
             "llm_calls": self._counters.calls,
             "last_call_s_ago": None if last_call is None else time.monotonic() - last_call,
+            "held_records": len(self._client.unacked) if self._holding() else 0,
         }
 
     async def run_group(
@@ -210,9 +212,12 @@ class RolloutWorker:
         min_tokens: int = 0,
         is_eval: bool = False,
         version: int | None = None,
+        wait_stored: bool = True,
     ) -> dict[str, Any]:
         """Play one GRPO group; `is_eval` marks its trajectories as evaluation (never trained on), and
-        `version` plays a loaded version other than the served one (evaluation before a deploy)."""
+        `version` plays a loaded version other than the served one (evaluation before a deploy). With
+        `wait_stored` False (live mode) a group whose records cannot be stored within recorder.hold_after_s
+        is returned anyway, its records held here and retried in the background (`held_records` > 0)."""
         engine = await self._policy()
         await self._groups_open.wait()  # a weights swap is draining: this group starts on the new version
         if self._awaiting_restore and version is None:
@@ -246,7 +251,7 @@ class RolloutWorker:
             judgments = await self._judge_group(engine, finished)
             self._client.extend(judgments)
             judged = len(finished)
-        report = await self._flush()
+        report = await self._flush_group(wait_stored)
         elapsed = time.perf_counter() - started
         tokens = sum(e.completion_tokens for e in episodes)
         self._record_metrics(episodes, tokens / max(elapsed, 1e-9))
@@ -260,6 +265,7 @@ class RolloutWorker:
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "recorded": report.acknowledged,
             "rejected": len(report.rejected),
+            "held_records": len(self._client.unacked) if self._holding() else 0,
             "judged": judged,
             "model_versions": [e.version for e in episodes],
             "is_eval": is_eval,
@@ -311,12 +317,43 @@ class RolloutWorker:
         version = "base" if weights == 0 else f"v{weights}"
         return await judge_group(group, settings, generate, judge_model=judge_model, judge_version=version)
 
-    async def _flush(self) -> FlushReport:
+    def _holding(self) -> bool:
+        return self._held_flush is not None and not self._held_flush.done()
+
+    async def _flush_group(self, wait_stored: bool) -> FlushReport:
+        """A finished group's flush. Waiting for it is the rule; in live mode an outage is played through: the
+        records stay in the client (acknowledged to nobody), a background task stores them once it can, and
+        only past recorder.max_held_records does a group wait again."""
+        settings = self._client.settings
+        if wait_stored or settings.max_held_records == 0:
+            return await self._flush()
+        if self._holding():
+            if len(self._client.unacked) <= settings.max_held_records:
+                return FlushReport()
+            return await self._flush()
+        try:
+            return await self._flush(settings.hold_after_s)
+        except RecorderUnreachable as exc:
+            log.warning("records held while the recorder is unreachable; playing on: %s", str(exc)[:300])
+            self._held_flush = asyncio.create_task(self._store_held())
+            return FlushReport()
+
+    async def _store_held(self) -> None:
+        """Flush again and again (each try with its own deadline) until everything held is stored."""
+        while self._client.unacked:
+            try:
+                await self._flush()
+            except RecorderUnreachable as exc:
+                log.warning("held records still not stored, trying again: %s", str(exc)[:300])
+                await asyncio.sleep(1.0)
+        log.warning("held records stored: the recorder is reachable again")
+
+    async def _flush(self, deadline_s: float | None = None) -> FlushReport:
         """One flush at a time: concurrent groups share the client, whose flush is not re-entrant."""
         if self._flushing is None:
             self._flushing = asyncio.Lock()
         async with self._flushing:
-            return await self._client.flush_async()
+            return await self._client.flush_async(deadline_s)
 
     async def close(self) -> None:
         await self._flush()

@@ -133,7 +133,13 @@ def test_agents_play_while_batches_train_and_no_trained_token_is_staler_than_all
     assert all(len(e["actors"]) == 2 for e in released)
 
 
-def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_model_dir, tmp_path):
+def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_model_dir, tmp_path, capsys):
+    """`ziggurat pause|resume|stop`, the command line's own entry point, steer the loop inside the controller."""
+    import json
+
+    import yaml
+
+    from cluster.cli import main as ziggurat
     from cluster.controller import start_controller
     from cluster.fleet import RolloutFleet
     from recorder.actor import start_recorder
@@ -142,6 +148,14 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
     url = f"sqlite:///{tmp_path / 'steer.db'}"
     upgrade(url)
     config = live_config(url, tiny_model_dir, tmp_path, "steer", live_versions=None)
+    config_file = tmp_path / "steer.yaml"
+    config_file.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+
+    def steer(action: str) -> dict:
+        capsys.readouterr()
+        assert ziggurat([action, "--config", str(config_file)]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
     recorder = start_recorder(config.database, config.recorder)
     try:
         RolloutFleet.start(config, tiny_model_dir)
@@ -155,7 +169,7 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
         while status()["groups_played"] < 4:
             assert time.monotonic() < deadline, status()
             time.sleep(0.2)
-        assert ray.get(controller.pause.remote(), timeout=30)["state"] == "paused"
+        assert steer("pause")["state"] == "paused"
         deadline = time.monotonic() + 60
         while status()["groups_in_flight"]:
             assert time.monotonic() < deadline, status()
@@ -164,13 +178,13 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
         time.sleep(1.5)
         assert status()["groups_played"] == played  # paused: nothing new was admitted
 
-        assert ray.get(controller.resume.remote(), timeout=30)["state"] == "running"
+        assert steer("resume")["state"] == "running"
         deadline = time.monotonic() + 60
         while status()["groups_played"] <= played:
             assert time.monotonic() < deadline, status()
             time.sleep(0.2)
 
-        ray.get(controller.stop_live.remote(), timeout=30)
+        assert steer("stop")["state"] in ("stopping", "stopped")
         deadline = time.monotonic() + 120
         while status()["state"] != "stopped":
             assert time.monotonic() < deadline, status()
@@ -273,6 +287,10 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
             pass
 
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
+    _assert_episodes_whole_and_trained_once(url)
+
+
+def _assert_episodes_whole_and_trained_once(url: str) -> None:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
@@ -285,15 +303,69 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
                 )
             ).all()
             assert broken and all(r[1] == r[2] == r[3] for r in broken), [r for r in broken if not r[1] == r[2] == r[3]]
-            # a group lost with the actor is played again as a new group: no group is trained twice
+            # a group lost with an actor is played again as a new group, and a batch failed by an outage or a
+            # dead controller releases its groups for another batch: still no group is in two batches that trained
             twice = conn.execute(
                 sa.text(
-                    "SELECT trajectory_id FROM training_batch_trajectories GROUP BY trajectory_id HAVING count(*) > 1"
+                    "SELECT m.trajectory_id FROM training_batch_trajectories m "
+                    "JOIN training_batches b ON b.id = m.batch_id WHERE b.status = 'completed' "
+                    "GROUP BY m.trajectory_id HAVING count(*) > 1"
                 )
             ).all()
             assert not twice
     finally:
         engine.dispose()
+
+
+def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, postgres, tiny_model_dir, tmp_path):
+    """Stop PostgreSQL (a crash: immediate mode) for a few seconds while the loop plays and trains: agents keep
+    playing, the loop waits for the database instead of failing, and goes on to its version with every
+    acknowledged episode stored whole, once."""
+    from cluster.controller import start_controller
+    from cluster.fleet import RolloutFleet
+    from recorder.actor import start_recorder
+    from recorder.migrate import upgrade
+
+    url = postgres.create_database("live_outage")
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "outage", live_versions=None)
+    config = config.model_copy(update={"recorder": config.recorder.model_copy(update={"hold_after_s": 1.0})})
+    recorder = start_recorder(config.database, config.recorder)
+    try:
+        RolloutFleet.start(config, tiny_model_dir)
+        controller = start_controller(config)
+        ray.get(controller.start_live.remote(4), timeout=60)
+
+        def status() -> dict:
+            return ray.get(controller.live_status.remote(), timeout=10)
+
+        _wait(lambda: status()["versions_trained"] >= 1, 120, "a first version trained")
+        played = status()["groups_played"]
+        postgres.stop(mode="immediate")
+        try:
+            time.sleep(6.0)
+            during = status()
+        finally:
+            postgres.start()
+        assert during["state"] == "running" and during["database_unreachable_s"] is not None, during
+        assert during["groups_played"] > played, "agents stopped playing while the database was away"
+        assert during["groups_held"] >= 1, during  # returned with their records held by the rollout actor
+        recovery_s = _wait(lambda: status()["database_unreachable_s"] is None, 120, "the loop seeing the database")
+        _wait(lambda: status()["state"] in ("stopped", "failed"), 300, "the loop reaching version 4")
+        final = status()
+        print(f"postgres outage: {final['database_outages']} seen, loop back {recovery_s:.1f} s after the restart")
+        assert final["state"] == "stopped" and final["database_outages"] >= 1, final
+        served = ray.get(controller.health.remote(), timeout=30)["served_versions"]
+        deployed = ray.get(controller.deployed_version.remote(), timeout=30)
+        assert deployed >= 4 and set(served.values()) == {deployed}, (deployed, served)
+    finally:
+        shutdown(config)
+        try:
+            ray.kill(recorder)
+        except Exception:
+            pass
+    assert max(_trained_lags(url)) <= config.trainer.max_staleness
+    _assert_episodes_whole_and_trained_once(url)
 
 
 def test_live_mode_trains_real_adapters_on_the_persistent_trainer(ray_session, tiny_model_dir, tmp_path):
