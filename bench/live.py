@@ -104,10 +104,13 @@ def measured(url: str, started_wall: float) -> dict[str, Any]:
         with engine.connect() as conn:
             batches = conn.execute(
                 sa.text(
-                    "SELECT b.id, b.finished_at, count(m.trajectory_id) FROM training_batches b "
+                    "SELECT b.id, b.finished_at, count(m.trajectory_id), b.created_at FROM training_batches b "
                     "JOIN training_batch_trajectories m ON m.batch_id = b.id WHERE b.status = 'completed' "
-                    "GROUP BY b.id, b.finished_at ORDER BY b.finished_at"
+                    "GROUP BY b.id, b.finished_at, b.created_at ORDER BY b.finished_at"
                 )
+            ).all()
+            episodes = conn.execute(
+                sa.text("SELECT started_at, finished_at FROM trajectories WHERE status = 'finished' AND NOT is_eval")
             ).all()
             lags = [
                 int(r[0])
@@ -126,7 +129,13 @@ def measured(url: str, started_wall: float) -> dict[str, Any]:
     steady = (sum(samples[1:]) / (finished[-1] - finished[0])) if len(finished) > 1 else None
     whole = sum(samples) / (finished[-1] - started_wall) if finished else None
     lags.sort()
+    # what "generation time ~ training time per batch" is in this run: a batch from its claim to its version,
+    # and one episode (a lane plays one group's episodes side by side) from its start to its last step
+    train_s = [_epoch(r[1]) - _epoch(r[3]) for r in batches]
+    episode_s = [_epoch(e[1]) - _epoch(e[0]) for e in episodes if e[1] is not None]
     return {
+        "training_s_per_batch": round(statistics.mean(train_s), 2) if train_s else None,
+        "generation_s_per_group": round(statistics.mean(episode_s), 2) if episode_s else None,
         "batches": len(batches),
         "samples_trained": sum(samples),
         "samples_per_s_steady": steady,

@@ -27,16 +27,10 @@ def started_metrics(actors: list[str], deployed: int) -> dict[str, Any]:
 
 def mark_deployed(db: Engine, version: int, swap_s: float) -> None:
     """Statuses after `version` was swapped into every actor: it is deployed, the one before is retired, and
-    any canary other than it is over (rolled back), since no actor serves it any more."""
-    from recorder import queries
+    any canary other than it is over (rolled back), since no actor serves it any more; one transaction."""
+    from recorder import versions
 
-    for other in queries.list_versions(db, status="deployed"):
-        if other["version"] != version:
-            queries.update_version(db, other["version"], status="retired")
-    for other in queries.list_versions(db, status="canary"):
-        if other["version"] != version:
-            queries.update_version(db, other["version"], status="rolled_back", metrics={"canary_replaced_by": version})
-    queries.update_version(db, version, status="deployed", metrics={"deploy_swap_s": round(swap_s, 4)})
+    versions.mark_deployed(db, version, metrics={"deploy_swap_s": round(swap_s, 4)})
 
 
 def since(row: dict[str, Any]) -> datetime:

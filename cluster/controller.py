@@ -31,6 +31,7 @@ from cluster.fleet import RolloutFleet, gather
 from cluster.hotswap import HotSwap
 from cluster.live import LiveLoop
 from cluster.live_steering import LiveSteering
+from recorder.errors import is_connectivity
 
 log = logging.getLogger("ziggurat.controller")
 
@@ -201,7 +202,11 @@ class Controller(HotSwap, LiveSteering):
             try:
                 batch = self._batch_if_ended(batch_id, deadline)
             except DBAPIError as exc:
-                if time.monotonic() > deadline:
+                if not is_connectivity(exc):
+                    raise
+                # past the deadline the batch is failed once the database answers; waiting for that is bounded
+                if time.monotonic() > deadline + settings.live_database_outage_s:
+                    self._training.pop(batch_id, None)  # a restarted controller's `recover` settles the batch
                     raise
                 if not unreachable:
                     log.warning("batch %d: the database is unreachable, still waiting on the job: %s", batch_id, exc)

@@ -35,6 +35,7 @@ import ray
 from sqlalchemy.exc import DBAPIError
 
 from cluster.fleet import RolloutFleet, lost_with_actor
+from recorder.errors import is_connectivity
 
 if TYPE_CHECKING:
     from cluster.controller import Controller
@@ -150,6 +151,7 @@ class LiveLoop:
 
     def status(self, since_event: int = 0) -> dict[str, Any]:
         c = self.counters
+        down_since = self._database_down_since  # read once: the loop thread may clear it meanwhile
         return {
             "state": self.state,
             "error": self.error,
@@ -167,9 +169,7 @@ class LiveLoop:
             "admission_refusals": c.refused,
             "database_outages": c.database_outages,
             "groups_held": c.groups_held,
-            "database_unreachable_s": None
-            if self._database_down_since is None
-            else round(time.monotonic() - self._database_down_since, 1),
+            "database_unreachable_s": None if down_since is None else round(time.monotonic() - down_since, 1),
             "idle_fraction": c.idle_lane_s / c.lane_s if c.lane_s else None,
             "idle_fraction_while_training": c.idle_training_lane_s / c.training_lane_s if c.training_lane_s else None,
             "training_s": round(c.training_s, 2),
@@ -186,17 +186,20 @@ class LiveLoop:
                 self._account(now - last)
                 last = now
                 try:
+                    if self._database_down_since is not None:
+                        self.controller.deployed_version()  # a real query: only its success ends the outage
+                        self._database_reachable()
                     self._tick()
                 except DBAPIError as exc:
+                    if not is_connectivity(exc):  # bad data or a schema mismatch is a bug, not an outage
+                        raise
                     self._database_unreachable(exc)
                     time.sleep(DATABASE_RETRY_S)
                     continue
-                self._database_reachable()
-                if self.state == "stopping" and not self._groups and self._training is None and self._swapping is None:
+                if self.state == "stopping" and not self._groups and self._training is None:
                     break
                 time.sleep(TICK_S)
-            if self._swapping is not None:
-                self._swapping.result(timeout=self.config.controller.call_timeout_s)
+            self._finish_swap_on_stop()
             self._set("stopped")
             self._event("stopped")
         except Exception as exc:  # the loop's own bug or a dead database: say so in status, never hang silently
@@ -207,6 +210,17 @@ class LiveLoop:
         finally:
             self._trainer.shutdown(wait=False)
             self._swapper.shutdown(wait=False)
+
+    def _finish_swap_on_stop(self) -> None:
+        """A swap still running when the loop stops is waited for (with a deadline); its failure is reported,
+        and the loop still stops: what the actors serve is in `health`, the swap's own rules kept it consistent."""
+        if self._swapping is None:
+            return
+        try:
+            self._swapping.result(timeout=3 * self.config.controller.swap_timeout_s)
+        except Exception as exc:
+            self._event("swap_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        self._swapping = None
 
     def _tick(self) -> None:
         self._collect()
@@ -244,8 +258,8 @@ class LiveLoop:
     def _deployed(self) -> int:
         try:
             self._last_deployed = self.controller.deployed_version()
-        except DBAPIError:
-            if self._last_deployed is None:
+        except DBAPIError as exc:
+            if self._last_deployed is None or not is_connectivity(exc):
                 raise
         return self._last_deployed
 
@@ -386,28 +400,39 @@ class LiveLoop:
         return {"training": outcome, "release": release, "train_s": trained_s}
 
     def _release(self, version: int) -> dict[str, Any]:
-        """Controller.release, tried again once an unreachable database is back while the version is still
-        only `ready` (its release never happened): a trained version is not left behind by an outage."""
-        from recorder import queries
+        """Controller.release, finished after a database outage interrupts it: a version still only `ready` is
+        released again, unless the actors already serve it (the swap happened, its status write did not), in
+        which case only the statuses are written. A trained version is neither left behind nor swapped twice."""
+        from cluster import canary
 
-        limit = time.monotonic() + self.config.controller.live_database_outage_s
         while True:
             try:
                 return self.controller.release(version)
             except DBAPIError as exc:
-                log.warning("version %d: release interrupted by the database, trying again: %s", version, exc)
-                while True:
-                    if time.monotonic() > limit:
-                        raise
-                    time.sleep(DATABASE_RETRY_S)
-                    try:
-                        status = queries.get_version(self.controller.db, version)["status"]
-                        break
-                    except DBAPIError:
-                        continue
-                if status != "ready":  # it got as far as a swap before the database went away
-                    return {"version": version, "deployed": status == "deployed", "canary": status == "canary",
-                            "reason": f"release interrupted by the database; the version is {status}"}  # fmt: skip
+                if not is_connectivity(exc):
+                    raise
+                log.warning("version %d: release interrupted by the database, waiting for it: %s", version, exc)
+                status = self._version_status_when_reachable(version)
+            if status != "ready":
+                return {"version": version, "deployed": status == "deployed", "canary": status == "canary",
+                        "reason": f"release interrupted by the database; the version is {status}"}  # fmt: skip
+            served = {a.get("served_version") for a in self.controller._fleet().health(5.0).values() if a.get("alive")}
+            if served == {version}:
+                canary.mark_deployed(self.controller.db, version, 0.0)
+                reason = "swapped before the database went away; statuses written after it came back"
+                return {"version": version, "deployed": True, "canary": False, "reason": reason}
+
+    def _version_status_when_reachable(self, version: int) -> str:
+        from recorder import queries
+
+        limit = time.monotonic() + self.config.controller.live_database_outage_s
+        while True:
+            time.sleep(DATABASE_RETRY_S)
+            try:
+                return queries.get_version(self.controller.db, version)["status"]
+            except DBAPIError as exc:
+                if not is_connectivity(exc) or time.monotonic() > limit:
+                    raise
 
     def _finish_training(self, future: Future) -> None:
         self._training = None

@@ -121,10 +121,11 @@ class RecorderConfig(BaseModel):
     """How long a producer keeps retrying unacknowledged records before it reports them as not stored
     (they stay in the client; a later flush tries again)."""
 
-    hold_after_s: float = Field(5.0, gt=0)
+    hold_after_s: float = Field(30.0, gt=0)
     """Live mode: how long a finished group's flush tries before its records are held in the rollout actor
     (the recorder or database is unreachable) and the group is returned so its lane plays on. A background
-    flush keeps retrying; nothing held is trained on until it is stored."""
+    flush keeps retrying; nothing held is trained on until it is stored. Keep it at least `write_timeout_s`, so
+    a recorder that is only slow is waited for, not sent the same records again."""
 
     max_held_records: int = Field(50_000, ge=0)
     """Live mode: records a rollout actor may hold unstored while it plays on through an outage; past it, a

@@ -176,6 +176,18 @@ def update_version(
         )  # fmt: skip
 
 
+def mark_deployed(engine: Engine, version: int, metrics: dict[str, Any] | None = None) -> None:
+    """In one transaction: `version` deployed, the version deployed before it retired, and every other canary
+    rolled back (no actor serves it any more). An outage part-way leaves the statuses as they were."""
+    with engine.begin() as conn:
+        for status, replaced in (("deployed", "retired"), ("canary", "rolled_back")):
+            others = conn.execute(sa.select(V.c.version).where(V.c.status == status, V.c.version != version))
+            for (other,) in others.all():
+                extra = {"canary_replaced_by": version} if status == "canary" else None
+                update_version_in(conn, other, status=replaced, metrics=extra)
+        update_version_in(conn, version, status="deployed", metrics=metrics)
+
+
 def update_version_in(
     conn: Connection,
     version: int,

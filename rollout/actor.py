@@ -323,29 +323,32 @@ class RolloutWorker:
     async def _flush_group(self, wait_stored: bool) -> FlushReport:
         """A finished group's flush. Waiting for it is the rule; in live mode an outage is played through: the
         records stay in the client (acknowledged to nobody), a background task stores them once it can, and
-        only past recorder.max_held_records does a group wait again."""
+        past recorder.max_held_records a group waits until the held records fall under it again."""
         settings = self._client.settings
         if wait_stored or settings.max_held_records == 0:
             return await self._flush()
-        if self._holding():
-            if len(self._client.unacked) <= settings.max_held_records:
-                return FlushReport()
-            return await self._flush()
-        try:
-            return await self._flush(settings.hold_after_s)
-        except RecorderUnreachable as exc:
-            log.warning("records held while the recorder is unreachable; playing on: %s", str(exc)[:300])
-            self._held_flush = asyncio.create_task(self._store_held())
-            return FlushReport()
+        if not self._holding():
+            try:
+                return await self._flush(settings.hold_after_s)
+            except RecorderUnreachable as exc:
+                if not self._holding():  # groups that queued on the same flush find the task started
+                    log.warning("records held while the recorder is unreachable; playing on: %s", str(exc)[:300])
+                    self._held_flush = asyncio.create_task(self._store_held())
+        while self._holding() and len(self._client.unacked) > settings.max_held_records:
+            await asyncio.sleep(0.5)  # backpressure: bounded by the caller's deadline on this group
+        return FlushReport()
 
     async def _store_held(self) -> None:
         """Flush again and again (each try with its own deadline) until everything held is stored."""
+        backoff = 1.0
         while self._client.unacked:
             try:
                 await self._flush()
-            except RecorderUnreachable as exc:
-                log.warning("held records still not stored, trying again: %s", str(exc)[:300])
-                await asyncio.sleep(1.0)
+                backoff = 1.0
+            except Exception as exc:  # nothing may end this task while records are held: log, wait, try again
+                log.warning("held records still not stored, trying again: %s: %s", type(exc).__name__, str(exc)[:300])
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, 30.0)
         log.warning("held records stored: the recorder is reachable again")
 
     async def _flush(self, deadline_s: float | None = None) -> FlushReport:

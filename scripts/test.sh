@@ -30,4 +30,4 @@ fi
 .venv/bin/ruff check .
 # one-way dependencies: cluster > rollout | trainer > recorder (the contract is in pyproject.toml)
 .venv/bin/lint-imports
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=30 "$@"  # the slowest tests, for keeping CI in its budget

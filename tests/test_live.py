@@ -136,6 +136,7 @@ def test_agents_play_while_batches_train_and_no_trained_token_is_staler_than_all
 def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_model_dir, tmp_path, capsys):
     """`ziggurat pause|resume|stop`, the command line's own entry point, steer the loop inside the controller."""
     import json
+    import logging
 
     import yaml
 
@@ -153,8 +154,14 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
 
     def steer(action: str) -> dict:
         capsys.readouterr()
-        assert ziggurat([action, "--config", str(config_file)]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        levels = {name: logging.getLogger(name).level for name in ("", "ziggurat")}
+        try:
+            assert ziggurat([action, "--config", str(config_file)]) == 0
+        finally:  # the command line sets the console's log levels: later tests keep theirs
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        return json.loads(printed[-1])
 
     recorder = start_recorder(config.database, config.recorder)
     try:
@@ -340,8 +347,8 @@ def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, po
             return ray.get(controller.live_status.remote(), timeout=10)
 
         _wait(lambda: status()["versions_trained"] >= 1, 120, "a first version trained")
-        played = status()["groups_played"]
         postgres.stop(mode="immediate")
+        played = status()["groups_played"]  # what returns from here on was played while the database was away
         try:
             time.sleep(6.0)
             during = status()
@@ -355,9 +362,16 @@ def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, po
         final = status()
         print(f"postgres outage: {final['database_outages']} seen, loop back {recovery_s:.1f} s after the restart")
         assert final["state"] == "stopped" and final["database_outages"] >= 1, final
-        served = ray.get(controller.health.remote(), timeout=30)["served_versions"]
+        health = ray.get(controller.health.remote(), timeout=30)
         deployed = ray.get(controller.deployed_version.remote(), timeout=30)
-        assert deployed >= 4 and set(served.values()) == {deployed}, (deployed, served)
+        assert deployed >= 4 and set(health["served_versions"].values()) == {deployed}, (deployed, health)
+        _wait(
+            lambda: all(
+                a["held_records"] == 0 for a in ray.get(controller.health.remote(), timeout=30)["actors"].values()
+            ),
+            60,
+            "every held record stored",
+        )
     finally:
         shutdown(config)
         try:
@@ -366,6 +380,15 @@ def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, po
             pass
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
     _assert_episodes_whole_and_trained_once(url)
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:  # every group the loop counted as played, held ones included, is stored
+            stored = conn.execute(
+                sa.text("SELECT count(DISTINCT group_id) FROM trajectories WHERE NOT is_eval AND status = 'finished'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert stored >= final["groups_played"], (stored, final["groups_played"])
 
 
 def test_live_mode_trains_real_adapters_on_the_persistent_trainer(ray_session, tiny_model_dir, tmp_path):
