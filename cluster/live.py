@@ -186,10 +186,10 @@ class LiveLoop:
                 self._account(now - last)
                 last = now
                 try:
+                    self._tick()  # plays on through an outage: groups are collected and admitted before any query
                     if self._database_down_since is not None:
                         self.controller.deployed_version()  # a real query: only its success ends the outage
                         self._database_reachable()
-                    self._tick()
                 except DBAPIError as exc:
                     if not is_connectivity(exc):  # bad data or a schema mismatch is a bug, not an outage
                         raise
@@ -404,35 +404,33 @@ class LiveLoop:
         released again, unless the actors already serve it (the swap happened, its status write did not), in
         which case only the statuses are written. A trained version is neither left behind nor swapped twice."""
         from cluster import canary
+        from recorder import queries
 
+        interrupted, limit = False, 0.0
         while True:
             try:
-                return self.controller.release(version)
+                if not interrupted:
+                    return self.controller.release(version)
+                status = queries.get_version(self.controller.db, version)["status"]
+                if status != "ready":
+                    return {"version": version, "deployed": status == "deployed", "canary": status == "canary",
+                            "reason": f"release interrupted by the database; the version is {status}"}  # fmt: skip
+                fleet = self.controller._fleet().health(5.0)
+                if {a.get("served_version") for a in fleet.values() if a.get("alive")} == {version}:
+                    canary.mark_deployed(self.controller.db, version, 0.0)
+                    reason = "swapped before the database went away; statuses written after it came back"
+                    return {"version": version, "deployed": True, "canary": False, "reason": reason}
+                interrupted = False  # not served yet: release it again
             except DBAPIError as exc:
                 if not is_connectivity(exc):
                     raise
-                log.warning("version %d: release interrupted by the database, waiting for it: %s", version, exc)
-                status = self._version_status_when_reachable(version)
-            if status != "ready":
-                return {"version": version, "deployed": status == "deployed", "canary": status == "canary",
-                        "reason": f"release interrupted by the database; the version is {status}"}  # fmt: skip
-            served = {a.get("served_version") for a in self.controller._fleet().health(5.0).values() if a.get("alive")}
-            if served == {version}:
-                canary.mark_deployed(self.controller.db, version, 0.0)
-                reason = "swapped before the database went away; statuses written after it came back"
-                return {"version": version, "deployed": True, "canary": False, "reason": reason}
-
-    def _version_status_when_reachable(self, version: int) -> str:
-        from recorder import queries
-
-        limit = time.monotonic() + self.config.controller.live_database_outage_s
-        while True:
-            time.sleep(DATABASE_RETRY_S)
-            try:
-                return queries.get_version(self.controller.db, version)["status"]
-            except DBAPIError as exc:
-                if not is_connectivity(exc) or time.monotonic() > limit:
+                if not interrupted:
+                    limit = time.monotonic() + self.config.controller.live_database_outage_s
+                    log.warning("version %d: release interrupted by the database, waiting for it: %s", version, exc)
+                interrupted = True
+                if time.monotonic() > limit:
                     raise
+                time.sleep(DATABASE_RETRY_S)
 
     def _finish_training(self, future: Future) -> None:
         self._training = None

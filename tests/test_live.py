@@ -335,7 +335,8 @@ def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, po
 
     url = postgres.create_database("live_outage")
     upgrade(url)
-    config = live_config(url, tiny_model_dir, tmp_path, "outage", live_versions=None)
+    # room for groups ahead of the trainer, which the outage holds up: admission alone would idle the lanes
+    config = live_config(url, tiny_model_dir, tmp_path, "outage", max_staleness=4, live_versions=None)
     config = config.model_copy(update={"recorder": config.recorder.model_copy(update={"hold_after_s": 1.0})})
     recorder = start_recorder(config.database, config.recorder)
     try:
@@ -391,35 +392,63 @@ def test_live_mode_waits_out_a_postgres_outage_while_agents_play(ray_session, po
     assert stored >= final["groups_played"], (stored, final["groups_played"])
 
 
-def test_live_mode_trains_real_adapters_on_the_persistent_trainer(ray_session, tiny_model_dir, tmp_path):
+def test_live_mode_trains_real_adapters_on_the_persistent_trainer_and_restarts_it_when_killed(
+    ray_session, tiny_model_dir, tmp_path
+):
     """Simulated engines, the real trainer: the live loop hands batches to one long-running Ray Train job,
-    which keeps its model between them (the second batch reuses it) and publishes real adapters."""
+    which keeps its model between them and publishes real adapters. Killing the whole trainer (its service
+    actor, and with it the Ray Train run) once a version is out: the controller starts a new one and the loop
+    carries on to its last version, each batch trained once."""
+    import threading
+
+    from cluster import trainer_service
     from recorder import queries
     from recorder.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'persistent.db'}"
     upgrade(url)
-    config = live_config(url, tiny_model_dir, tmp_path, "persist", live_versions=2, persistent_trainer=True)
+    config = live_config(url, tiny_model_dir, tmp_path, "persist", live_versions=4, persistent_trainer=True)
     config = config.model_copy(
         update={
             "trainer": config.trainer.model_copy(update={"backend": "torch", "num_workers": 1, "updates_per_batch": 1}),
             "rollout": config.rollout.model_copy(update={"eval_seeds": []}),
         }
     )
-    try:
-        report = run_loop(config, tmp_path / "out")
-    finally:
-        shutdown(config)
-    assert report["live"]["state"] == "stopped" and report["final_version"] >= 2, report["live"]
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = run_loop(config, tmp_path / "out")
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, daemon=True)
     engine = sa.create_engine(url)
     try:
-        batches = [b for b in queries.list_batches(engine) if b["status"] == "completed"]
-        assert len(batches) >= 2
+        runner.start()
+        _wait(
+            lambda: "error" in outcome or queries.deployed_version(engine) >= 1,
+            240,
+            "a first version from the persistent trainer",
+        )
+        assert "error" not in outcome, outcome
+        service = trainer_service.find(config)
+        assert service is not None
+        ray.kill(service, no_restart=True)
+        runner.join(timeout=420)
+        assert not runner.is_alive() and "report" in outcome, outcome
+        report = outcome["report"]
+        assert report["live"]["state"] == "stopped" and report["final_version"] >= 4, report["live"]
+        batches = sorted((b for b in queries.list_batches(engine) if b["status"] == "completed"), key=lambda b: b["id"])
         assert {b["ray_job_id"] for b in batches} == {"service:persist-trainer"}
-        reused = [b["stats"]["updates"][0]["reused_model"] for b in sorted(batches, key=lambda b: b["id"])]
-        assert reused[0] == 0 and all(r == 1 for r in reused[1:]), reused
-        for version in (1, 2):
+        reused = [b["stats"]["updates"][0]["reused_model"] for b in batches]
+        # built twice (the first service, then the one started after the kill), reused in between and after
+        assert reused[0] == 0 and reused.count(0) == 2 and 1 in reused, reused
+        for version in {b["target_version"] for b in batches}:
             assert (Path(queries.get_version(engine, version)["artifact_uri"]) / "adapter_model.safetensors").is_file()
     finally:
+        runner.join(timeout=60)
+        shutdown(config)
         engine.dispose()
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
+    _assert_episodes_whole_and_trained_once(url)
