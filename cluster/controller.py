@@ -194,7 +194,7 @@ class Controller(HotSwap, LiveSteering):
 
     def wait_training(self, batch_id: int) -> dict[str, Any]:
         """Follow a batch's job through its database row until it ends, dies, or passes its deadline. A database
-        outage is waited out (the job goes on without it) until that deadline."""
+        outage is waited out (the job goes on without it) for up to controller.live_database_outage_s past it."""
         settings = self.config.controller
         deadline = time.monotonic() + settings.training_timeout_s
         unreachable = False
