@@ -163,9 +163,20 @@ def publish_version(
     return artifact
 
 
+def failure_config(settings: Any) -> Any:
+    """Ray Train's FailureConfig for a trainer config: `max_failures` worker failures recovered, and worker
+    starts bounded by `worker_start_timeout_s` (one retry), where Ray Train's default retries a start that
+    cannot be placed forever. Sets the start deadline in this process's environment, which Ray Train hands
+    to its controller: call it before building the TorchTrainer."""
+    from ray.train import FailureConfig
+
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.worker_start_timeout_s)
+    return FailureConfig(max_failures=settings.max_failures, controller_failure_limit=1)
+
+
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
     """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
@@ -235,7 +246,7 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
                 # picks up another database's checkpoint (worker failures resume within this fit()).
                 name=f"v{version}-batch{batch_id}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(store / "ray_runs"),
-                failure_config=FailureConfig(max_failures=settings.max_failures),
+                failure_config=failure_config(settings),
                 # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
                 logging_config=LoggingConfig(log_level=library_log_level()),
             ),

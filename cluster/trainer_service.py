@@ -82,10 +82,11 @@ class TrainerService:
 
     # ---- the long-running fit() -------------------------------------------------------------------
     def _fit(self) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from cluster.logs import library_log_level
+        from cluster.train_job import failure_config
         from cluster.trainer_worker import serve_loop_per_worker
 
         settings = self._config.trainer
@@ -110,7 +111,7 @@ class TrainerService:
                 run_config=RunConfig(
                     name=self.run_name,  # unique per service start: a new service never restores an old run
                     storage_path=str(self._store / "ray_runs"),
-                    failure_config=FailureConfig(max_failures=settings.max_failures),
+                    failure_config=failure_config(settings),
                     # a checkpoint per update for as long as the service lives: keep the last two, not all
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                     logging_config=LoggingConfig(log_level=library_log_level()),

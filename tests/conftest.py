@@ -61,7 +61,9 @@ def ray_session() -> Iterator[object]:
     # `rollout_slot`: a custom resource for rollout actors' placement-group bundles (tests place CPU actors
     # through one without taking CPUs from the Ray Train workers).
     context = init_ray(
-        RayConfig(address="local", num_cpus=2, include_dashboard=False),
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to see that a killed
+        # run's controller is gone: without it a killed trainer's placement group holds its CPUs for good.
+        RayConfig(address="local", num_cpus=2, include_dashboard=True),
         temp_dir=temp_dir,
         runtime_env=runtime_env,
         resources={"rollout_slot": 8},

@@ -359,3 +359,26 @@ def test_a_claimed_batch_whose_job_cannot_start_is_released_not_left_pending(ray
     assert queries.list_versions(store.engine) == []
     assert queries.claim_batch(store.engine, max_groups=2, parent_version=0) is not None  # the lineage is free
     store.dispose()
+
+
+def test_a_job_whose_workers_cannot_be_placed_fails_at_its_start_deadline(ray_session, tiny_model_dir, tmp_path):
+    """Ray Train alone retries a worker start that cannot be placed forever; the job fails at
+    trainer.worker_start_timeout_s (one retry) instead, and its claimed batch is failed and released."""
+    import time
+
+    url = f"sqlite:///{tmp_path / 'unplaced.db'}"
+    upgrade(url)
+    _record_groups(url, groups=2)
+    config = _config(
+        url, tiny_model_dir, tmp_path, num_workers=1, resources_per_worker={"no_such_resource": 1.0},
+        worker_start_timeout_s=10,
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(Exception, match="worker group startup timed out"):
+        run_training(config)
+    assert time.monotonic() - started < 120
+    store = TrajectoryStore(url)
+    (batch,) = queries.list_batches(store.engine)
+    assert batch["status"] == "failed"
+    assert queries.readiness(store.engine).groups_with_variance == 2  # its groups are free for another batch
+    store.dispose()

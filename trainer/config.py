@@ -155,6 +155,11 @@ class TrainerConfig(BaseModel):
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint) before giving up."""
 
+    worker_start_timeout_s: float = Field(300.0, ge=10)
+    """Deadline for the training workers to be placed and started (each start, the first and every restart
+    after a failure). Ray Train otherwise waits forever for resources the cluster may never have (a placement
+    group of another run still holding the CPUs): past it the job fails, saying which resources it waited for."""
+
     @field_validator("advantage", "policy_loss")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
