@@ -336,6 +336,8 @@ def main() -> None:
         if sync[key] and live[key]:
             result[f"ratio_{key.removeprefix('samples_per_s_')}"] = live[key] / sync[key]
     if args.scale_actors:
+        # the comparison first, so a long scale run (64 actors start slowly on 2 cores) cannot lose it
+        print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio")}), flush=True)
         result["scale"] = scale(args)
         swaps = result["scale"]["rolling_swaps"]
         result["scale"]["rolling_swap_s_by_fraction"] = {

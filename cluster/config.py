@@ -46,7 +46,9 @@ class RayConfig(_Section):
     ~/.ray/auth_token exists, so a local run says explicitly which mode it wants."""
 
     include_dashboard: bool = True
-    """Start the Ray dashboard (http://127.0.0.1:8265) with a `local` Ray."""
+    """Start the Ray dashboard (http://127.0.0.1:8265) with a `local` Ray. Leave it on where training runs: it
+    serves the State API through which Ray Train's PlacementGroupCleaner sees that a killed training run is gone;
+    without it, a killed trainer's placement group keeps its CPUs until Ray stops."""
 
     dashboard_host: str = "127.0.0.1"
     """Interface the dashboard of a `local` Ray listens on. Only this machine by default; `0.0.0.0` exposes
