@@ -174,10 +174,40 @@ def failure_config(settings: Any) -> Any:
     return FailureConfig(max_failures=settings.max_failures, controller_failure_limit=1)
 
 
-def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
-    """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
+def torch_trainer(
+    settings: Any, loop: Any, loop_config: dict[str, Any], run_name: str, store: Path, **run_options: Any
+) -> Any:
+    """A TorchTrainer for `settings` (a TrainerConfig), as the one-batch job and the trainer service build it:
+    its workers, collective and start deadlines, failure recovery and quiet logs. `run_name` must be unique per
+    run (Ray Train restores a run whose folder exists under `store`/ray_runs); `run_options` join RunConfig."""
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    # Ray Train propagates this from the driver to its controller and workers.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        # a worker stuck in a collective (a peer died mid all-reduce) fails the attempt instead of hanging
+        torch_config=TorchConfig(timeout_s=int(settings.collective_timeout_s)),
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker=settings.resources_per_worker or None,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(store / "ray_runs"),
+            failure_config=failure_config(settings),
+            # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
+            logging_config=LoggingConfig(log_level=library_log_level()),
+            **run_options,
+        ),
+    )
+
+
+def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:
+    """Train one batch into a new model version; returns the version, or None if nothing is trainable."""
     from transformers import AutoConfig
 
     from cluster.models import resolve_model
@@ -219,8 +249,6 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
     try:
         model_config = AutoConfig.from_pretrained(base)
         pad = model_config.pad_token_id if model_config.pad_token_id is not None else model_config.eos_token_id
-        # Ray Train propagates this from the driver to its controller and workers.
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
         spec = TrainJobSpec(
             trainer=settings,
             database=config.database,  # no password: workers read it from their env, as this process does
@@ -230,27 +258,12 @@ def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | N
             target_version=version,
             pad_token_id=pad or 0,
         )
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec": spec},  # Ray Train takes a dict; the workers read the spec from it once
-            # a worker stuck in a collective (a peer died mid all-reduce) fails the attempt instead of hanging
-            torch_config=TorchConfig(timeout_s=int(settings.collective_timeout_s)),
-            scaling_config=ScalingConfig(
-                num_workers=settings.num_workers,
-                use_gpu=settings.use_gpu,
-                resources_per_worker=settings.resources_per_worker or None,
-            ),
-            run_config=RunConfig(
-                # Ray Train restores a run whose folder already exists. Version and batch numbers restart with
-                # every fresh database while the store stays, so the name is unique per job: a new job never
-                # picks up another database's checkpoint (worker failures resume within this fit()).
-                name=f"v{version}-batch{batch_id}-{uuid.uuid4().hex[:8]}",
-                storage_path=str(store / "ray_runs"),
-                failure_config=failure_config(settings),
-                # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
-                logging_config=LoggingConfig(log_level=library_log_level()),
-            ),
-        )
+        # Ray Train restores a run whose folder already exists. Version and batch numbers restart with every
+        # fresh database while the store stays, so the name is unique per job: a new job never picks up another
+        # database's checkpoint (worker failures resume within this fit()).
+        run_name = f"v{version}-batch{batch_id}-{uuid.uuid4().hex[:8]}"
+        # Ray Train takes a dict; the workers read the spec from it once
+        trainer = torch_trainer(settings, train_loop_per_worker, {"spec": spec}, run_name, store)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training of batch {batch_id} reported no checkpoint: {result.error}")

@@ -18,7 +18,6 @@ When fit() itself ends (failures exhausted), every batch still open in the queue
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -82,40 +81,28 @@ class TrainerService:
 
     # ---- the long-running fit() -------------------------------------------------------------------
     def _fit(self) -> None:
-        from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train import CheckpointConfig
 
-        from cluster.logs import library_log_level
-        from cluster.train_job import failure_config
+        from cluster.train_job import torch_trainer
         from cluster.trainer_worker import serve_loop_per_worker
 
         settings = self._config.trainer
         error: str | None = None
         try:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
-            trainer = TorchTrainer(
+            trainer = torch_trainer(
+                settings,
                 serve_loop_per_worker,
-                train_loop_config={
+                {
                     "config": self._config.model_dump_json(),
                     "service": service_name(self._config),
                     "namespace": self._config.ray.namespace,
                     "store": str(self._store),
                     "poll_s": POLL_S,
                 },
-                torch_config=TorchConfig(timeout_s=int(settings.collective_timeout_s)),
-                scaling_config=ScalingConfig(
-                    num_workers=settings.num_workers,
-                    use_gpu=settings.use_gpu,
-                    resources_per_worker=settings.resources_per_worker or None,
-                ),
-                run_config=RunConfig(
-                    name=self.run_name,  # unique per service start: a new service never restores an old run
-                    storage_path=str(self._store / "ray_runs"),
-                    failure_config=failure_config(settings),
-                    # a checkpoint per update for as long as the service lives: keep the last two, not all
-                    checkpoint_config=CheckpointConfig(num_to_keep=2),
-                    logging_config=LoggingConfig(log_level=library_log_level()),
-                ),
+                self.run_name,  # unique per service start: a new service never restores an old run
+                self._store,
+                # a checkpoint per update for as long as the service lives: keep the last two, not all
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             )
             result = trainer.fit()
             if result.error is not None:
