@@ -163,28 +163,18 @@ def publish_version(
     return artifact
 
 
-def failure_config(settings: Any) -> Any:
-    """Ray Train's FailureConfig for a trainer config: `max_failures` worker failures recovered, and worker
-    starts bounded by `worker_start_timeout_s` (one retry), where Ray Train's default retries a start that
-    cannot be placed forever. Sets the start deadline in this process's environment, which Ray Train hands
-    to its controller: call it before building the TorchTrainer."""
-    from ray.train import FailureConfig
-
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.worker_start_timeout_s)
-    return FailureConfig(max_failures=settings.max_failures, controller_failure_limit=1)
-
-
 def torch_trainer(
     settings: Any, loop: Any, loop_config: dict[str, Any], run_name: str, store: Path, **run_options: Any
 ) -> Any:
     """A TorchTrainer for `settings` (a TrainerConfig), as the one-batch job and the trainer service build it:
     its workers, collective and start deadlines, failure recovery and quiet logs. `run_name` must be unique per
     run (Ray Train restores a run whose folder exists under `store`/ray_runs); `run_options` join RunConfig."""
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Ray Train propagates this from the driver to its controller and workers.
+    # Ray Train propagates these from the driver to its controller and workers.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.worker_start_timeout_s)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -198,7 +188,9 @@ def torch_trainer(
         run_config=RunConfig(
             name=run_name,
             storage_path=str(store / "ray_runs"),
-            failure_config=failure_config(settings),
+            # worker failures resumed from the last checkpoint; a worker start that misses its deadline is retried
+            # once (Ray Train's default, -1, retries a start that can never be placed forever)
+            failure_config=FailureConfig(max_failures=settings.max_failures, controller_failure_limit=1),
             # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
             logging_config=LoggingConfig(log_level=library_log_level()),
             **run_options,

@@ -157,8 +157,9 @@ class TrainerConfig(BaseModel):
 
     worker_start_timeout_s: float = Field(300.0, ge=10)
     """Deadline for the training workers to be placed and started (each start, the first and every restart
-    after a failure). Ray Train otherwise waits forever for resources the cluster may never have (a placement
-    group of another run still holding the CPUs): past it the job fails, saying which resources it waited for."""
+    after a failure); a start that misses it is retried once in the run's life, then the run fails with Ray
+    Train's "worker group startup timed out ... waiting for N workers". Ray Train alone waits forever for
+    resources the cluster may never have (a placement group of another run still holding the CPUs)."""
 
     @field_validator("advantage", "policy_loss")
     @classmethod
