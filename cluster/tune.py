@@ -30,11 +30,11 @@ SEARCH_SPACE = {
 }
 
 
-def heldout_gain(model: Any, batch: Any, old: torch.Tensor, micro: int) -> float:
+def heldout_gain(model: Any, batch: Any, old: torch.Tensor, config: Any) -> float:
     """sum(A * (logp_new - logp_old)) over held-out completion tokens, per token."""
     from trainer.step import policy_logprobs
 
-    new = policy_logprobs(model, batch, micro)
+    new = policy_logprobs(model, batch, config)
     weighted = (batch.advantages[:, None] * (new - old) * batch.loss_mask).sum()
     return float(weighted / batch.loss_mask.sum().clamp(min=1.0))
 
@@ -64,13 +64,13 @@ def trial(params: dict[str, Any], data: dict[str, Any]) -> None:
     train, heldout = tensors
     model = build_policy(data["base_model"], config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    old_train = policy_logprobs(model, train, config.micro_batch_rows)
-    old_heldout = policy_logprobs(model, heldout, config.micro_batch_rows)
+    old_train = policy_logprobs(model, train, config)
+    old_heldout = policy_logprobs(model, heldout, config)
     reference = reference_logprobs(model, config, data["base_model"])
     scale = single_worker_scale(train, config)
     for update in range(1, data["updates"] + 1):
         metrics = grpo_update(model, optimizer, train, old_train, config, scale, reference=reference)
-        gain = heldout_gain(model, heldout, old_heldout, config.micro_batch_rows)
+        gain = heldout_gain(model, heldout, old_heldout, config)
         tune.report({"heldout_gain": gain, "update": update, "loss": metrics["loss"], "kl_ref": metrics["kl_ref"]})
 
 

@@ -47,7 +47,7 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.loop import all_reduce_named, batch_loss_scale
     from trainer.model import build_policy
     from trainer.parallel import wrap
-    from trainer.step import accumulate_gradients, policy_logprobs
+    from trainer.step import accumulate_gradients, micro_batches, policy_logprobs
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
@@ -56,11 +56,13 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
     batch = collate(rows, pad_id=0)
     gradients = {}
     for mode in AGGREGATIONS:
-        config = TrainerConfig(mode="full", aggregation=mode, micro_batch_rows=2, num_workers=world)
+        config = TrainerConfig(
+            mode="full", aggregation=mode, packing=loop_config["packing"], micro_batch_rows=2, num_workers=world
+        )
         model = wrap(build_policy(loop_config["model"], config).double(), "ddp", world)
         scale = batch_loss_scale(batch, config, world)
-        steps = all_reduce_named({"steps": -(-batch.input_ids.shape[0] // config.micro_batch_rows)}, op="max")["steps"]
-        current = policy_logprobs(model, batch, config.micro_batch_rows, steps=int(steps))
+        steps = all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"]
+        current = policy_logprobs(model, batch, config, steps=int(steps))
         # an anchor away from the current policy (by token id, so the same on any split): ratios != 1, some clip
         old = current + 0.3 * torch.sin(batch.input_ids.to(current.dtype)) * batch.loss_mask
         model.zero_grad(set_to_none=True)

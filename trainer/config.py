@@ -98,8 +98,19 @@ class TrainerConfig(BaseModel):
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer steps taken on one claimed batch (more than one makes the clip matter)."""
 
-    micro_batch_rows: int = Field(8, ge=1)
-    """Rows per forward/backward pass; gradients accumulate over a worker's rows."""
+    packing: Literal["shared_prefix", "rows", "padded"] = "shared_prefix"
+    """How a micro-batch's rows go through the model. `shared_prefix`: packed into one sequence without padding,
+    and every prefix rows share (a group's prompt, a common system prompt) computed once, every row attending to
+    it and sending its gradient through it (trainer.packing). `rows`: packed without padding, nothing shared.
+    `padded`: the plain path, right-padded rows; equal log-probs and gradients, kept for comparison."""
+
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """Tokens per forward/backward pass, counted as the forward computes them (with `shared_prefix`, each shared
+    prefix once; with `padded`, rows x the longest row); gradients accumulate over a worker's micro-batches.
+    A row longer than this is a micro-batch of its own. Lower it if a training worker runs out of memory."""
+
+    micro_batch_rows: int | None = Field(None, ge=1)
+    """At most this many rows per forward/backward pass as well (`None`: only micro_batch_tokens decides)."""
 
     threads_per_worker: int | None = Field(None, ge=1)
     """CPU workers: torch threads per worker. `None` splits this machine's cores evenly between the workers

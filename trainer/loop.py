@@ -55,6 +55,15 @@ def batch_loss_scale(batch: Any, config: Any, world: int) -> Any:
     return loss_scale(config, summed["tokens"], summed["sequences"], longest, world)
 
 
+def gather_by_rank(values: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every worker's copy of `values` (on the CPU), in rank order: what a checkpoint keeps."""
+    gathered: list[Any] = [values.cpu()]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, values.cpu())
+    return gathered
+
+
 def pre_batch_logprobs(
     model: Any, batch: Any, config: Any, micro_steps: int, state: dict[str, Any], rank: int, world: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -72,12 +81,8 @@ def pre_batch_logprobs(
                 f"({world} workers, {tuple(batch.loss_mask.shape)}); resume with the same trainer.num_workers"
             )
         return saved[rank].to(batch.loss_mask.device), saved
-    old = policy_logprobs(model, batch, config.micro_batch_rows, steps=micro_steps)
-    gathered: list[Any] = [old.cpu()]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, old.cpu())
-    return old, gathered
+    old = policy_logprobs(model, batch, config, steps=micro_steps)
+    return old, gather_by_rank(old, world)
 
 
 UPDATE_SUMS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")
@@ -233,17 +238,20 @@ def run_updates(
     from recorder.queries import set_batch_progress
     from trainer.model import save_policy
     from trainer.parallel import checkpoint_state
-    from trainer.step import grpo_update
+    from trainer.step import forward_is_deterministic, grpo_update, micro_batches, on_policy_update
 
     config = spec.trainer
     about_batch = batch_report(batch_totals(batch, stats))
     scale = batch_loss_scale(batch, config, world)
-    rows_here = batch.input_ids.shape[0]
-    micro_steps = int(all_reduce_named({"steps": -(-rows_here // config.micro_batch_rows)}, op="max")["steps"])
-    # the policy before this batch's updates; under FSDP every forward is a collective, so all workers run
-    # the same number of them
-    old, old_by_rank = pre_batch_logprobs(model, batch, config, micro_steps, state, rank, world)
-    about_batch.update(sampler_mismatch_report(old, batch, config))
+    # under DDP/FSDP every forward and backward is a collective, so all workers run the same number of them
+    micro_steps = int(all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"])
+    # The policy before this batch's updates anchors every update's ratio. A fresh batch's first update runs
+    # from exactly those weights, so its own forwards give them; a resumed one takes them from the checkpoint.
+    old: torch.Tensor | None = None
+    old_by_rank: list[torch.Tensor] = []
+    if state.get("old_logprobs") is not None or not forward_is_deterministic(model):
+        old, old_by_rank = pre_batch_logprobs(model, batch, config, micro_steps, state, rank, world)
+        about_batch.update(sampler_mismatch_report(old, batch, config))
 
     resumed_from = state.get("updates_done", 0)
     progress = spec.database.create_engine() if rank == 0 else None  # rank 0 records every update's report
@@ -252,9 +260,16 @@ def run_updates(
         last_report_s, last_elapsed = 0.0, 1.0
         for update in range(resumed_from, config.updates_per_batch):
             started = time.perf_counter()
-            metrics = grpo_update(
-                model, optimizer, batch, old, config, scale, reference=reference, micro_steps=micro_steps
-            )
+            if old is None:
+                metrics, old = on_policy_update(
+                    model, optimizer, batch, config, scale, reference=reference, micro_steps=micro_steps
+                )
+                old_by_rank = gather_by_rank(old, world)
+                about_batch.update(sampler_mismatch_report(old, batch, config))
+            else:
+                metrics = grpo_update(
+                    model, optimizer, batch, old, config, scale, reference=reference, micro_steps=micro_steps
+                )
             elapsed = time.perf_counter() - started
             report: dict[str, Any] = all_reduce_named({k: metrics[k] for k in UPDATE_SUMS})
             report.update(

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3, truncated_is_weights
 from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
+from trainer.packing import attention_allowed, pack, plan_micro_batches
 
 
 def token_logprobs(
@@ -49,33 +51,120 @@ def token_logprobs(
     return F.pad(logp, (first, 0))
 
 
+def _attention_for(model: Any, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom [1, 1, q, k] attention mask in the form the model's attention takes: boolean for SDPA and flex,
+    additive (0 or the dtype's minimum) for eager attention."""
+    inner = getattr(model, "module", model)  # DDP
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    mask = allowed[None, None]
+    if implementation == "eager":
+        dtype = next(inner.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def packed_token_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    share_prefixes: bool = True,
+) -> torch.Tensor:
+    """token_logprobs' values at the policy tokens (0 elsewhere), from one forward of the rows packed without
+    padding, each prefix they share computed once (trainer.packing). The LM head runs only at the positions
+    that predict a policy token. Rows are right-padded: attention_mask marks each row's tokens."""
+    rows, length = input_ids.shape
+    device = input_ids.device
+    lengths = attention_mask.sum(dim=1).tolist()
+    host_ids = input_ids.cpu().numpy()
+    layout = pack([host_ids[r, : int(lengths[r])] for r in range(rows)], share_prefixes)
+    where = np.zeros((rows, length), dtype=np.int64)  # packed index of each row position
+    for r, index in enumerate(layout.row_index):
+        where[r, : len(index)] = index
+    policy = loss_mask.detach().cpu() > 0
+    policy[:, 0] = False  # the first token has no prediction
+    row_at, position_at = policy.nonzero(as_tuple=True)
+    sources = torch.from_numpy(where[row_at.numpy(), position_at.numpy() - 1]).to(device)
+    empty = sources.numel() == 0
+    if empty:  # still a forward with a graph: DDP's and FSDP's backward collectives must run on every worker
+        sources = torch.zeros(1, dtype=torch.long, device=device)
+    logits = model(
+        input_ids=torch.from_numpy(layout.tokens).to(device)[None],
+        attention_mask=_attention_for(model, attention_allowed(layout).to(device)),
+        position_ids=torch.from_numpy(layout.positions).to(device)[None],
+        logits_to_keep=sources,
+    ).logits[0]
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    out = torch.zeros((rows, length), dtype=logits.dtype, device=device)
+    if empty:
+        return out + logits.sum() * 0.0
+    row_at, position_at = row_at.to(device), position_at.to(device)
+    if temperatures is not None:
+        logits = logits / temperatures[row_at, position_at, None].to(logits.dtype)
+    logp = -F.cross_entropy(logits, input_ids[row_at, position_at], reduction="none")
+    return out.index_put((row_at, position_at), logp)
+
+
 def _dummy_forward(model: Any, device: torch.device) -> torch.Tensor:
     """A one-token pass that keeps a worker with fewer rows in step with the others' collectives."""
     dummy = torch.zeros((1, 1), dtype=torch.long, device=device)
     return model(input_ids=dummy, attention_mask=torch.ones_like(dummy)).logits
 
 
-def policy_logprobs(model: Any, batch: TrainingTensors, micro: int, steps: int | None = None) -> torch.Tensor:
-    """Log-probs of every row under the current policy, without gradients, `micro` rows per forward.
+def rows_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperatures: torch.Tensor | None,
+    packing: str,
+) -> torch.Tensor:
+    """Log-probs of right-padded rows by `trainer.packing`: packed (shared_prefix, rows) or padded. All give the
+    same values at the policy tokens, the only ones the loss reads."""
+    if packing == "padded":
+        return token_logprobs(model, input_ids, attention_mask, loss_mask, temperatures)
+    return packed_token_logprobs(model, input_ids, attention_mask, loss_mask, temperatures, packing == "shared_prefix")
+
+
+def micro_batches(batch: TrainingTensors, config: TrainerConfig) -> list[slice]:
+    """This worker's micro-batches: consecutive rows by `trainer.micro_batch_tokens` (and micro_batch_rows)."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    host_ids = batch.input_ids.cpu().numpy()
+    rows = [host_ids[r, : int(lengths[r])] for r in range(len(lengths))]
+    return plan_micro_batches(rows, config.packing, config.micro_batch_tokens, config.micro_batch_rows)
+
+
+def policy_logprobs(
+    model: Any, batch: TrainingTensors, config: TrainerConfig, steps: int | None = None
+) -> torch.Tensor:
+    """Log-probs of every row under the current policy, without gradients, one forward per micro-batch.
 
     `steps`: forwards every worker must run (the largest count on any worker); under FSDP each forward
-    all-gathers parameters, so a worker with fewer rows runs one-token passes to keep in step."""
-    rows = batch.input_ids.shape[0]
-    chunks = range(0, rows, micro)
+    all-gathers parameters, so a worker with fewer micro-batches runs one-token passes to keep in step."""
+    plan = micro_batches(batch, config)
     with torch.no_grad():
         parts = [
-            token_logprobs(
+            rows_logprobs(
                 model,
-                batch.input_ids[i : i + micro],
-                batch.attention_mask[i : i + micro],
-                batch.loss_mask[i : i + micro],
-                batch.temperatures[i : i + micro],
+                batch.input_ids[part],
+                batch.attention_mask[part],
+                batch.loss_mask[part],
+                batch.temperatures[part],
+                config.packing,
             )
-            for i in chunks
+            for part in plan
         ]
         for _ in range(max(0, (steps or 0) - len(parts))):
             _dummy_forward(model, batch.input_ids.device)
     return torch.cat(parts) if parts else torch.zeros_like(batch.loss_mask)
+
+
+def forward_is_deterministic(model: Any) -> bool:
+    """No dropout active: a forward under gradients gives the same log-probs as one without (so the first
+    update's forward is also the pre-batch policy's)."""
+    return not any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
 
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,7 +187,7 @@ def reference_logprobs(model: Any, config: TrainerConfig, base_model: str | None
             ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, temperatures: torch.Tensor
         ) -> torch.Tensor:
             with inner.disable_adapter():
-                return token_logprobs(inner, ids, attention, mask, temperatures)
+                return rows_logprobs(inner, ids, attention, mask, temperatures, config.packing)
 
         return with_adapter_off
     source = config.kl_reference or base_model
@@ -110,7 +199,9 @@ def reference_logprobs(model: Any, config: TrainerConfig, base_model: str | None
     frozen = AutoModelForCausalLM.from_pretrained(source, dtype=parameter.dtype).to(parameter.device).eval()
     for weight in frozen.parameters():
         weight.requires_grad_(False)
-    return lambda ids, attention, mask, temperatures: token_logprobs(frozen, ids, attention, mask, temperatures)
+    return lambda ids, attention, mask, temperatures: rows_logprobs(
+        frozen, ids, attention, mask, temperatures, config.packing
+    )
 
 
 def clip_config(config: TrainerConfig) -> ClipConfig:
@@ -198,31 +289,31 @@ def loss_scale(config: TrainerConfig, tokens: float, sequences: float, longest: 
 def accumulate_gradients(
     model: Any,
     batch: TrainingTensors,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     config: TrainerConfig,
     scale: LossScale,
     reference: LogprobFn | None = None,
     micro_steps: int | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], torch.Tensor]:
     """Backward over every micro-batch (gradients accumulate in the parameters); returns this worker's share
-    of the batch's metrics (sum them over workers).
+    of the batch's metrics (sum them over workers) and the old log-probs the ratio was taken against.
+
+    `old_logprobs` None: this update is on-policy (the batch's first, from the weights that scored it), so each
+    micro-batch's own forward, detached, is its old log-probs (forward_is_deterministic must hold): no separate
+    pass for them. They are returned for the batch's later updates.
 
     Under DDP every backward is a collective, so every worker must run the same number of micro-steps:
-    pass `micro_steps` = the largest count on any worker; a worker with fewer rows runs zero-weighted
-    passes on a one-token dummy to keep in step.
+    pass `micro_steps` = the largest count on any worker; a worker with fewer runs zero-weighted passes on a
+    one-token dummy to keep in step.
     """
     loss_fn = POLICY_LOSSES[config.policy_loss]
     clip = clip_config(config)
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
-    rows = batch.input_ids.shape[0]
-    micro = config.micro_batch_rows
-    local_steps = -(-rows // micro)
+    plan = micro_batches(batch, config)
     tokens = max(scale.tokens, 1.0)
-    for step in range(max(micro_steps or local_steps, local_steps)):
-        part = slice(step * micro, (step + 1) * micro)
-        ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
-        temperatures = batch.temperatures[part]
-        if ids.numel() == 0:  # out of rows: a zero-weighted pass keeps DDP's/FSDP's collectives in step
+    taken = old_logprobs
+    for step in range(max(micro_steps or 0, len(plan))):
+        if step >= len(plan):  # out of rows: a zero-weighted pass keeps DDP's/FSDP's collectives in step
             if config.kl_beta > 0 and reference is not None:
                 with torch.no_grad():
                     dummy = torch.zeros((1, 1), dtype=torch.long, device=batch.input_ids.device)
@@ -230,8 +321,16 @@ def accumulate_gradients(
                     reference(dummy, torch.ones_like(dummy), ones, ones)
             (_dummy_forward(model, batch.input_ids.device).sum() * 0.0).backward()
             continue
-        logp = token_logprobs(model, ids, attention, mask, temperatures)
-        terms = loss_fn(logp, old_logprobs[part], batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
+        part = plan[step]
+        ids, attention, mask = batch.input_ids[part], batch.attention_mask[part], batch.loss_mask[part]
+        temperatures = batch.temperatures[part]
+        logp = rows_logprobs(model, ids, attention, mask, temperatures, config.packing)
+        if old_logprobs is None:
+            if taken is None:
+                taken = torch.zeros(batch.loss_mask.shape, dtype=logp.dtype, device=logp.device)
+            taken[part] = logp.detach()
+        old = taken[part]
+        terms = loss_fn(logp, old, batch.advantages[part], mask, clip, batch.behaviour_logprobs[part])
         per_token = terms.per_token
         if config.kl_beta > 0 and reference is not None:
             with torch.no_grad():
@@ -254,7 +353,28 @@ def accumulate_gradients(
         totals["approx_kl"] += float(terms.approx_kl.detach()) * weight
         # mean -log p of the sampled tokens: a Monte-Carlo estimate of the policy entropy
         totals["entropy"] += float(-(logp.detach() * mask).sum()) / tokens
-    return totals
+    return totals, (taken if taken is not None else torch.zeros_like(batch.loss_mask))
+
+
+def _optimizer_step(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainingTensors,
+    old_logprobs: torch.Tensor | None,
+    config: TrainerConfig,
+    scale: LossScale,
+    reference: LogprobFn | None,
+    micro_steps: int | None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    optimizer.zero_grad(set_to_none=True)
+    totals, old = accumulate_gradients(model, batch, old_logprobs, config, scale, reference, micro_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    totals["grad_norm"] = float(norm)
+    optimizer.step()
+    return totals, old
 
 
 def grpo_update(
@@ -268,15 +388,24 @@ def grpo_update(
     micro_steps: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step on the batch: accumulate gradients over micro-batches, clip the global norm, step."""
-    optimizer.zero_grad(set_to_none=True)
-    totals = accumulate_gradients(model, batch, old_logprobs, config, scale, reference, micro_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-        norm = norm.full_tensor()
-    totals["grad_norm"] = float(norm)
-    optimizer.step()
-    return totals
+    return _optimizer_step(model, optimizer, batch, old_logprobs, config, scale, reference, micro_steps)[0]
+
+
+def on_policy_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainingTensors,
+    config: TrainerConfig,
+    scale: LossScale,
+    reference: LogprobFn | None = None,
+    micro_steps: int | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """A batch's first update, from the weights that scored it: grpo_update with the pre-batch log-probs taken
+    from its own forwards (returned, for the later updates and the sampler-mismatch report), saving the
+    separate no-gradient pass. Needs forward_is_deterministic(model)."""
+    if not forward_is_deterministic(model):
+        raise ValueError("dropout is active: the update's forwards are not the pre-batch policy; use policy_logprobs")
+    return _optimizer_step(model, optimizer, batch, None, config, scale, reference, micro_steps)
 
 
 def single_worker_scale(batch: TrainingTensors, config: TrainerConfig) -> LossScale:
