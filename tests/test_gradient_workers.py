@@ -35,6 +35,10 @@ def test_one_and_two_workers_give_the_same_gradient_in_every_aggregation_mode(ra
         reference, split = one[mode], two[mode]
         assert reference.abs().max() > 0, f"{mode}: no gradient at all"
         scale = reference.abs().max()
-        assert torch.allclose(split, reference, rtol=1e-5, atol=1e-9 * scale), (
-            f"{mode}: 2-worker gradient / 1-worker gradient = {float(split.norm() / reference.norm()):.4f}"
+        # atol 1e-7, not 1e-12: Llama's RMSNorm computes in float32 even in a float64 model, and a shared prefix
+        # sums its rows' gradients before that norm's backward where the padded path sums after it. A normaliser
+        # that counted one worker's share instead of the batch would be off by tens of percent.
+        assert torch.allclose(split, reference, rtol=1e-5, atol=1e-7 * scale), (
+            f"{mode}: 2-worker gradient / 1-worker gradient = {float(split.norm() / reference.norm()):.6f}, "
+            f"largest difference {float((split - reference).abs().max() / scale):.2e} of the largest entry"
         )
