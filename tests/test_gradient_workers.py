@@ -1,8 +1,9 @@
 """The gradient of one batch does not depend on how many Ray Train workers split it (DDP averages gradients,
 so every normaliser must count the whole batch): 1 worker vs 2 workers, every aggregation mode, float64.
 
-The 1-worker reference runs the plain padded path and the 2 workers the packed shared-prefix path, so the
-comparison also checks packing (each group's prompt computed once) against an independent computation."""
+The 1-worker reference runs the plain padded path and the 2 workers the packed shared-prefix path, under DDP
+and under FSDP2, so the comparison also checks packing (each group's prompt computed once) against an
+independent computation."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from tests.worker_gradients import AGGREGATIONS, gradients_per_worker
 pytestmark = pytest.mark.slow
 
 
-def _gradients(workers: int, model: str, out: str, storage: str, packing: str) -> dict[str, torch.Tensor]:
+def _gradients(
+    workers: int, model: str, out: str, storage: str, packing: str, strategy: str = "ddp"
+) -> dict[str, torch.Tensor]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         gradients_per_worker,
-        train_loop_config={"model": model, "out": out, "packing": packing},
+        train_loop_config={"model": model, "out": out, "packing": packing, "strategy": strategy},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-        run_config=RunConfig(name=f"gradients-{workers}", storage_path=storage),
+        run_config=RunConfig(name=f"gradients-{workers}-{strategy}", storage_path=storage),
     )
     trainer.fit()
     return torch.load(out)
@@ -31,8 +34,10 @@ def _gradients(workers: int, model: str, out: str, storage: str, packing: str) -
 def test_one_and_two_workers_give_the_same_gradient_in_every_aggregation_mode(ray_session, tiny_model_dir, tmp_path):
     one = _gradients(1, tiny_model_dir, str(tmp_path / "one.pt"), str(tmp_path / "runs"), "padded")
     two = _gradients(2, tiny_model_dir, str(tmp_path / "two.pt"), str(tmp_path / "runs"), "shared_prefix")
-    for mode in AGGREGATIONS:
-        reference, split = one[mode], two[mode]
+    sharded = _gradients(2, tiny_model_dir, str(tmp_path / "fsdp.pt"), str(tmp_path / "runs"), "shared_prefix", "fsdp")
+    for mode, (reference, split) in [(m, (one[m], two[m])) for m in AGGREGATIONS] + [
+        (f"fsdp {m}", (one[m], sharded[m])) for m in AGGREGATIONS
+    ]:
         assert reference.abs().max() > 0, f"{mode}: no gradient at all"
         scale = reference.abs().max()
         # atol 1e-7, not 1e-12: Llama's RMSNorm computes in float32 even in a float64 model, and a shared prefix

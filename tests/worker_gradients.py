@@ -59,7 +59,7 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
         config = TrainerConfig(
             mode="full", aggregation=mode, packing=loop_config["packing"], micro_batch_rows=2, num_workers=world
         )
-        model = wrap(build_policy(loop_config["model"], config).double(), "ddp", world)
+        model = wrap(build_policy(loop_config["model"], config).double(), loop_config["strategy"], world)
         scale = batch_loss_scale(batch, config, world)
         steps = all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"]
         current = policy_logprobs(model, batch, config, steps=int(steps))
@@ -67,6 +67,8 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
         old = current + 0.3 * torch.sin(batch.input_ids.to(current.dtype)) * batch.loss_mask
         model.zero_grad(set_to_none=True)
         accumulate_gradients(model, batch, old, config, scale, micro_steps=int(steps))
-        gradients[mode] = torch.cat([p.grad.detach().flatten().cpu() for p in model.parameters()])
+        # FSDP2 leaves each worker a shard of every gradient (a DTensor): gather the whole one
+        full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+        gradients[mode] = torch.cat([g.detach().flatten().cpu() for g in full])
     if rank == 0:
         torch.save(gradients, loop_config["out"])
