@@ -171,3 +171,26 @@ def test_the_first_updates_own_forward_is_the_pre_batch_policy(tiny_model_dir):
     model.add_module("active_dropout", torch.nn.Dropout(0.1).train())  # a forward would no longer be pi_old's
     with pytest.raises(ValueError, match="dropout"):
         on_policy_update(model, optimizer, batch, config, single_worker_scale(batch, config))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    """trainer.activation_checkpointing recomputes layers in the backward: same log-probs and gradients."""
+    batch = _tensors(_rows(4), seed=4)
+    results, kept = [], []
+    for checkpointing in (False, True):
+        model = build_policy(tiny_model_dir, TrainerConfig(mode="full", activation_checkpointing=checkpointing))
+        model = model.double()
+        assert model.is_gradient_checkpointing == checkpointing
+        saved: list[int] = []
+
+        def count(tensor: torch.Tensor, into: list[int] = saved) -> torch.Tensor:
+            into.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            results.append(_logprobs_and_gradients(model, batch, "shared_prefix"))
+        kept.append(sum(saved))
+    (plain_logp, plain_grads), (logp, grads) = results
+    torch.testing.assert_close(logp, plain_logp, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads, plain_grads, rtol=1e-9, atol=1e-12)
+    assert kept[1] < kept[0]  # the layers' activations were not kept for the backward (equal if it were off)

@@ -113,6 +113,12 @@ class TrainerConfig(BaseModel):
     against 9.8 (bench/trainer.py's rows, SmolLM2-135M LoRA, 2 cores).
     GPUs take larger budgets (configs/gpu.yaml); lower it if a training worker runs out of memory."""
 
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): less memory for models or micro-batches that need it, about one
+    more forward's time. It puts the model in training mode, so dropout (lora.dropout, the model's own)
+    becomes active if configured; then the pre-batch log-probs take a separate pass again."""
+
     micro_batch_rows: int | None = Field(None, ge=1)
     """At most this many rows per forward/backward pass as well (`None`: only micro_batch_tokens decides)."""
 

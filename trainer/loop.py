@@ -85,6 +85,16 @@ def pre_batch_logprobs(
     return old, gather_by_rank(old, world)
 
 
+def peak_memory_gb() -> dict[str, float]:
+    """This process's peak resident memory (and, on a GPU, peak allocated GPU memory) so far, in GB."""
+    import resource
+
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: kilobytes
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return peak
+
+
 UPDATE_SUMS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")
 """An update's metrics that each worker reports as its share of the batch: summed over workers."""
 
@@ -279,6 +289,7 @@ def run_updates(
                 tokens=scale.tokens,
                 tokens_per_s=scale.tokens / max(elapsed, 1e-9),
                 elapsed_s=elapsed,
+                **all_reduce_named(peak_memory_gb(), op="max"),  # the most any worker held
                 **about_batch,
                 **(extra_report or {}),
             )

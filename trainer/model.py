@@ -34,6 +34,10 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device)
+    if config.activation_checkpointing:
+        # transformers checkpoints layers only in training mode; non-reentrant needs no grad-requiring inputs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     if config.mode == "full":
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
