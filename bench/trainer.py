@@ -96,7 +96,8 @@ class ZigguratSide:
 
         self.config = TrainerConfig(
             mode="lora", lora=LoraConfig(rank=8, alpha=16.0, target_modules=TARGETS), learning_rate=args.lr,
-            packing=packing, micro_batch_tokens=args.micro_tokens, clip_eps_low=0.2, clip_eps_high=0.28,
+            packing=packing, micro_batch_tokens=args.micro_tokens or TrainerConfig().micro_batch_tokens,
+            clip_eps_low=0.2, clip_eps_high=0.28,
             kl_beta=0.0, grad_clip=1.0, aggregation="token_mean", tis_cap=None,
         )  # fmt: skip
         self.model = build_policy(base, self.config)
@@ -204,7 +205,9 @@ def main() -> None:
     parser.add_argument("--observation-len", type=int, default=40)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--micro-tokens", type=int, default=4096, help="Ziggurat's trainer.micro_batch_tokens")
+    parser.add_argument(
+        "--micro-tokens", type=int, default=None, help="Ziggurat's trainer.micro_batch_tokens (default: its default)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side (after the first, checked one)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--compare-padded", action="store_true", help="also time Ziggurat's plain padded path")
@@ -249,6 +252,7 @@ def main() -> None:
         "observation_len": args.observation_len,
         "turns": args.turns,
         "threads": torch.get_num_threads(),
+        "micro_batch_tokens": sides["ziggurat"].config.micro_batch_tokens,
         "same_loss": same_loss,
         "first_step_loss": loss,
         "first_step_grad_norm": grad_norm,
