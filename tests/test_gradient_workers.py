@@ -1,16 +1,16 @@
 """The gradient of one batch does not depend on how many Ray Train workers split it (DDP averages gradients,
 so every normaliser must count the whole batch): 1 worker vs 2 workers, every aggregation mode, float64.
 
-The 1-worker reference runs the plain padded path and the 2 workers the packed shared-prefix path, under DDP
-and under FSDP2, so the comparison also checks packing (each group's prompt computed once) against an
-independent computation."""
+The 1-worker reference runs the plain padded path in the test's own process, and the 2 Ray Train workers the
+packed shared-prefix path, under DDP and under FSDP2, so the comparison also checks packing (each group's
+prompt computed once) against an independent computation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.worker_gradients import AGGREGATIONS, gradients_per_worker
+from tests.worker_gradients import AGGREGATIONS, batch_gradients, gradients_per_worker
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def _gradients(
 
 
 def test_one_and_two_workers_give_the_same_gradient_in_every_aggregation_mode(ray_session, tiny_model_dir, tmp_path):
-    one = _gradients(1, tiny_model_dir, str(tmp_path / "one.pt"), str(tmp_path / "runs"), "padded")
+    one = batch_gradients(tiny_model_dir, "padded", "ddp", rank=0, world=1)  # in this process, no collective
     two = _gradients(2, tiny_model_dir, str(tmp_path / "two.pt"), str(tmp_path / "runs"), "shared_prefix")
     sharded = _gradients(2, tiny_model_dir, str(tmp_path / "fsdp.pt"), str(tmp_path / "runs"), "shared_prefix", "fsdp")
     for mode, (reference, split) in [(m, (one[m], two[m])) for m in AGGREGATIONS] + [

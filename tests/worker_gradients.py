@@ -37,11 +37,9 @@ def uneven_groups() -> list[GroupData]:
     return groups
 
 
-def gradients_per_worker(loop_config: dict[str, Any]) -> None:
-    """Each aggregation mode's gradient (DDP-averaged, before clipping) of one GRPO micro-batched pass over
-    this worker's share of `uneven_groups()`; rank 0 saves them to `loop_config["out"]`."""
-    import ray.train
-
+def batch_gradients(model_path: str, packing: str, strategy: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Each aggregation mode's gradient (averaged over workers, before clipping) of one GRPO micro-batched pass
+    over this worker's share of `uneven_groups()`. In a single process (world 1) there is no collective."""
     from trainer.config import TrainerConfig
     from trainer.data import build_rows, collate, shard_groups
     from trainer.loop import all_reduce_named, batch_loss_scale
@@ -49,17 +47,12 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
     from trainer.parallel import wrap
     from trainer.step import accumulate_gradients, micro_batches, policy_logprobs
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     rows, _ = build_rows(shard_groups(uneven_groups(), rank, world))
     batch = collate(rows, pad_id=0)
     gradients = {}
     for mode in AGGREGATIONS:
-        config = TrainerConfig(
-            mode="full", aggregation=mode, packing=loop_config["packing"], micro_batch_rows=2, num_workers=world
-        )
-        model = wrap(build_policy(loop_config["model"], config).double(), loop_config["strategy"], world)
+        config = TrainerConfig(mode="full", aggregation=mode, packing=packing, micro_batch_rows=2, num_workers=world)
+        model = wrap(build_policy(model_path, config).double(), strategy, world)
         scale = batch_loss_scale(batch, config, world)
         steps = all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"]
         current = policy_logprobs(model, batch, config, steps=int(steps))
@@ -70,5 +63,16 @@ def gradients_per_worker(loop_config: dict[str, Any]) -> None:
         # FSDP2 leaves each worker a shard of every gradient (a DTensor): gather the whole one
         full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
         gradients[mode] = torch.cat([g.detach().flatten().cpu() for g in full])
+    return gradients
+
+
+def gradients_per_worker(loop_config: dict[str, Any]) -> None:
+    """batch_gradients on a Ray Train worker; rank 0 saves them to `loop_config["out"]`."""
+    import ray.train
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    gradients = batch_gradients(loop_config["model"], loop_config["packing"], loop_config["strategy"], rank, world)
     if rank == 0:
         torch.save(gradients, loop_config["out"])
