@@ -8,7 +8,7 @@ context it has in its own row. Position ids continue from the ancestors' length,
 row's own positions. Every row that shares a segment takes its log-probs (and sends its gradient) through
 that one computation, as in shared-prefix attention ("Prefix Grouper", arXiv 2506.05433).
 
-Pure numpy/torch; `pack` knows nothing of models, `PackedRows` turns a layout into model inputs.
+Pure numpy/torch and no model: trainer.step.packed_token_logprobs turns a layout into model inputs.
 """
 
 from __future__ import annotations
@@ -103,19 +103,21 @@ class PackedLayout:
     """Per row: the packed index of each of the row's tokens."""
 
 
-def tree_size(rows: list[np.ndarray], share_prefixes: bool = True) -> int:
-    """Tokens in the packed sequence of `rows`."""
+def _tree(rows: list[np.ndarray], share_prefixes: bool) -> PrefixTree:
     tree = PrefixTree(share_prefixes)
     for row in rows:
         tree.add(row)
-    return tree.size
+    return tree
+
+
+def tree_size(rows: list[np.ndarray], share_prefixes: bool = True) -> int:
+    """Tokens in the packed sequence of `rows`."""
+    return _tree(rows, share_prefixes).size
 
 
 def pack(rows: list[np.ndarray], share_prefixes: bool = True) -> PackedLayout:
     """The packed layout of `rows` (each shared prefix once unless share_prefixes is False)."""
-    tree = PrefixTree(share_prefixes)
-    for row in rows:
-        tree.add(row)
+    tree = _tree(rows, share_prefixes)
     segments = tree.segments
     order: list[int] = []
     depth = [0] * len(segments)  # tokens before the segment in every row through it

@@ -52,8 +52,8 @@ def token_logprobs(
 
 
 def _attention_for(model: Any, allowed: torch.Tensor) -> torch.Tensor:
-    """A custom [1, 1, q, k] attention mask in the form the model's attention takes: boolean for SDPA and flex,
-    additive (0 or the dtype's minimum) for eager attention."""
+    """A custom [1, 1, q, k] attention mask in the form the model's attention takes: boolean for SDPA (the
+    default), additive (0 or the dtype's minimum) for eager attention."""
     inner = getattr(model, "module", model)  # DDP
     implementation = getattr(inner.config, "_attn_implementation", "sdpa")
     mask = allowed[None, None]
