@@ -10,7 +10,7 @@ import torch
 from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
 from trainer.model import build_policy
-from trainer.packing import attention_allowed, pack, plan_micro_batches, tree_size
+from trainer.packing import PrefixTree, attention_allowed, forward_cost, pack, plan_micro_batches, tree_size
 from trainer.step import (
     grpo_update,
     on_policy_update,
@@ -19,6 +19,7 @@ from trainer.step import (
     single_worker_scale,
     token_logprobs,
 )
+from trainer.tree_attention import ATTENTION, plan_tree_attention, uses_tree_attention
 
 
 def _rows(seed: int) -> list[np.ndarray]:
@@ -52,6 +53,17 @@ def test_every_packed_token_sees_exactly_its_own_rows_context(share):
             assert set(np.flatnonzero(allowed[at])) == set(index[: j + 1].tolist())
     total = sum(len(r) for r in rows)
     assert len(layout.tokens) == tree_size(rows, share) and (len(layout.tokens) < total) == share
+    # tree attention: each segment's queries, against the keys it gathers, allow exactly the same pairs
+    plan = plan_tree_attention(layout)
+    rebuilt = np.zeros_like(allowed)
+    for (start, stop), keys, mask in zip(plan.spans, plan.keys, plan.masks, strict=True):
+        for query in range(start, stop):
+            rebuilt[query, keys[mask[query - start]].numpy()] = True
+    assert np.array_equal(rebuilt, allowed)
+    tree = PrefixTree(share_prefixes=share)
+    for row in rows:
+        tree.add(row)
+    assert plan.pairs == tree.pairs < len(layout.tokens) ** 2  # what the planner counts is what runs
     if not share:
         assert len(layout.tokens) == total
 
@@ -82,6 +94,36 @@ def test_micro_batches_follow_the_token_budget():
     assert len(shared) < len(plain)  # sharing fits more rows per forward
     assert all(p.stop - p.start <= 2 for p in plan_micro_batches(rows, "shared_prefix", 10_000, row_cap=2))
     assert len(plan_micro_batches(rows, "rows", 1)) == len(rows)  # over budget: one row each
+
+
+@pytest.mark.parametrize("packing", ["shared_prefix", "rows", "padded"])
+@pytest.mark.parametrize("tree_attention", [True, False])
+def test_the_plan_is_the_cheapest_way_to_cut_the_rows(packing, tree_attention):
+    """Against every cut of the rows into runs (brute force): the planner's is within budget and costs least."""
+    rows = _rows(5)[:9]
+    budget, attention = 45, 20
+
+    def cost(part: list[np.ndarray]) -> float | None:
+        if packing == "padded":
+            tokens, pairs = len(part) * max(map(len, part)), len(part) * max(map(len, part)) ** 2
+        else:
+            tree = PrefixTree(share_prefixes=packing == "shared_prefix")
+            for row in part:
+                tree.add(row)
+            tokens, pairs = tree.size, tree.pairs if tree_attention else tree.size**2
+        return forward_cost(tokens, pairs, attention) if tokens <= budget or len(part) == 1 else None
+
+    def total(cuts: list[int]) -> float | None:
+        bounds = [0, *cuts, len(rows)]
+        costs = [cost(rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return None if None in costs else sum(costs)
+
+    every = [
+        [c for bit, c in enumerate(range(1, len(rows))) if mask >> bit & 1] for mask in range(2 ** (len(rows) - 1))
+    ]
+    best = min(t for t in map(total, every) if t is not None)
+    plan = plan_micro_batches(rows, packing, budget, attention_tokens=attention, tree_attention=tree_attention)
+    assert len(plan) > 1 and total([p.start for p in plan[1:]]) == pytest.approx(best)
 
 
 def _tensors(rows: list[np.ndarray], seed: int) -> TrainingTensors:
@@ -135,9 +177,12 @@ def test_packed_logprobs_and_gradients_equal_the_padded_paths(tiny_model_dir, mo
                 if "lora_B" in name:
                     weight.normal_(0, 0.05)
     batch = _tensors(_rows(2), seed=2)
+    assert uses_tree_attention(model)
     plain_logp, plain_grads = _logprobs_and_gradients(model, batch, "padded")
     assert plain_grads.abs().max() > 0
-    for packing in ("shared_prefix", "rows"):
+    inner = model.get_base_model() if mode == "lora" else model
+    for attention, packing in [(a, p) for a in (ATTENTION, "sdpa") for p in ("shared_prefix", "rows")]:
+        inner.config._attn_implementation = attention  # tree attention, then the whole square masked
         logp, grads = _logprobs_and_gradients(model, batch, packing)
         torch.testing.assert_close(logp, plain_logp, rtol=1e-5, atol=1e-9)
         # rtol 1e-5, not 1e-12: the RMSNorm computes in float32 even in a float64 model, and the shared prefix

@@ -54,7 +54,7 @@ def batch_gradients(model_path: str, packing: str, strategy: str, rank: int, wor
         config = TrainerConfig(mode="full", aggregation=mode, packing=packing, micro_batch_rows=2, num_workers=world)
         model = wrap(build_policy(model_path, config).double(), strategy, world)
         scale = batch_loss_scale(batch, config, world)
-        steps = all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"]
+        steps = all_reduce_named({"steps": len(micro_batches(model, batch, config))}, op="max")["steps"]
         current = policy_logprobs(model, batch, config, steps=int(steps))
         # an anchor away from the current policy (by token id, so the same on any split): ratios != 1, some clip
         old = current + 0.3 * torch.sin(batch.input_ids.to(current.dtype)) * batch.loss_mask

@@ -104,14 +104,21 @@ class TrainerConfig(BaseModel):
     it and sending its gradient through it (trainer.packing). `rows`: packed without padding, nothing shared.
     `padded`: the plain path, right-padded rows; equal log-probs and gradients, kept for comparison."""
 
-    micro_batch_tokens: int = Field(1024, ge=1)
-    """Tokens per forward/backward pass, counted as the forward computes them (with `shared_prefix`, each shared
-    prefix once; with `padded`, rows x the longest row); gradients accumulate over a worker's micro-batches.
-    A row longer than this is a micro-batch of its own. A packed sequence's attention costs its length squared
-    (rows of other groups are masked, not skipped), so on CPUs about one GRPO group per pass is fastest: for
-    the market loop's groups of 4 x 500-token rows, 1024 took 0.60x the time of 4096 and peaked at 3.9 GB
-    against 9.8 (bench/trainer.py's rows, SmolLM2-135M LoRA, 2 cores).
-    GPUs take larger budgets (configs/gpu.yaml); lower it if a training worker runs out of memory."""
+    micro_batch_tokens: int = Field(1536, ge=1)
+    """Most tokens per forward/backward pass, counted as the forward computes them (with `shared_prefix`, each
+    shared prefix once; with `padded`, rows x the longest row): the memory cap. Within it, a worker's rows are
+    cut into the micro-batches of least estimated compute (`attention_cost_tokens`); gradients accumulate over
+    them. A row longer than this is a micro-batch of its own. Best when a whole GRPO group fits, so its prompt
+    is computed once: a market group (4 x ~540 tokens sharing ~314) packs into ~1240, and 4 groups trained
+    in 0.73x the time of a 1024 budget (SmolLM2-135M LoRA on 2 cores; peak RSS 5.7 GB against 4.4). Lower it
+    if a training worker runs out of memory; GPUs take larger budgets (configs/gpu.yaml)."""
+
+    attention_cost_tokens: int = Field(2048, ge=1)
+    """Packed length at which a forward's attention costs as much as the rest of it, for planning micro-batches.
+    A packed sequence attends over its whole square (rows of other groups are masked, not skipped), so one long
+    pass can cost more than two short ones that each recompute a shared prompt; the planner weighs both. About
+    2000 for SmolLM2-135M on CPU (forward and backward of 1024 tokens took 7.6 s, of 2048 tokens 21.3 s); larger
+    models, whose weights dominate for longer, have larger values."""
 
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'

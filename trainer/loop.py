@@ -254,7 +254,7 @@ def run_updates(
     about_batch = batch_report(batch_totals(batch, stats))
     scale = batch_loss_scale(batch, config, world)
     # under DDP/FSDP every forward and backward is a collective, so all workers run the same number of them
-    micro_steps = int(all_reduce_named({"steps": len(micro_batches(batch, config))}, op="max")["steps"])
+    micro_steps = int(all_reduce_named({"steps": len(micro_batches(model, batch, config))}, op="max")["steps"])
     # The policy before this batch's updates anchors every update's ratio. A fresh batch's first update runs
     # from exactly those weights, so its own forwards give them; a resumed one takes them from the checkpoint.
     old: torch.Tensor | None = None

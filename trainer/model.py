@@ -31,9 +31,12 @@ def build_policy(base_model: str, config: TrainerConfig, device: str = "cpu", ad
     import torch
     from transformers import AutoModelForCausalLM
 
+    from trainer.tree_attention import use_tree_attention
+
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device)
+    use_tree_attention(model)  # packed rows: each segment attends only to what its rows may see
     if config.activation_checkpointing:
         # transformers checkpoints layers only in training mode; non-reentrant needs no grad-requiring inputs
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

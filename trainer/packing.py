@@ -24,6 +24,8 @@ class _Segment:
     tokens: np.ndarray
     parent: int
     """Index of the parent segment (-1: a root)."""
+    depth: int
+    """Tokens before the segment in every row through it (its ancestors' length)."""
     children: dict[int, int] = field(default_factory=dict)
     """First token -> child segment index."""
 
@@ -36,7 +38,9 @@ def _common_length(a: np.ndarray, b: np.ndarray) -> int:
 
 class PrefixTree:
     """A radix tree of token rows: `size` is the number of tokens the packed sequence holds (each shared
-    prefix counted once); `paths[r]` the segments row r runs through, root first."""
+    prefix counted once); `pairs` the query-key pairs attention over the tree computes (each segment's tokens
+    against its ancestors' and, causally within the segment's square, its own); `paths[r]` the segments row r
+    runs through, root first."""
 
     def __init__(self, share_prefixes: bool = True) -> None:
         self.share_prefixes = share_prefixes
@@ -44,10 +48,13 @@ class PrefixTree:
         self.roots: dict[int, int] = {}
         self.paths: list[list[int]] = []
         self.size = 0
+        self.pairs = 0
 
     def _new(self, tokens: np.ndarray, parent: int) -> int:
-        self.segments.append(_Segment(tokens=tokens, parent=parent))
+        depth = 0 if parent == -1 else self.segments[parent].depth + len(self.segments[parent].tokens)
+        self.segments.append(_Segment(tokens=tokens, parent=parent, depth=depth))
         self.size += len(tokens)
+        self.pairs += len(tokens) * (depth + len(tokens))
         return len(self.segments) - 1
 
     def add(self, tokens: np.ndarray) -> None:
@@ -76,7 +83,8 @@ class PrefixTree:
     def _split_keeping_paths(self, index: int, at: int) -> None:
         """Split segment `index` after `at` tokens; every row already through it runs through both halves."""
         segment = self.segments[index]
-        tail = _Segment(tokens=segment.tokens[at:], parent=index, children=segment.children)
+        tail = _Segment(tokens=segment.tokens[at:], parent=index, depth=segment.depth + at, children=segment.children)
+        self.pairs += at * (at - len(segment.tokens))  # the head no longer attends to the tail's keys
         self.segments.append(tail)
         tail_index = len(self.segments) - 1
         for child in tail.children.values():
@@ -164,31 +172,58 @@ def attention_allowed(layout: PackedLayout) -> torch.Tensor:
     return allowed & (~same | causal)
 
 
+FORWARD_OVERHEAD_TOKENS = 32
+"""A forward's fixed cost (Python, kernel launches, FSDP's parameter gathers) in tokens' worth of compute: it
+makes the planner prefer fewer passes where splitting saves nothing."""
+
+
+def forward_cost(tokens: int, pairs: int, attention_tokens: int) -> float:
+    """Estimated compute of one forward/backward in tokens' worth: each token's pass through the weights, plus
+    the attention's `pairs` (query-key pairs computed), a token's worth per `attention_tokens` pairs."""
+    return tokens + pairs / attention_tokens + FORWARD_OVERHEAD_TOKENS
+
+
 def plan_micro_batches(
-    rows: list[np.ndarray], packing: str, token_budget: int, row_cap: int | None = None
+    rows: list[np.ndarray],
+    packing: str,
+    token_budget: int,
+    row_cap: int | None = None,
+    attention_tokens: int = 2048,
+    tree_attention: bool = True,
 ) -> list[slice]:
-    """Consecutive rows per forward, by token budget: as many rows as fit in `token_budget` tokens of what
-    the forward computes (`shared_prefix`: the prefix tree's tokens; `rows`: the rows' tokens; `padded`: rows x
-    the longest row), at most `row_cap` rows. A row longer than the budget is a micro-batch of its own."""
-    plans: list[slice] = []
-    start = 0
-    tree = PrefixTree(share_prefixes=packing == "shared_prefix")
-    longest = 0
-    for index, row in enumerate(rows):
-        count = index - start
-        longest_with = max(longest, len(row))
-        if packing == "padded":
-            cost = (count + 1) * longest_with
-        else:
-            tree.add(row)
-            cost = tree.size
-        if count and (cost > token_budget or (row_cap is not None and count >= row_cap)):
-            plans.append(slice(start, index))
-            start, longest_with = index, len(row)
-            tree = PrefixTree(share_prefixes=packing == "shared_prefix")
-            if packing != "padded":
+    """Consecutive rows per forward: of all the ways to cut `rows` into runs whose forwards stay within
+    `token_budget` tokens of what they compute (`shared_prefix`: the prefix tree's tokens; `rows`: the rows'
+    tokens; `padded`: rows x the longest row) and `row_cap` rows, the one with the least estimated compute
+    (`forward_cost`; attention pairs: the tree's with `tree_attention`, else the packed length squared, or
+    each padded row's padded length squared). So a GRPO group stays in one forward when it fits, its prompt
+    computed once, and where attention runs over the whole packed square, groups that share little are not
+    packed together only to attend over each other's masked tokens. A row longer than the budget is a
+    micro-batch of its own. Exact dynamic programming over the cut points."""
+    share = packing == "shared_prefix"
+    # least[i]: the least cost of rows[:i]; cut[i]: where its last micro-batch starts
+    least = [0.0] + [float("inf")] * len(rows)
+    cut = [0] * (len(rows) + 1)
+    for start in range(len(rows)):
+        tree = PrefixTree(share_prefixes=share)
+        longest = 0
+        for stop in range(start + 1, len(rows) + 1):
+            row = rows[stop - 1]
+            count = stop - start
+            longest = max(longest, len(row))
+            if packing == "padded":
+                tokens, pairs = count * longest, count * longest**2
+            else:
                 tree.add(row)
-        longest = longest_with
-    if start < len(rows):
-        plans.append(slice(start, len(rows)))
-    return plans
+                tokens = tree.size
+                pairs = tree.pairs if tree_attention else tokens**2
+            if count > 1 and (tokens > token_budget or (row_cap is not None and count > row_cap)):
+                break
+            cost = least[start] + forward_cost(tokens, pairs, attention_tokens)
+            if cost < least[stop]:
+                least[stop], cut[stop] = cost, start
+    plans: list[slice] = []
+    stop = len(rows)
+    while stop > 0:
+        plans.append(slice(cut[stop], stop))
+        stop = cut[stop]
+    return plans[::-1]

@@ -18,6 +18,7 @@ from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3, trun
 from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
 from trainer.packing import attention_allowed, pack, plan_micro_batches
+from trainer.tree_attention import plan_tree_attention, uses_tree_attention
 
 
 def token_logprobs(
@@ -89,11 +90,15 @@ def packed_token_logprobs(
     empty = sources.numel() == 0
     if empty:  # still a forward with a graph: DDP's and FSDP's backward collectives must run on every worker
         sources = torch.zeros(1, dtype=torch.long, device=device)
+    if uses_tree_attention(model):  # each segment attends to its own keys only (trainer.tree_attention)
+        attention: dict[str, Any] = {"tree_attention": plan_tree_attention(layout, device)}
+    else:  # the whole square, masked
+        attention = {"attention_mask": _attention_for(model, attention_allowed(layout).to(device))}
     logits = model(
         input_ids=torch.from_numpy(layout.tokens).to(device)[None],
-        attention_mask=_attention_for(model, attention_allowed(layout).to(device)),
         position_ids=torch.from_numpy(layout.positions).to(device)[None],
         logits_to_keep=sources,
+        **attention,
     ).logits[0]
     if logits.dtype != torch.float64:
         logits = logits.float()
@@ -128,12 +133,20 @@ def rows_logprobs(
     return packed_token_logprobs(model, input_ids, attention_mask, loss_mask, temperatures, packing == "shared_prefix")
 
 
-def micro_batches(batch: TrainingTensors, config: TrainerConfig) -> list[slice]:
-    """This worker's micro-batches: consecutive rows by `trainer.micro_batch_tokens` (and micro_batch_rows)."""
+def micro_batches(model: Any, batch: TrainingTensors, config: TrainerConfig) -> list[slice]:
+    """This worker's micro-batches: runs of consecutive rows within `trainer.micro_batch_tokens` (and
+    micro_batch_rows), planned for the least compute with `model`'s attention (trainer.packing)."""
     lengths = batch.attention_mask.sum(dim=1).tolist()
     host_ids = batch.input_ids.cpu().numpy()
     rows = [host_ids[r, : int(lengths[r])] for r in range(len(lengths))]
-    return plan_micro_batches(rows, config.packing, config.micro_batch_tokens, config.micro_batch_rows)
+    return plan_micro_batches(
+        rows,
+        config.packing,
+        config.micro_batch_tokens,
+        config.micro_batch_rows,
+        config.attention_cost_tokens,
+        tree_attention=uses_tree_attention(model),
+    )
 
 
 def policy_logprobs(
@@ -143,7 +156,7 @@ def policy_logprobs(
 
     `steps`: forwards every worker must run (the largest count on any worker); under FSDP each forward
     all-gathers parameters, so a worker with fewer micro-batches runs one-token passes to keep in step."""
-    plan = micro_batches(batch, config)
+    plan = micro_batches(model, batch, config)
     with torch.no_grad():
         parts = [
             rows_logprobs(
@@ -309,7 +322,7 @@ def accumulate_gradients(
     loss_fn = POLICY_LOSSES[config.policy_loss]
     clip = clip_config(config)
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
-    plan = micro_batches(batch, config)
+    plan = micro_batches(model, batch, config)
     tokens = max(scale.tokens, 1.0)
     taken = old_logprobs
     for step in range(max(micro_steps or 0, len(plan))):
