@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,13 +125,17 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         from cluster.live_driver import run_live
 
         return run_live(config, out_dir)
-    fleet, controller, model_path = start(config)
+    phases: dict[str, float] = {}
+    with timed(phases, "start"):
+        fleet, controller, model_path = start(config)
     tracker = LoopTracker(config, out_dir, enabled=config.controller.wandb)
     try:
-        controller.call("recover", timeout=config.controller.training_timeout_s)
-        controller.call("sync_workers")
+        with timed(phases, "start"):
+            controller.call("recover", timeout=config.controller.training_timeout_s)
+            controller.call("sync_workers")
         if config.rollout.eval_seeds:
-            evaluate(controller, tracker, controller.call("deployed_version"))
+            with timed(phases, "base_evaluation"):
+                evaluate(controller, tracker, controller.call("deployed_version"))
         seeds = SeedCounter(config)
         iterations = [
             iteration(number, fleet, controller, tracker, seeds.take())
@@ -138,8 +143,12 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         ]
         canary_round = None
         if any(v["status"] == "canary" for v in controller.call("versions")):  # the last iteration's canary
-            canary_round = play_canary_round(fleet, controller, tracker, len(iterations) + 1, seeds.take())
-        return write(config, controller, model_path, iterations, canary_round, out_dir, started, tracker.run_id)
+            with timed(phases, "canary_round"):
+                canary_round = play_canary_round(fleet, controller, tracker, len(iterations) + 1, seeds.take())
+        for entry in iterations:
+            for phase, seconds in entry["phases_s"].items():
+                phases[phase] = round(phases.get(phase, 0.0) + seconds, 1)
+        return write(config, controller, model_path, iterations, canary_round, out_dir, started, tracker.run_id, phases)
     finally:
         tracker.finish()
 
@@ -162,6 +171,16 @@ def start(config: ZigguratConfig) -> tuple[RolloutFleet, ControllerClient, str]:
     return fleet, ControllerClient(handle, config), model_path
 
 
+@contextmanager
+def timed(phases: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to phases[phase] (seconds, 0.1 s), for report.json's per-phase times."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[phase] = round(phases.get(phase, 0.0) + time.perf_counter() - began, 1)
+
+
 class SeedCounter:
     """Training scenarios are numbered on from `rollout.train_seed_start`, never played twice in a loop."""
 
@@ -176,19 +195,25 @@ class SeedCounter:
 def iteration(
     number: int, fleet: RolloutFleet, controller: ControllerClient, tracker: LoopTracker, seeds: list[int]
 ) -> dict[str, Any]:
-    """Play, settle the last canary, train, release: one entry of report.json's `iterations`."""
+    """Play, settle the last canary, train, release: one entry of report.json's `iterations`, with each
+    phase's wall time in `phases_s` (release: the new version's evaluation and its swap)."""
     served, actors_served = controller.call("deployed_version"), controller.served_versions()
     entry: dict[str, Any] = {"iteration": number, "served_version": served, "served_versions": actors_served}
-    entry.update(rollouts(fleet, controller, tracker, seeds, f"iteration {number}: rollouts", number, served))
+    phases: dict[str, float] = {}
+    with timed(phases, "rollouts"):
+        entry.update(rollouts(fleet, controller, tracker, seeds, f"iteration {number}: rollouts", number, served))
     # A canary lives for one rollout round: decided now, on that round's rewards, before anything trains.
     settled = settle(controller)
     if settled:
         entry["canary_settled"] = settled
         entry["deployed_after_settling"] = controller.call("deployed_version")
         entry["served_versions_after_settling"] = controller.served_versions()
-    entry["training"] = outcome = train(controller, tracker, fleet.config, number)
+    with timed(phases, "training"):
+        entry["training"] = outcome = train(controller, tracker, fleet.config, number)
     if outcome.get("trained"):
-        entry.update(release(controller, tracker, outcome["version"]))
+        with timed(phases, "release"):
+            entry.update(release(controller, tracker, outcome["version"]))
+    entry["phases_s"] = phases
     return entry
 
 
@@ -288,8 +313,10 @@ def write(
     out_dir: Path,
     started: float,
     wandb_run_id: str | None,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """report.json and reward.png: every version's scores from the database, what each actor serves now."""
+    """report.json and reward.png: every version's scores from the database, what each actor serves now, and
+    the wall time of each phase summed over the run (`phases_s`; each iteration has its own)."""
     from cluster.report import version_rewards, write_report
 
     db = config.database.create_engine()
@@ -312,10 +339,15 @@ def write(
         "canary_round": canary_round,
         "versions": versions,
         "wall_s": round(time.perf_counter() - started, 1),
+        "phases_s": phases or {},
         "wandb_run_id": wandb_run_id,
     }
     report["report_files"] = write_report(report, out_dir)
     console.phase(f"done: version {final} serves, held-out mean reward {_fmt(evals.get(final))}")
+    if phases:
+        console.phase(
+            "wall time by phase: " + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items())
+        )
     return report
 
 

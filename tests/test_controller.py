@@ -74,6 +74,11 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, p
         assert {v["version"]: v["status"] for v in report["versions"]} == {0: "retired", 1: "deployed"}
         assert report["base_eval_mean_reward"] is not None and report["final_eval_mean_reward"] is not None
         assert json.loads((tmp_path / "out" / "report.json").read_text())["final_version"] == 1
+        # every phase's wall time, summed over iterations, within the run's
+        assert set(iteration["phases_s"]) == {"rollouts", "training", "release"}
+        assert set(report["phases_s"]) == {"start", "base_evaluation", "rollouts", "training", "release"}
+        assert report["phases_s"]["training"] == pytest.approx(iteration["phases_s"]["training"], abs=0.1)
+        assert 0 < sum(report["phases_s"].values()) <= report["wall_s"] + 0.5
         assert (tmp_path / "out" / "reward.png").stat().st_size > 1000
 
         db = sa.create_engine(url)
