@@ -72,51 +72,51 @@ def main() -> None:
     sampling = {"max_tokens": args.tokens, "min_tokens": args.tokens, "temperature": 1.0}
 
     # (a) raw engine, same prompts as the environment produces; it stays up (idle) while the pipeline plays
-    raw_engine = EngineThread(model_path, engine_config).__enter__()
-    prompts = []
-    for seed in seeds:
-        env = make_env("arithmetic")
-        question = env.reset(seed)
-        messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": question}]
-        prompts += [raw_engine.chat_prompt(messages)] * args.group_size
-    raw_engine.generate_many(prompts[:4], **sampling)  # warm-up
+    with EngineThread(model_path, engine_config) as raw_engine:
+        prompts = []
+        for seed in seeds:
+            env = make_env("arithmetic")
+            question = env.reset(seed)
+            messages = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": question}]
+            prompts += [raw_engine.chat_prompt(messages)] * args.group_size
+        raw_engine.generate_many(prompts[:4], **sampling)  # warm-up
 
-    # (b) the full path: rollout actor + environment + recorder on SQLite
-    init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
-    url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-rollout-')}/rollout.db"
-    upgrade(url)
-    settings = RecorderConfig(actor_name="bench-rollout-recorder")
-    recorder = start_recorder(DatabaseConfig(url=url), settings)
-    worker = start_rollout_worker(model_path, engine_config, settings)
-    group = {"group_size": args.group_size, "max_turns": 1, **sampling}
-    ray.get(worker.run_group.remote("arithmetic", seed=10_000, **{**group, "group_size": 4}), timeout=600)  # warm-up
+        # (b) the full path: rollout actor + environment + recorder on SQLite
+        init_ray(RayConfig(address="local", num_cpus=2, include_dashboard=False))
+        url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-rollout-')}/rollout.db"
+        upgrade(url)
+        settings = RecorderConfig(actor_name="bench-rollout-recorder")
+        recorder = start_recorder(DatabaseConfig(url=url), settings)
+        worker = start_rollout_worker(model_path, engine_config, settings)
+        group = {"group_size": args.group_size, "max_turns": 1, **sampling}
+        warm_up = worker.run_group.remote("arithmetic", seed=10_000, **{**group, "group_size": 4})
+        ray.get(warm_up, timeout=600)
 
-    raw_rates: list[float] = []
-    pipeline_rates: list[float] = []
-    outside: list[float] = []
-    by_process: dict[str, float] = {}
-    recorded, rewards = 0, []
-    for _ in range(args.rounds):
-        started = time.perf_counter()
-        generations = raw_engine.generate_many(prompts, **sampling)
-        raw_tokens = sum(len(c.token_ids) for g in generations for c in g.completions)
-        raw_rates.append(raw_tokens / (time.perf_counter() - started))
-        before = cpu_seconds()
-        started = time.perf_counter()
-        summaries = ray.get([worker.run_group.remote("arithmetic", seed=s, **group) for s in seeds], timeout=1800)
-        pipeline_rates.append(sum(s["completion_tokens"] for s in summaries) / (time.perf_counter() - started))
-        used = {pid: (name, cpu - before.get(pid, (name, 0.0))[1]) for pid, (name, cpu) in cpu_seconds().items()}
-        # vLLM's own processes are the engines (the raw one idle); everything else is the path around them
-        outside.append(sum(cpu for name, cpu in used.values() if not name.startswith("VLLM")))
-        for name, cpu in used.values():
-            key = name.split()[0] if name.startswith(("ray::", "VLLM")) else name.split()[0].rsplit("/", 1)[-1]
-            by_process[key] = by_process.get(key, 0.0) + cpu / args.rounds
-        recorded += sum(s["recorded"] for s in summaries)
-        rewards += [r for s in summaries for r in s["rewards"]]
-    ray.get(worker.close.remote(), timeout=120)
-    stop_recorder(recorder)
-    ray.shutdown()
-    raw_engine.__exit__(None, None, None)
+        raw_rates: list[float] = []
+        pipeline_rates: list[float] = []
+        outside: list[float] = []
+        by_process: dict[str, float] = {}
+        recorded, rewards = 0, []
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            generations = raw_engine.generate_many(prompts, **sampling)
+            raw_tokens = sum(len(c.token_ids) for g in generations for c in g.completions)
+            raw_rates.append(raw_tokens / (time.perf_counter() - started))
+            before = cpu_seconds()
+            started = time.perf_counter()
+            summaries = ray.get([worker.run_group.remote("arithmetic", seed=s, **group) for s in seeds], timeout=1800)
+            pipeline_rates.append(sum(s["completion_tokens"] for s in summaries) / (time.perf_counter() - started))
+            used = {pid: (name, cpu - before.get(pid, (name, 0.0))[1]) for pid, (name, cpu) in cpu_seconds().items()}
+            # vLLM's own processes are the engines (the raw one idle); everything else is the path around them
+            outside.append(sum(cpu for name, cpu in used.values() if not name.startswith("VLLM")))
+            for name, cpu in used.values():
+                key = name.split()[0] if name.startswith(("ray::", "VLLM")) else name.split()[0].rsplit("/", 1)[-1]
+                by_process[key] = by_process.get(key, 0.0) + cpu / args.rounds
+            recorded += sum(s["recorded"] for s in summaries)
+            rewards += [r for s in summaries for r in s["rewards"]]
+        ray.get(worker.close.remote(), timeout=120)
+        stop_recorder(recorder)
+        ray.shutdown()
 
     raw_rate, pipeline_rate = statistics.median(raw_rates), statistics.median(pipeline_rates)
     ratios = [p / r for p, r in zip(pipeline_rates, raw_rates, strict=True)]

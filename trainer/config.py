@@ -114,11 +114,12 @@ class TrainerConfig(BaseModel):
     if a training worker runs out of memory; GPUs take larger budgets (configs/gpu.yaml)."""
 
     attention_cost_tokens: int = Field(2048, ge=1)
-    """Packed length at which a forward's attention costs as much as the rest of it, for planning micro-batches.
-    A packed sequence attends over its whole square (rows of other groups are masked, not skipped), so one long
-    pass can cost more than two short ones that each recompute a shared prompt; the planner weighs both. About
-    2000 for SmolLM2-135M on CPU (forward and backward of 1024 tokens took 7.6 s, of 2048 tokens 21.3 s); larger
-    models, whose weights dominate for longer, have larger values."""
+    """For planning micro-batches: the query-key pairs of attention that cost as much as one token's pass through
+    the weights. A forward's attention pairs are, with tree attention (trainer.tree_attention), each segment's
+    queries against its ancestors and itself; with a dense mask (eager attention), the packed length squared.
+    So the planner weighs one long pass against two short ones that each recompute a shared prompt. About 2000
+    for SmolLM2-135M on CPU (forward and backward of a 1024-token row took 7.6 s, of 2048 tokens 21.3 s);
+    larger models, whose weights dominate for longer, have larger values."""
 
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'

@@ -18,7 +18,7 @@ from trainer.algorithms import POLICY_LOSSES, ClipConfig, aggregate, kl_k3, trun
 from trainer.config import TrainerConfig
 from trainer.data import TrainingTensors
 from trainer.packing import attention_allowed, pack, plan_micro_batches
-from trainer.tree_attention import plan_tree_attention, uses_tree_attention
+from trainer.tree_attention import attention_implementation, plan_tree_attention, uses_tree_attention
 
 
 def token_logprobs(
@@ -55,11 +55,9 @@ def token_logprobs(
 def _attention_for(model: Any, allowed: torch.Tensor) -> torch.Tensor:
     """A custom [1, 1, q, k] attention mask in the form the model's attention takes: boolean for SDPA (the
     default), additive (0 or the dtype's minimum) for eager attention."""
-    inner = getattr(model, "module", model)  # DDP
-    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
     mask = allowed[None, None]
-    if implementation == "eager":
-        dtype = next(inner.parameters()).dtype
+    if attention_implementation(model) == "eager":
+        dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 

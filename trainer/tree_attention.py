@@ -104,12 +104,17 @@ AttentionInterface.register(ATTENTION, tree_attention_forward)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def attention_implementation(model: Any) -> str:
+    """The attention a (possibly DDP-wrapped) transformers model runs: "sdpa", "eager", ATTENTION, ..."""
+    inner = getattr(model, "module", model)  # DDP
+    return getattr(inner.config, "_attn_implementation", None) or "sdpa"
+
+
 def use_tree_attention(model: Any) -> None:
     """Switch a model loaded with SDPA to ATTENTION (others, e.g. eager or flash, are left as they are)."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    if attention_implementation(model) == "sdpa":
         model.set_attn_implementation(ATTENTION)
 
 
 def uses_tree_attention(model: Any) -> bool:
-    inner = getattr(model, "module", model)  # DDP
-    return getattr(inner.config, "_attn_implementation", None) == ATTENTION
+    return attention_implementation(model) == ATTENTION
