@@ -179,3 +179,17 @@ class TrainingBatchTrajectory(Base):
 
     batch_id: Mapped[int] = mapped_column(ForeignKey("training_batches.id"), primary_key=True)
     trajectory_id: Mapped[str] = mapped_column(ForeignKey("trajectories.id"), primary_key=True)
+
+
+class ApiKey(Base):
+    """A gateway client's key: only its SHA-256 is stored, so the database never holds a usable key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The key's first characters, to tell keys apart in listings."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

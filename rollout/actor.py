@@ -11,11 +11,13 @@ an episode that raises is recorded as failed and its group is not judged (the lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +200,38 @@ class RolloutWorker:
             "last_call_s_ago": None if last_call is None else time.monotonic() - last_call,
             "held_records": len(self._client.unacked) if self._holding() else 0,
         }
+
+    async def complete(
+        self, prompt_token_ids: list[int], sampling: dict[str, Any], version: int | None = None
+    ) -> dict[str, Any]:
+        """One call from the agent gateway: `n` completions of a prompt on `version` (None: the served one), as
+        plain data (`model_version` and `completions`, each a `Completion`'s fields)."""
+        engine = await self._serving(version)
+        generation = await engine.generate(prompt_token_ids, version=version, **sampling)
+        self._counters.calls, self._counters.last_call = self._counters.calls + 1, time.monotonic()
+        completions = [dataclasses.asdict(completion) for completion in generation.completions]
+        return {"model_version": generation.model_version, "completions": completions}
+
+    async def complete_stream(
+        self, prompt_token_ids: list[int], sampling: dict[str, Any], version: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`complete`, streamed: each sample's new tokens as they come (a `Delta`'s fields). Call it with
+        `.options(num_returns="streaming")`."""
+        engine = await self._serving(version)
+        if not isinstance(engine, PolicyEngine):
+            raise EngineError("streaming needs a vLLM engine (engine.backend: vllm)")
+        async for delta in engine.stream(prompt_token_ids, version=version, **sampling):
+            yield dataclasses.asdict(delta)
+        self._counters.calls, self._counters.last_call = self._counters.calls + 1, time.monotonic()
+
+    async def _serving(self, version: int | None) -> Engine:
+        engine = await self._policy()
+        await self._groups_open.wait()  # a weights swap is draining: the call starts on the new version
+        if self._awaiting_restore and version is None:
+            raise RolloutRestarted(
+                "this rollout actor was restarted and serves no version until the controller restores one"
+            )
+        return engine
 
     async def run_group(
         self,

@@ -15,6 +15,18 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def assistant_closing(tokenizer: Any, completion_ids: list[int]) -> list[int]:
+    """Tokens the chat template puts after an assistant message, less the end-of-turn token the completion
+    already ended with (EOS)."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    closed = _render(tokenizer, probe, generation_prompt=False)
+    closing_text = closed[closed.rindex("a") + 1 :]  # what the template puts after an assistant message
+    closing = tokenizer.encode(closing_text, add_special_tokens=False)
+    if closing and completion_ids and completion_ids[-1] == closing[0]:
+        closing = closing[1:]
+    return closing
+
+
 def next_turn_tokens(tokenizer: Any, completion_ids: list[int], observation: str) -> list[int]:
     """Tokens to append after an assistant completion so that the prompt continues with a user `observation`."""
     probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
@@ -22,8 +34,6 @@ def next_turn_tokens(tokenizer: Any, completion_ids: list[int], observation: str
     opened = _render(tokenizer, [*probe, {"role": "user", "content": observation}], generation_prompt=True)
     if not opened.startswith(closed):
         raise ValueError("this chat template rewrites earlier turns; multi-turn token extension needs one that appends")
-    closing_text = closed[closed.rindex("a") + 1 :]  # what the template puts after an assistant message
-    closing = tokenizer.encode(closing_text, add_special_tokens=False)
-    if closing and completion_ids and completion_ids[-1] == closing[0]:
-        closing = closing[1:]  # the completion already ended with the end-of-turn token (EOS)
-    return closing + tokenizer.encode(opened[len(closed) :], add_special_tokens=False)
+    return assistant_closing(tokenizer, completion_ids) + tokenizer.encode(
+        opened[len(closed) :], add_special_tokens=False
+    )

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 __all__ = [
-    "Completion", "EngineError", "EngineThread", "Generation", "PolicyEngine", "configure_vllm_environment",
+    "Completion", "Delta", "EngineError", "EngineThread", "Generation", "PolicyEngine", "configure_vllm_environment",
     "engine_args", "resolve_device",
 ]  # fmt: skip
 
@@ -45,6 +45,22 @@ class Completion:
     text: str
     finish_reason: str | None
     """`stop` (EOS or a stop token), `length` (hit max_tokens) or `abort`."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """With `top_logprobs=k`: per sampled token, the k most likely tokens' log-probs (same distribution)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New tokens of one streamed sample (`PolicyEngine.stream`)."""
+
+    index: int
+    """Which of the request's `n` samples these tokens extend."""
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str | None
+    model_version: int
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,67 @@ class PolicyEngine:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(encoded["input_ids"])
 
+    def _sampling(
+        self,
+        n: int,
+        max_tokens: int,
+        min_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int] | None,
+        stop: list[str] | None,
+        seed: int | None,
+        top_logprobs: int,
+        stream: bool,
+    ) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=top_logprobs,  # 0 = only the sampled token's log-prob
+            stop_token_ids=stop_token_ids,
+            stop=stop,
+            seed=seed,
+            # Whole outputs unless streaming; streamed deltas carry their sample's index.
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def _admit(self, base_weights: bool, version: int | None) -> tuple[int, Any]:
+        """(version, LoRARequest) a new request samples, fixed before it starts even if a swap happens meanwhile."""
+        await self._admitting.wait()  # a full-weights swap in progress: this request goes to the new weights
+        if self._unusable is not None:
+            raise EngineError(self._unusable)
+        if base_weights:
+            version = self.weights_version
+        if version is None:
+            return self.version, self._lora
+        if version == self.weights_version:
+            return version, None
+        if version in self._loaded:
+            return version, self._loaded[version]
+        raise EngineError(f"version {version} is not loaded in this engine; load it before sampling from it")
+
+    @staticmethod
+    def _scored(
+        sample: Any, token_ids: list[int], top_logprobs: int
+    ) -> tuple[list[float], list[dict[int, float]] | None]:
+        positions = sample.logprobs or []
+        if len(positions) != len(token_ids):
+            raise EngineError(f"vLLM returned {len(positions)} log-probs for {len(token_ids)} tokens")
+        logprobs = [position[token].logprob for token, position in zip(token_ids, positions, strict=True)]
+        if not top_logprobs:
+            return logprobs, None
+        tops = [
+            {t: p.logprob for t, p in position.items() if p.rank is not None and p.rank <= top_logprobs}
+            for position in positions
+        ]
+        return logprobs, tops
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -231,43 +308,26 @@ class PolicyEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        top_logprobs: int = 0,
         base_weights: bool = False,
         version: int | None = None,
     ) -> Generation:
         """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token.
 
         `base_weights` ignores the served adapter (the LLM judge scores with the untrained model); `version`
-        samples from a loaded version other than the served one (evaluating a version before deploying it)."""
-        from vllm import SamplingParams
+        samples from a loaded version other than the served one (evaluating a version before deploying it).
+        `stop` strings end a completion (its text without them, its token ids with them: what was sampled);
+        `top_logprobs` > 0 also returns that many most likely tokens per position."""
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
         if not prompt_token_ids:
             raise EngineError("prompt_token_ids is empty; pass at least one token id")
-        params = SamplingParams(
-            n=n,
-            max_tokens=max_tokens,
-            min_tokens=min_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=0,  # 0 = only the sampled token's log-prob
-            stop_token_ids=stop_token_ids,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # n > 1 with streamed deltas mixes the samples up
+        params = self._sampling(
+            n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, stream=False
         )
-        lora: Any = None  # the request keeps its version and adapter even if a swap happens meanwhile
-        await self._admitting.wait()  # a full-weights swap in progress: this request goes to the new weights
-        if self._unusable is not None:
-            raise EngineError(self._unusable)
-        if base_weights:
-            version = self.weights_version
-        if version is None:
-            version, lora = self.version, self._lora
-        elif version == self.weights_version:
-            lora = None
-        elif version in self._loaded:
-            lora = self._loaded[version]
-        else:
-            raise EngineError(f"version {version} is not loaded in this engine; load it before sampling from it")
+        version, lora = await self._admit(base_weights, version)
         final = None
         self._running += 1
         try:
@@ -283,14 +343,46 @@ class PolicyEngine:
         if final is None:
             raise EngineError("vLLM returned no output for the request")
         completions = []
-        for sample in final.outputs:
+        for sample in sorted(final.outputs, key=lambda sample: sample.index):
             token_ids = list(sample.token_ids)
-            positions = sample.logprobs or []
-            if len(positions) != len(token_ids):
-                raise EngineError(f"vLLM returned {len(positions)} log-probs for {len(token_ids)} tokens")
-            logprobs = [position[token].logprob for token, position in zip(token_ids, positions, strict=True)]
-            completions.append(Completion(token_ids, logprobs, sample.text, sample.finish_reason))
+            logprobs, tops = self._scored(sample, token_ids, top_logprobs)
+            completions.append(Completion(token_ids, logprobs, sample.text, sample.finish_reason, tops))
         return Generation(list(prompt_token_ids), completions, version)
+
+    async def stream(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        top_logprobs: int = 0,
+        version: int | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Like `generate`, but yields each sample's new tokens as vLLM produces them."""
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_token_ids:
+            raise EngineError("prompt_token_ids is empty; pass at least one token id")
+        params = self._sampling(n, max_tokens, 0, temperature, top_p, None, stop, seed, top_logprobs, stream=True)
+        version, lora = await self._admit(False, version)
+        self._running += 1
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
+                params,
+                request_id=uuid.uuid4().hex,
+                lora_request=lora,
+            ):
+                for sample in output.outputs:
+                    token_ids = list(sample.token_ids)
+                    logprobs, tops = self._scored(sample, token_ids, top_logprobs)
+                    yield Delta(sample.index, token_ids, logprobs, sample.text, sample.finish_reason, version, tops)
+        finally:
+            self._running -= 1
 
     def shutdown(self) -> None:
         """Stop the engine core. Call it on the engine's event loop, so vLLM's output handler is cancelled

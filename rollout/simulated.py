@@ -243,6 +243,9 @@ class SimulatedEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        top_logprobs: int = 0,
         base_weights: bool = False,
         version: int | None = None,
     ) -> Generation:
@@ -251,6 +254,8 @@ class SimulatedEngine:
         Tokens are drawn from a fixed distribution over ordinary tokens at `temperature` (0 samples at 1: there
         is no model to be greedy about), so no completion contains a stop token and every one ends with
         finish_reason `length`; `top_p` and `stop_token_ids` are accepted and have nothing to act on."""
+        if stop or seed is not None or top_logprobs:
+            raise EngineError("the simulated engine has no text, seeds or top log-probs; use engine.backend: vllm")
         if not prompt_token_ids:
             raise EngineError("prompt_token_ids is empty; pass at least one token id")
         if n < 1 or max_tokens < 1 or not 0 <= min_tokens <= max_tokens:

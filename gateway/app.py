@@ -1,0 +1,480 @@
+"""The agent gateway: an OpenAI-compatible HTTP API on Ray Serve, in front of the rollout actors' engines.
+
+Every replica checks the key, validates the request, builds the prompt tokens (extending the episode's
+earlier tokens exactly: gateway.prompts), sends it to the least loaded rollout actor, answers, and hands the
+call to the episode ledger (gateway.ledger), which records it. The routes beside the OpenAI ones open and
+end episodes, attach environment steps and set rewards, now or hours later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from gateway.config import GatewayConfig
+from gateway.ledger import start_ledger
+from gateway.prompts import extend_prompt, render_prompt
+from gateway.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    RequestProblem,
+    chat_chunk,
+    chat_response,
+    completion_response,
+    parse,
+    sampling_of,
+    token_logprobs,
+    usage,
+)
+from recorder.config import RecorderConfig
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="Ziggurat agent gateway")
+_ledgers: dict[str, Any] = {}  # ledger name -> handle, for the gateways this process started
+
+
+def _error(problem: RequestProblem, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(problem.body(), status_code=problem.status, headers=headers)
+
+
+# Defined before the deployment class: Serve's ingress wrapper only sees names that exist when it runs.
+def _number(data: dict[str, Any], name: str, required: bool) -> float | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        raise RequestProblem(f"{name} must be a finite number", name)
+    return float(value)
+
+
+def _fields(method: str, data: dict[str, Any]) -> list[Any]:
+    """The ledger arguments of an episode route's JSON body, checked."""
+    if method == "end":
+        return [_number(data, "reward", required=False)]
+    if method == "reward":
+        return [_number(data, "reward", required=True)]
+    if method == "reward_candidates":
+        rewards = data.get("rewards")
+        if not isinstance(rewards, list) or not rewards:
+            raise RequestProblem("rewards must be a non-empty list of numbers, one per candidate", "rewards")
+        return [[_number({"rewards": r}, "rewards", required=True) for r in rewards]]
+    if method == "annotate":
+        observation, action = data.get("observation"), data.get("action")
+        if observation is not None and not isinstance(observation, str):
+            raise RequestProblem("observation must be a string", "observation")
+        if action is not None and not isinstance(action, dict):
+            raise RequestProblem("action must be an object", "action")
+        return [observation, action, _number(data, "reward", required=False) or 0.0, bool(data.get("done", False))]
+    return []
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    """One gateway replica (a Ray actor); see the module docstring."""
+
+    def __init__(
+        self,
+        settings: GatewayConfig,
+        model_name: str,
+        model_path: str,
+        worker_names: list[str],
+        database_url: str | None,
+        max_model_len: int,
+        namespace: str,
+    ) -> None:
+        """`namespace`: the Ray namespace of the ledger and rollout actors (replicas run in Serve's own)."""
+        from transformers import AutoTokenizer
+
+        self.settings, self.model_name, self.max_model_len = settings, model_name, max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.namespace = namespace
+        self.ledger = ray.get_actor(settings.ledger_name, namespace=namespace)
+        self.worker_names = list(worker_names)
+        self._workers: dict[str, Any] = {}
+        self._load: Counter[str] = Counter()  # requests this replica has in flight on each rollout actor
+        self._by_key: Counter[str] = Counter()
+        self._in_flight = 0
+        self._keys: dict[str, str] = {}
+        self._keys_read = 0.0
+        self._db: Any = None
+        if settings.auth == "keys":
+            if database_url is None:
+                raise ValueError("gateway.auth: keys needs the database that holds the keys")
+            import sqlalchemy as sa
+
+            self._db = sa.create_engine(database_url, pool_pre_ping=True)
+
+    # --- admission ------------------------------------------------------------------------------------------
+
+    def _client_of(self, request: Request) -> str:
+        """The key's client name (`anonymous` without auth), or RequestProblem 401."""
+        if self.settings.auth == "none":
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise RequestProblem(
+                "missing API key: send `Authorization: Bearer <key>` (create one with `ziggurat keys create`)",
+                status=401, code="invalid_api_key",
+            )  # fmt: skip
+        from recorder.api_keys import active_keys, hash_key
+
+        if time.monotonic() - self._keys_read > self.settings.key_refresh_s:
+            self._keys, self._keys_read = active_keys(self._db), time.monotonic()
+        name = self._keys.get(hash_key(header[7:].strip()))
+        if name is None:
+            raise RequestProblem("invalid or revoked API key", status=401, code="invalid_api_key")
+        return name
+
+    def _admit(self, request: Request) -> str:
+        client = self._client_of(request)
+        if self._in_flight >= self.settings.max_in_flight:
+            raise RequestProblem("the gateway is at capacity; retry after the Retry-After seconds", status=429)
+        if self._by_key[client] >= self.settings.max_concurrency_per_key:
+            raise RequestProblem(
+                f"key {client!r} has {self._by_key[client]} requests in flight (gateway.max_concurrency_per_key); "
+                "retry after the Retry-After seconds",
+                status=429, code="rate_limit_exceeded",
+            )  # fmt: skip
+        self._in_flight += 1
+        self._by_key[client] += 1
+        return client
+
+    def _release(self, client: str) -> None:
+        self._in_flight -= 1
+        self._by_key[client] -= 1
+
+    async def _body(self, request: Request) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.settings.max_body_bytes:
+            raise RequestProblem(f"request body over {self.settings.max_body_bytes} bytes", status=413)
+        raw = await request.body()
+        if len(raw) > self.settings.max_body_bytes:
+            raise RequestProblem(f"request body over {self.settings.max_body_bytes} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise RequestProblem(f"the body is not valid JSON ({exc})") from None
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.model_name, "ziggurat"):
+            raise RequestProblem(
+                f"unknown model {model!r}: this gateway serves {self.model_name!r} (GET /v1/models)",
+                "model", 404, "model_not_found",
+            )  # fmt: skip
+
+    async def _ledger(self, method: str, *args: Any) -> dict[str, Any]:
+        try:
+            answer = await asyncio.wait_for(getattr(self.ledger, method).remote(*args), self.settings.ledger_timeout_s)
+        except (TimeoutError, GetTimeoutError, RayActorError) as exc:
+            raise RequestProblem(
+                f"the episode ledger did not answer ({type(exc).__name__}); nothing was recorded, retry", status=503
+            ) from None
+        if "error" in answer:
+            error = answer["error"]
+            raise RequestProblem(error["message"], error["param"], answer["status"], error["code"])
+        return answer
+
+    def _episode_of(self, request: Request, metadata: dict[str, str] | None, call_id: str) -> tuple[str, str, Any]:
+        """(episode, group, agent) from the headers or the request's metadata; without them the call is an
+        episode of its own, named by the call's id."""
+        meta = metadata or {}
+        episode = request.headers.get("x-ziggurat-episode") or meta.get("episode") or call_id
+        group = request.headers.get("x-ziggurat-group") or meta.get("group") or episode
+        agent = request.headers.get("x-ziggurat-agent") or meta.get("agent")
+        return episode, group, agent
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def _worker(self, name: str) -> Any:
+        if name not in self._workers:
+            self._workers[name] = ray.get_actor(name, namespace=self.namespace)
+        return self._workers[name]
+
+    def _by_load(self) -> list[str]:
+        return sorted(self.worker_names, key=lambda name: self._load[name])
+
+    async def _generate(self, prompt: list[int], sampling: dict[str, Any], version: int | None) -> dict[str, Any]:
+        """Completions from the least loaded rollout actor that can serve them (the next one if it is down)."""
+        failures = []
+        for name in self._by_load():
+            self._load[name] += 1
+            try:
+                ref = self._worker(name).complete.remote(prompt, sampling, version)
+                return await asyncio.wait_for(ref, self.settings.call_timeout_s)
+            except RayTaskError as exc:
+                if version is not None and "is not loaded" in str(exc.cause):
+                    return await self._generate(prompt, sampling, None)  # the pinned version was retired
+                failures.append(f"{name}: {type(exc.cause).__name__}: {str(exc.cause)[:200]}")
+            except (RayActorError, ValueError, TimeoutError) as exc:
+                self._workers.pop(name, None)
+                failures.append(f"{name}: {type(exc).__name__}")
+            finally:
+                self._load[name] -= 1
+        raise RequestProblem(f"no rollout actor could serve the call ({'; '.join(failures)})", status=503)
+
+    async def _stream(
+        self, prompt: list[int], sampling: dict[str, Any], version: int | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        name = self._by_load()[0]
+        self._load[name] += 1
+        try:
+            deltas = (
+                self._worker(name).complete_stream.options(num_returns="streaming").remote(prompt, sampling, version)
+            )
+            async with asyncio.timeout(self.settings.call_timeout_s):
+                async for ref in deltas:
+                    yield await ref
+        finally:
+            self._load[name] -= 1
+
+    # --- OpenAI routes ---------------------------------------------------------------------------------------
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._client_of(request)
+        except RequestProblem as problem:
+            return _error(problem)
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "ziggurat"}
+        return JSONResponse({"object": "list", "data": [card, {**card, "id": "ziggurat"}]})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._serve(request, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: Request, chat: bool) -> Any:
+        try:
+            client = self._admit(request)
+        except RequestProblem as problem:
+            return _error(problem, self.settings.retry_after_s if problem.status == 429 else None)
+        streaming = False
+        try:
+            body = await self._body(request)
+            call = await self._prepare(request, body, chat, client)
+            if call["request"].stream:
+                streaming = True
+                return StreamingResponse(
+                    self._stream_chat(call, client), media_type="text/event-stream", headers=call["headers"]
+                )
+            return await self._complete(call)
+        except RequestProblem as problem:
+            return _error(problem)
+        finally:
+            if not streaming:
+                self._release(client)
+
+    async def _prepare(self, request: Request, body: Any, chat: bool, client: str) -> dict[str, Any]:
+        """Validate, open the episode, build the prompt tokens and the sampling arguments."""
+        parsed = parse(ChatRequest if chat else CompletionRequest, body)
+        self._check_model(parsed.model)
+        if not chat and parsed.echo:
+            raise RequestProblem("echo is not supported", "echo")
+        if not chat and parsed.stream:
+            raise RequestProblem("streaming is served on /v1/chat/completions", "stream")
+        call_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        episode, group, agent = self._episode_of(request, parsed.metadata, call_id)
+        await self._ledger("open", episode, group, agent, {"client": client})
+        context = await self._ledger("context", episode)
+        messages: list[dict[str, Any]] = []
+        segment = "new"
+        if chat:
+            messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
+            prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, parsed.tools)
+            if prompt is None:
+                prompt = render_prompt(self.tokenizer, messages, parsed.tools)
+            else:
+                segment = "continued"
+            observation = str(messages[-1].get("content") or "")
+        elif isinstance(parsed.prompt, str):
+            prompt = self.tokenizer.encode(parsed.prompt)
+            observation = parsed.prompt
+        else:
+            prompt, observation = list(parsed.prompt), ""
+        if not prompt:
+            raise RequestProblem("the prompt is empty", "prompt")
+        sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt))
+        headers = {"X-Ziggurat-Episode": episode, "X-Ziggurat-Group": group}
+        return {
+            "id": call_id, "request": parsed, "chat": chat, "episode": episode, "prompt": prompt, "segment": segment,
+            "messages": messages, "observation": observation[-2000:], "sampling": sampling,
+            "version": context["version"], "headers": headers, "started": time.perf_counter(),
+        }  # fmt: skip
+
+    async def _record(self, call: dict[str, Any], version: int, completions: list[dict[str, Any]]) -> dict[str, Any]:
+        reply = [{"role": "assistant", "content": completions[0]["text"]}] if call["chat"] else []
+        answer = await self._ledger(
+            "record_call",
+            call["episode"],
+            {
+                "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
+                "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
+                "segment": call["segment"], "messages": call["messages"] + reply, "observation": call["observation"],
+                "latency_ms": (time.perf_counter() - call["started"]) * 1000,
+            },
+        )  # fmt: skip
+        return answer
+
+    async def _complete(self, call: dict[str, Any]) -> JSONResponse:
+        result = await self._generate(call["prompt"], call["sampling"], call["version"])
+        completions = result["completions"]
+        recorded = await self._record(call, result["model_version"], completions)
+        request = call["request"]
+        build = chat_response if call["chat"] else completion_response
+        logprobs = request.logprobs if call["chat"] else (request.logprobs or 0)
+        body = build(call["id"], request.model, len(call["prompt"]), completions, logprobs, self.tokenizer)
+        headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"])}
+        headers["X-Ziggurat-Version"] = str(result["model_version"])
+        return JSONResponse(body, headers=headers)
+
+    async def _stream_chat(self, call: dict[str, Any], client: str) -> AsyncIterator[str]:
+        request, model = call["request"], call["request"].model
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        tops: list[dict[int, float]] = []
+        text, finish, version = "", None, None
+        try:
+            yield _sse(chat_chunk(call["id"], model, {"role": "assistant", "content": ""}, None))
+            async for delta in self._stream(call["prompt"], call["sampling"], call["version"]):
+                tokens += delta["token_ids"]
+                logprobs += delta["logprobs"]
+                tops += delta["top_logprobs"] or []
+                text, finish, version = text + delta["text"], delta["finish_reason"], delta["model_version"]
+                block = None
+                if request.logprobs:
+                    block = {"content": token_logprobs(self.tokenizer, delta)}
+                if delta["text"] or block:
+                    yield _sse(chat_chunk(call["id"], model, {"content": delta["text"]}, None, block))
+            completion = {
+                "token_ids": tokens, "logprobs": logprobs, "text": text, "finish_reason": finish,
+                "top_logprobs": tops or None,
+            }  # fmt: skip
+            assert version is not None, "vLLM streamed no output"
+            await self._record(call, version, [completion])
+            yield _sse(chat_chunk(call["id"], model, {}, finish or "stop"))
+            if (request.stream_options or {}).get("include_usage"):
+                chunk = chat_chunk(call["id"], model, {}, None)
+                chunk["choices"], chunk["usage"] = [], usage(len(call["prompt"]), [completion])
+                yield _sse(chunk)
+            yield "data: [DONE]\n\n"
+        except RequestProblem as problem:
+            yield _sse(problem.body())
+        except Exception as exc:  # the stream has started: the error can only go in the stream
+            log.warning("streamed call %s failed: %s: %s", call["id"], type(exc).__name__, str(exc)[:300])
+            yield _sse(RequestProblem(f"generation failed: {type(exc).__name__}", status=500).body())
+        finally:
+            self._release(client)
+
+    # --- episode routes --------------------------------------------------------------------------------------
+
+    async def _episode_route(self, request: Request, method: str, *args: Any, body: bool = True) -> JSONResponse:
+        try:
+            self._client_of(request)
+            data = await self._body(request) if body else {}
+            if not isinstance(data, dict):
+                raise RequestProblem("the request body must be a JSON object")
+            return JSONResponse(await self._ledger(method, *args, *_fields(method, data)))
+        except RequestProblem as problem:
+            return _error(problem)
+
+    @api.post("/v1/episodes")
+    async def open_episode(self, request: Request) -> JSONResponse:
+        try:
+            self._client_of(request)
+            data = await self._body(request) if await request.body() else {}
+            if not isinstance(data, dict):
+                raise RequestProblem("the request body must be a JSON object")
+            episode = data.get("episode") or f"ep-{uuid.uuid4().hex}"
+            if not isinstance(episode, str) or len(episode) > 128:
+                raise RequestProblem("episode must be a string of at most 128 characters", "episode")
+            metadata = data.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise RequestProblem("metadata must be an object", "metadata")
+            answer = await self._ledger("open", episode, data.get("group"), data.get("agent"), metadata)
+            return JSONResponse(answer, status_code=201)
+        except RequestProblem as problem:
+            return _error(problem)
+
+    @api.get("/v1/episodes/{episode}")
+    async def describe_episode(self, episode: str, request: Request) -> JSONResponse:
+        return await self._episode_route(request, "describe", episode, body=False)
+
+    @api.post("/v1/episodes/{episode}/steps")
+    async def annotate_episode(self, episode: str, request: Request) -> JSONResponse:
+        return await self._episode_route(request, "annotate", episode)
+
+    @api.post("/v1/episodes/{episode}/end")
+    async def end_episode(self, episode: str, request: Request) -> JSONResponse:
+        return await self._episode_route(request, "end", episode)
+
+    @api.post("/v1/episodes/{episode}/reward")
+    async def reward_episode(self, episode: str, request: Request) -> JSONResponse:
+        return await self._episode_route(request, "reward", episode)
+
+    @api.post("/v1/episodes/{episode}/candidates/{step}/rewards")
+    async def reward_candidates(self, episode: str, step: int, request: Request) -> JSONResponse:
+        return await self._episode_route(request, "reward_candidates", episode, step)
+
+    @api.get("/v1/gateway/stats")
+    async def stats(self, request: Request) -> JSONResponse:
+        try:
+            self._client_of(request)
+            ledger = await self._ledger("stats")
+        except RequestProblem as problem:
+            return _error(problem)
+        return JSONResponse({"ledger": ledger, "replica_in_flight": self._in_flight, "load": dict(self._load)})
+
+
+def start_gateway(
+    settings: GatewayConfig,
+    recorder: RecorderConfig,
+    *,
+    model_name: str,
+    model_path: str,
+    worker_names: list[str],
+    database_url: str | None,
+    max_model_len: int,
+) -> str:
+    """Start the episode ledger and the Serve application (replacing one of the same name); returns its URL."""
+    # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
+    _ledgers[settings.ledger_name] = start_ledger(settings, recorder)
+    namespace = ray.get_runtime_context().namespace
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = Gateway.options(
+        num_replicas=settings.replicas,
+        max_ongoing_requests=settings.max_in_flight + 8,  # the replica answers 429 itself past max_in_flight
+        ray_actor_options={"num_cpus": 0},
+    ).bind(settings, model_name, model_path, worker_names, database_url, max_model_len, namespace)
+    serve.run(app, name=settings.app_name, route_prefix="/", blocking=False)
+    return f"http://{settings.host}:{settings.port}"
+
+
+def stop_gateway(settings: GatewayConfig, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Delete the Serve application, then store every record the ledger holds."""
+    serve.delete(settings.app_name)
+    ledger = _ledgers.pop(settings.ledger_name, None)
+    if ledger is None:
+        return {}
+    return ray.get(ledger.close.remote(), timeout=timeout_s)

@@ -1,0 +1,74 @@
+"""Typed settings of the agent gateway (`gateway:` in a Ziggurat config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GatewayConfig(BaseModel):
+    """An OpenAI-compatible HTTP API on Ray Serve in front of the rollout actors' engines: every call an
+    external agent makes is served by the policy and recorded as training data."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    enabled: bool = False
+    """Start the gateway with the loop (`ziggurat run`) or on its own (`ziggurat gateway`)."""
+
+    host: str = "127.0.0.1"
+    """Address Ray Serve's HTTP proxy binds to. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the
+    network (keep `auth: keys` then)."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of Ray Serve's proxy."""
+
+    app_name: str = "ziggurat-gateway"
+    """Name of the Serve application (what the Ray dashboard's Serve view shows)."""
+
+    replicas: int = Field(1, ge=1)
+    """Gateway replicas (each a Ray actor parsing, templating and routing requests)."""
+
+    auth: Literal["keys", "none"] = "keys"
+    """`keys`: every request needs `Authorization: Bearer <key>` with a key from `ziggurat keys create`
+    (stored hashed in the database). `none`: no key (only for a gateway bound to 127.0.0.1)."""
+
+    key_refresh_s: float = Field(5.0, gt=0)
+    """How often a replica re-reads the keys from the database: a revoked key stops working within this."""
+
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body accepted (413 above it)."""
+
+    max_tokens_cap: int = Field(1024, ge=1)
+    """Largest `max_tokens` a request may ask for (400 above it)."""
+
+    default_max_tokens: int = Field(256, ge=1)
+    """`max_tokens` of a request that does not set it (at most what the prompt leaves of engine.max_model_len)."""
+
+    max_n: int = Field(16, ge=1)
+    """Largest `n` (candidates per call)."""
+
+    max_concurrency_per_key: int = Field(64, ge=1)
+    """Requests one key may have in flight on one replica; above it: 429 with Retry-After."""
+
+    max_in_flight: int = Field(256, ge=1)
+    """Requests one replica serves at once; above it: 429 with Retry-After, never an unbounded queue."""
+
+    retry_after_s: int = Field(1, ge=1)
+    """The Retry-After a 429 answers with."""
+
+    episode_ttl_s: float = Field(3600.0, gt=0)
+    """How long an episode waits, after its last call, for its end and reward; then it is closed as aborted
+    and never trained on. A prediction market resolving hours later needs hours here."""
+
+    call_timeout_s: float = Field(300.0, gt=0)
+    """Deadline of one generation on a rollout actor."""
+
+    ledger_name: str = "ziggurat-gateway-ledger"
+    """Name of the Ray actor that keeps open episodes and records their calls."""
+
+    ledger_timeout_s: float = Field(30.0, gt=0)
+    """Deadline of one call to the ledger actor."""
+
+    flush_interval_s: float = Field(0.5, gt=0)
+    """How often the ledger sends the records it holds to the recorder."""

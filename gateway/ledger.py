@@ -1,0 +1,369 @@
+"""The episode ledger: one Ray actor that keeps every open gateway episode and records its calls.
+
+An episode is a trajectory. Its first call records the start (on the version that served it, which later
+calls are pinned to); every call is a step with its LLM call as tokens; the step's record waits in the ledger
+until the next call or the episode's end, so the agent can still attach what the environment said
+(`annotate`). The end records the trajectory as finished with its reward, or, without a reward yet, leaves
+it running, so its group cannot be trained on, until the reward arrives or `gateway.episode_ttl_s` passes
+since its last activity (then it is recorded as aborted and never trained on).
+
+A call with `n` > 1 is a decision point: its candidates become a group of their own, one single-call
+trajectory each, rewarded together (`reward_candidates`), e.g. when a market resolves and scores every
+candidate order.
+
+Replicas of the gateway share the ledger, so an episode's calls may arrive through any of them. Records go
+to the recorder actor through a RecorderClient flushed every `gateway.flush_interval_s`; its keys make a
+record sent twice count once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from gateway.config import GatewayConfig
+from recorder.client import RecorderClient
+from recorder.config import RecorderConfig
+from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENT = "gateway"
+_CLOSED_REMEMBERED = 100_000  # closed episodes remembered, so a late reward gets "closed", not "unknown"
+
+
+def problem(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error the gateway answers with (`status` is the HTTP status)."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(status)
+    error = {"message": message, "type": kind or "invalid_request_error", "param": param, "code": code}
+    return {"status": status, "error": error}
+
+
+@dataclass
+class Episode:
+    id: str
+    group_id: str
+    agent_id: str | None
+    metadata: dict[str, Any]
+    deadline: float
+    """`time.monotonic()` past which the episode is closed as aborted."""
+    version: int | None = None
+    """The version its first call was served by (later calls are pinned to it while it is loaded)."""
+    steps: int = 0
+    """Calls recorded so far (the next call's step index)."""
+    messages: list[dict[str, Any]] | None = None
+    """The conversation as the client saw it after the latest call (its reply last)."""
+    tokens: list[int] = field(default_factory=list)
+    """Prompt + completion tokens of the latest call: the next turn's prompt extends these."""
+    pending_step: StepRecord | None = None
+    """The latest call's step, held for `annotate` until the next call or the end."""
+    ended: bool = False
+    """The agent ended it; it waits for its reward."""
+    step_rewards: float = 0.0
+
+
+class EpisodeLedger:
+    """Create with `start_ledger`; every method answers plain data (an `error` key on a bad request)."""
+
+    def __init__(self, settings: GatewayConfig, recorder: RecorderConfig) -> None:
+        self._settings = settings
+        self._client = RecorderClient(recorder)
+        self._open: dict[str, Episode] = {}
+        self._closed: OrderedDict[str, str] = OrderedDict()  # id -> final status
+        self._candidates: dict[str, list[str]] = {}  # candidate group -> trajectory ids awaiting rewards
+        self._candidate_meta: dict[str, dict[str, Any]] = {}  # candidate group -> agent, version, deadline
+        self._flushing = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._recorded_calls = 0
+
+    def _background(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._expire_loop())]
+
+    # --- episodes -----------------------------------------------------------------------------------------
+
+    async def open(
+        self,
+        episode_id: str,
+        group_id: str | None = None,
+        agent_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Open an episode (again: nothing changes); `group_id` None makes it a group of its own."""
+        self._background()
+        if episode_id in self._closed:
+            return problem(409, f"episode {episode_id!r} is already {self._closed[episode_id]}", "episode")
+        episode = self._open.get(episode_id)
+        if episode is None:
+            deadline = time.monotonic() + self._settings.episode_ttl_s
+            episode = Episode(episode_id, group_id or episode_id, agent_id, dict(metadata or {}), deadline)
+            self._open[episode_id] = episode
+        elif group_id is not None and group_id != episode.group_id:
+            return problem(409, f"episode {episode_id!r} is in group {episode.group_id!r}, not {group_id!r}", "group")
+        return self._describe(episode)
+
+    async def context(self, episode_id: str) -> dict[str, Any]:
+        """What the next call of an open episode continues from: its messages, tokens and pinned version."""
+        episode = self._open.get(episode_id)
+        if episode is None:
+            return self._missing(episode_id)
+        if episode.ended:
+            return problem(409, f"episode {episode_id!r} has ended and waits for its reward; open a new one", "episode")
+        return {"messages": episode.messages, "tokens": episode.tokens, "version": episode.version}
+
+    async def record_call(self, episode_id: str, call: dict[str, Any]) -> dict[str, Any]:
+        """Record one served call: `prompt_token_ids`, `model_version`, `sampling`, `latency_ms`, `segment`
+        (new or continued), `messages` (the conversation with the reply, for the next call), `observation`, and
+        `completions` (each with `token_ids`, `logprobs`, `text`, `finish_reason`)."""
+        episode = self._open.get(episode_id)
+        if episode is None:
+            return self._missing(episode_id)
+        version = int(call["model_version"])
+        if episode.version is None:
+            episode.version = version
+            self._client.add(self._trajectory(episode, "running"))
+        completions = call["completions"]
+        step = episode.steps
+        if len(completions) > 1:
+            self._record_candidates(episode, step, call)
+            episode.messages, episode.tokens = None, []  # the next call starts a new segment
+        else:
+            self._close_step(episode)
+            completion = completions[0]
+            episode.pending_step = StepRecord(episode.id, step, call.get("observation", ""))
+            self._client.add(self._llm_call(episode.id, step, version, call, completion))
+            episode.messages = call.get("messages")
+            episode.tokens = list(call["prompt_token_ids"]) + list(completion["token_ids"])
+        episode.steps += 1
+        episode.deadline = time.monotonic() + self._settings.episode_ttl_s
+        self._recorded_calls += 1
+        return {"episode": episode.id, "step": step, "group": episode.group_id}
+
+    async def annotate(
+        self,
+        episode_id: str,
+        observation: str | None = None,
+        action: dict[str, Any] | None = None,
+        reward: float = 0.0,
+        done: bool = False,
+    ) -> dict[str, Any]:
+        """What the environment said about the episode's latest call: its action, a step reward, done."""
+        episode = self._open.get(episode_id)
+        if episode is None:
+            return self._missing(episode_id)
+        step = episode.pending_step
+        if step is None:
+            return problem(409, f"episode {episode_id!r} has no call to attach a step to yet", "episode")
+        if observation is not None:
+            step.observation = observation
+        step.action, step.env_reward, step.done = action, float(reward), done
+        episode.step_rewards += float(reward)
+        return self._describe(episode)
+
+    async def end(self, episode_id: str, reward: float | None = None) -> dict[str, Any]:
+        """End an episode: with a reward it is finished now; without, it waits for `reward` (or the TTL)."""
+        episode = self._open.get(episode_id)
+        if episode is None:
+            return self._missing(episode_id)
+        self._close_step(episode)
+        episode.ended = True
+        episode.deadline = time.monotonic() + self._settings.episode_ttl_s
+        if reward is not None:
+            self._finish(episode, "finished", reward)
+            return {"episode": episode_id, "status": "finished", "reward": reward}
+        return self._describe(episode)
+
+    async def reward(self, episode_id: str, reward: float) -> dict[str, Any]:
+        """Set an episode's reward: it ends (if it had not) and is finished, ready for training with its group."""
+        episode = self._open.get(episode_id)
+        if episode is None:
+            return self._missing(episode_id)
+        self._close_step(episode)
+        self._finish(episode, "finished", reward)
+        return {"episode": episode_id, "status": "finished", "reward": reward}
+
+    async def reward_candidates(self, episode_id: str, step: int, rewards: list[float]) -> dict[str, Any]:
+        """Rewards for the `n` candidates of an episode's call at `step`, in the order they were returned."""
+        group = _candidate_group(episode_id, step)
+        members = self._candidates.get(group)
+        if members is None:
+            status = self._closed.get(group)
+            if status is not None:
+                return problem(409, f"the candidates of episode {episode_id!r} step {step} are already {status}")
+            return problem(404, f"episode {episode_id!r} has no candidates awaiting rewards at step {step}", "step")
+        if len(rewards) != len(members):
+            return problem(400, f"{len(members)} candidates need {len(members)} rewards, got {len(rewards)}", "rewards")
+        meta = self._candidate_meta.pop(group)
+        for member, value in zip(members, rewards, strict=True):
+            self._client.add(self._candidate_trajectory(member, group, meta, "finished", float(value)))
+        del self._candidates[group]
+        self._remember(group, "finished")
+        return {"group": group, "status": "finished", "rewards": rewards}
+
+    async def describe(self, episode_id: str) -> dict[str, Any]:
+        episode = self._open.get(episode_id)
+        if episode is None:
+            if episode_id in self._closed:
+                return {"episode": episode_id, "status": self._closed[episode_id]}
+            return self._missing(episode_id)
+        return self._describe(episode)
+
+    # --- recording ----------------------------------------------------------------------------------------
+
+    def _describe(self, episode: Episode) -> dict[str, Any]:
+        status = "awaiting_reward" if episode.ended else "open"
+        return {
+            "episode": episode.id, "group": episode.group_id, "agent": episode.agent_id, "status": status,
+            "calls": episode.steps, "version": episode.version,
+            "expires_in_s": round(max(0.0, episode.deadline - time.monotonic()), 3),
+        }  # fmt: skip
+
+    def _missing(self, episode_id: str) -> dict[str, Any]:
+        if episode_id in self._closed:
+            return problem(409, f"episode {episode_id!r} is already {self._closed[episode_id]}", "episode")
+        return problem(404, f"no open episode {episode_id!r}: open it first (POST /v1/episodes)", "episode")
+
+    def _trajectory(self, episode: Episode, status: str, reward: float | None = None) -> TrajectoryRecord:
+        metadata = {**episode.metadata, "source": "gateway"}
+        return TrajectoryRecord(
+            episode.id, ENVIRONMENT, f"{ENVIRONMENT}:{episode.group_id}", episode.group_id, episode.version or 0,
+            status=status, agent_id=episode.agent_id, total_reward=reward, step_count=episode.steps,
+            metrics={"step_rewards": episode.step_rewards} if status != "running" else {}, metadata=metadata,
+        )  # fmt: skip
+
+    @staticmethod
+    def _llm_call(
+        trajectory_id: str, step: int, version: int, call: dict[str, Any], completion: dict[str, Any]
+    ) -> LlmCallRecord:
+        return LlmCallRecord.from_tokens(
+            trajectory_id, step, 0, version, call["prompt_token_ids"], completion["token_ids"],
+            completion["logprobs"], text=completion["text"], finish_reason=completion["finish_reason"],
+            sampling_params={**call["sampling"], "segment": call.get("segment", "new")},
+            latency_ms=call.get("latency_ms"),
+        )  # fmt: skip
+
+    def _close_step(self, episode: Episode) -> None:
+        if episode.pending_step is not None:
+            self._client.add(episode.pending_step)
+            episode.pending_step = None
+
+    def _finish(self, episode: Episode, status: str, reward: float | None) -> None:
+        """Record the episode's end (nothing if it never made a call) and forget it."""
+        if episode.version is not None:
+            self._client.add(self._trajectory(episode, status, reward))
+        del self._open[episode.id]
+        self._remember(episode.id, status)
+
+    def _remember(self, key: str, status: str) -> None:
+        self._closed[key] = status
+        if len(self._closed) > _CLOSED_REMEMBERED:
+            self._closed.popitem(last=False)
+
+    def _record_candidates(self, episode: Episode, step: int, call: dict[str, Any]) -> None:
+        group = _candidate_group(episode.id, step)
+        version = int(call["model_version"])
+        meta = {
+            "agent_id": episode.agent_id, "version": version, "metadata": {**episode.metadata, "episode": episode.id},
+            "deadline": time.monotonic() + self._settings.episode_ttl_s,
+        }  # fmt: skip
+        self._candidate_meta[group] = meta
+        members = []
+        for index, completion in enumerate(call["completions"]):
+            member = f"{group}.{index}"
+            members.append(member)
+            self._client.add(
+                self._candidate_trajectory(member, group, meta, "running", None),
+                StepRecord(member, 0, call.get("observation", ""), action={"candidate": index}),
+                self._llm_call(member, 0, version, call, completion),
+            )
+        self._candidates[group] = members
+
+    @staticmethod
+    def _candidate_trajectory(
+        member: str, group: str, meta: dict[str, Any], status: str, reward: float | None
+    ) -> TrajectoryRecord:
+        return TrajectoryRecord(
+            member, ENVIRONMENT, f"{ENVIRONMENT}:{group}", group, meta["version"], status=status,
+            agent_id=meta["agent_id"], total_reward=reward, step_count=1,
+            metadata={**meta["metadata"], "source": "gateway", "candidate": True},
+        )  # fmt: skip
+
+    async def flush(self) -> dict[str, Any]:
+        """Send every held record to the recorder now; returns what it acknowledged and refused."""
+        async with self._flushing:
+            report = await self._client.flush_async(self._settings.ledger_timeout_s)
+        for key, reason in report.rejected:
+            log.error("the recorder refused gateway record %s: %s", key[:3], reason[:300])
+        return {"acknowledged": report.acknowledged, "rejected": len(report.rejected)}
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.flush_interval_s)
+            if not self._client.unacked:
+                continue
+            try:
+                await self.flush()
+            except Exception as exc:  # records stay held in the client and go with the next flush
+                log.warning("gateway records not stored yet (%s: %s); retrying", type(exc).__name__, str(exc)[:300])
+
+    async def expire(self) -> int:
+        """Close every episode and candidate group past its TTL as aborted; returns how many."""
+        now = time.monotonic()
+        expired = [e for e in self._open.values() if e.deadline < now]
+        for episode in expired:
+            self._close_step(episode)
+            self._finish(episode, "aborted", None)
+            log.info("episode %s passed gateway.episode_ttl_s without a reward: recorded as aborted", episode.id)
+        stale = [group for group, meta in self._candidate_meta.items() if meta["deadline"] < now]
+        for group in stale:
+            for member in self._candidates.pop(group, []):
+                self._client.add(
+                    self._candidate_trajectory(member, group, self._candidate_meta[group], "aborted", None)
+                )
+            self._candidate_meta.pop(group)
+            self._remember(group, "aborted")
+        return len(expired) + len(stale)
+
+    async def _expire_loop(self) -> None:
+        interval = min(5.0, max(0.2, self._settings.episode_ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.expire()
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "open": sum(not e.ended for e in self._open.values()),
+            "awaiting_reward": sum(e.ended for e in self._open.values()),
+            "candidate_groups_awaiting_rewards": len(self._candidates),
+            "calls_recorded": self._recorded_calls,
+            "held_records": len(self._client.unacked),
+        }
+
+    async def close(self) -> dict[str, Any]:
+        """Flush what is held (open episodes stay open: their records so far are stored)."""
+        for task in self._tasks:
+            task.cancel()
+        for episode in self._open.values():
+            self._close_step(episode)
+        return await self.flush()
+
+
+def _candidate_group(episode_id: str, step: int) -> str:
+    return f"{episode_id}.s{step}"
+
+
+def start_ledger(settings: GatewayConfig, recorder: RecorderConfig) -> Any:
+    """The named ledger actor (an existing one is reused), restarted by Ray if it crashes."""
+    actor = (
+        ray.remote(EpisodeLedger)
+        .options(name=settings.ledger_name, get_if_exists=True, max_restarts=3, max_concurrency=1000, num_cpus=0)
+        .remote(settings, recorder)
+    )
+    ray.get(actor.stats.remote(), timeout=settings.ledger_timeout_s)
+    return actor

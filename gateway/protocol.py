@@ -1,0 +1,194 @@
+"""The OpenAI API's request and response shapes, as much of them as the policy can serve.
+
+Requests are validated here, so a request the policy cannot serve as asked is refused with the field named
+(`RequestProblem`) before anything is generated or recorded. Unknown fields are ignored, as OpenAI's own
+server ignores what it does not use; fields that would change what is sampled and are not supported are refused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.config import GatewayConfig
+
+
+class RequestProblem(ValueError):
+    """A request the gateway refuses: HTTP `status`, the field at fault (`param`) and OpenAI's `code`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+    def body(self) -> dict[str, Any]:
+        kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+        kinds |= {429: "rate_limit_error", 503: "service_unavailable"}
+        kind = kinds.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class Sampling(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body, or raise RequestProblem naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestProblem("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise RequestProblem(f"{param}: {first['msg']}", param) from None
+
+
+def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfig, room: int) -> dict[str, Any]:
+    """The engine's sampling arguments for a validated request; `room` is what the prompt leaves of the
+    engine's context."""
+    if request.top_p != 1.0:
+        raise RequestProblem(
+            "top_p < 1 is not served: the trainer scores tokens under the temperature-scaled distribution that "
+            "sampled them, and a nucleus cut would make those scores wrong; leave top_p at 1",
+            "top_p",
+        )
+    if request.n > settings.max_n:
+        raise RequestProblem(f"n is at most {settings.max_n} here (gateway.max_n)", "n")
+    if request.stream and request.n > 1:
+        raise RequestProblem("streaming serves n = 1; ask for n > 1 without stream", "n")
+    limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    if limit is not None and limit > settings.max_tokens_cap:
+        raise RequestProblem(f"{param} is at most {settings.max_tokens_cap} here (gateway.max_tokens_cap)", param)
+    if room < 1:
+        raise RequestProblem("the prompt fills the model's whole context; shorten the conversation", "messages")
+    if limit is not None and limit > room:
+        raise RequestProblem(f"{param} ({limit}) exceeds what the prompt leaves of the context ({room})", param)
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > 4:
+        raise RequestProblem("at most 4 stop sequences", "stop")
+    if isinstance(request, ChatRequest):
+        top = request.top_logprobs or 0
+        if top and not request.logprobs:
+            raise RequestProblem("top_logprobs needs logprobs: true", "top_logprobs")
+    else:
+        top = request.logprobs or 0
+    max_tokens = limit or min(settings.default_max_tokens, room)
+    return {
+        "n": request.n, "temperature": request.temperature, "max_tokens": max_tokens, "stop": stop or None,
+        "seed": request.seed, "top_logprobs": top,
+    }  # fmt: skip
+
+
+def token_logprobs(tokenizer: Any, completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs.content` for one completion."""
+    out = []
+    tops = completion.get("top_logprobs") or [None] * len(completion["token_ids"])
+    for token, logprob, top in zip(completion["token_ids"], completion["logprobs"], tops, strict=True):
+        text = tokenizer.decode([token])
+        entry = {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+        if top:
+            entry["top_logprobs"] = [
+                {"token": tokenizer.decode([t]), "logprob": p, "bytes": list(tokenizer.decode([t]).encode())}
+                for t, p in sorted(top.items(), key=lambda item: -item[1])
+            ]
+        out.append(entry)
+    return out
+
+
+def usage(prompt_tokens: int, completions: list[dict[str, Any]]) -> dict[str, int]:
+    completion_tokens = sum(len(c["token_ids"]) for c in completions)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_response(
+    call_id: str, model: str, prompt_tokens: int, completions: list[dict[str, Any]], logprobs: bool, tokenizer: Any
+) -> dict[str, Any]:
+    choices = []
+    for index, completion in enumerate(completions):
+        choice: dict[str, Any] = {
+            "index": index,
+            "message": {"role": "assistant", "content": completion["text"]},
+            "finish_reason": completion["finish_reason"] or "stop",
+            "logprobs": {"content": token_logprobs(tokenizer, completion)} if logprobs else None,
+        }
+        choices.append(choice)
+    return {
+        "id": call_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": choices, "usage": usage(prompt_tokens, completions),
+    }  # fmt: skip
+
+
+def completion_response(
+    call_id: str, model: str, prompt_tokens: int, completions: list[dict[str, Any]], logprobs: int, tokenizer: Any
+) -> dict[str, Any]:
+    choices = []
+    for index, completion in enumerate(completions):
+        block = None
+        if logprobs:
+            entries = token_logprobs(tokenizer, completion)
+            block = {
+                "tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": [],
+            }  # fmt: skip
+        choices.append(
+            {"index": index, "text": completion["text"], "finish_reason": completion["finish_reason"] or "stop",
+             "logprobs": block}
+        )  # fmt: skip
+    return {
+        "id": call_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": choices, "usage": usage(prompt_tokens, completions),
+    }  # fmt: skip
+
+
+def chat_chunk(call_id: str, model: str, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict:
+    return {
+        "id": call_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+    }  # fmt: skip

@@ -1,0 +1,159 @@
+"""The agent gateway through the official `openai` SDK: a real Ray Serve app in front of a real rollout actor (vLLM
+on the tiny model), recording into a real recorder actor and SQLite; every call checked against what the
+database holds and against an independent scoring of the recorded tokens by transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from tests.rollout_harness import recording_into_sqlite, rows
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
+    """(base URL, API key, database URL, settings) of a gateway over one rollout actor."""
+    import ray
+
+    from gateway.app import start_gateway, stop_gateway
+    from gateway.config import GatewayConfig
+    from recorder.api_keys import create_key
+    from rollout.actor import start_rollout_worker
+
+    folder = tmp_path_factory.mktemp("gateway")
+    with recording_into_sqlite(folder, "zg-recorder") as (url, recorder):
+        worker = start_rollout_worker(tiny_model_dir, tiny_engine_config, recorder, name="zg-rollout-0")
+        db = sa.create_engine(url)
+        key = create_key(db, "tests")
+        settings = GatewayConfig(
+            enabled=True, port=_free_port(), key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
+            flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
+        )  # fmt: skip
+        base = start_gateway(
+            settings, recorder, model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
+            database_url=url, max_model_len=tiny_engine_config.max_model_len,
+        )  # fmt: skip
+        try:
+            yield base, key, url, settings, db
+        finally:
+            stop_gateway(settings)
+            from ray import serve
+
+            serve.shutdown()
+            ray.get(worker.close.remote(), timeout=60)
+            ray.kill(worker)
+            db.dispose()
+
+
+def _client(gateway: Any, **headers: str) -> Any:
+    from openai import OpenAI
+
+    base, key = gateway[0], gateway[1]
+    return OpenAI(base_url=f"{base}/v1", api_key=key, default_headers=headers, max_retries=0, timeout=120)
+
+
+def _post(gateway: Any, path: str, body: Any, key: str | None = "default", raw: bytes | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {gateway[1] if key == 'default' else key}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(gateway[0] + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text.decode(errors="replace")
+
+
+def _flush(gateway: Any) -> None:
+    import ray
+
+    ledger = ray.get_actor(gateway[3].ledger_name)
+    ray.get(ledger.flush.remote(), timeout=60)
+
+
+def _calls(gateway: Any, trajectory_id: str) -> list[Any]:
+    from recorder.schema import LlmCall
+
+    C = LlmCall.__table__
+    query = sa.select(C).where(C.c.trajectory_id == trajectory_id).order_by(C.c.step_index, C.c.call_index)
+    return rows(gateway[2], query)
+
+
+def _trajectory(gateway: Any, trajectory_id: str) -> Any:
+    from recorder.schema import Trajectory
+
+    T = Trajectory.__table__
+    found = rows(gateway[2], sa.select(T).where(T.c.id == trajectory_id))
+    return found[0] if found else None
+
+
+def _score(model_dir: str, prompt: np.ndarray, completion: np.ndarray) -> np.ndarray:
+    """Log-probs of `completion` after `prompt` under the tiny model in transformers (temperature 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokens = torch.tensor(np.concatenate([prompt, completion]), dtype=torch.long)[None]
+    with torch.no_grad():
+        logits = model(tokens).logits[0, len(prompt) - 1 : -1]
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion, dtype=torch.long)[:, None])
+    return picked[:, 0].numpy()
+
+
+def test_a_two_turn_chat_is_served_and_recorded_as_sampled(gateway, tiny_model_dir):
+    from recorder.records import unpack_logprobs, unpack_tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    client = _client(gateway, **{"X-Ziggurat-Episode": "chat-1", "X-Ziggurat-Group": "g-chat"})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, logprobs=True, seed=1)
+    reply = first.choices[0].message.content
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And another?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0.7)
+    status, ended = _post(gateway, "/v1/episodes/chat-1/end", {"reward": 0.5})
+    assert status == 200 and ended["status"] == "finished"
+    _flush(gateway)
+
+    calls = _calls(gateway, "chat-1")
+    assert [c.step_index for c in calls] == [0, 1]
+    prompt0, completion0 = unpack_tokens(calls[0].prompt_token_ids), unpack_tokens(calls[0].completion_token_ids)
+    prompt1 = unpack_tokens(calls[1].prompt_token_ids)
+    # The second prompt extends the first call's exact tokens; the reply is never re-tokenized.
+    assert np.array_equal(prompt1[: len(prompt0) + len(completion0)], np.concatenate([prompt0, completion0]))
+    assert calls[1].sampling_params["segment"] == "continued" and calls[0].sampling_params["segment"] == "new"
+    assert calls[1].sampling_params["temperature"] == 0.7
+    # What the client received is what was recorded: text, and the log-probs of the sampled tokens.
+    assert tokenizer.decode(completion0, skip_special_tokens=True) == reply
+    received = [t.logprob for t in first.choices[0].logprobs.content]
+    np.testing.assert_allclose(received, unpack_logprobs(calls[0].completion_logprobs), rtol=1e-6)
+    # An independent scoring of the recorded tokens: vLLM sampled them with these log-probs.
+    np.testing.assert_allclose(
+        _score(tiny_model_dir, prompt0, completion0), unpack_logprobs(calls[0].completion_logprobs), atol=2e-3
+    )
+    assert second.usage.prompt_tokens == len(prompt1)
+    trajectory = _trajectory(gateway, "chat-1")
+    assert (trajectory.status, trajectory.total_reward, trajectory.step_count) == ("finished", 0.5, 2)
+    assert trajectory.group_id == "g-chat"
