@@ -136,7 +136,10 @@ class EpisodeLedger:
         else:
             self._close_step(episode)
             completion = completions[0]
-            episode.pending_step = StepRecord(episode.id, step, call.get("observation", ""))
+            # The reply is the step's action until the agent attaches its own (`annotate`): the data-quality
+            # gate trains only on steps whose action was parsed or carries an error.
+            action = {"reply": completion["text"][:2000]}
+            episode.pending_step = StepRecord(episode.id, step, call.get("observation", ""), action=action)
             self._client.add(self._llm_call(episode.id, step, version, call, completion))
             episode.messages = call.get("messages")
             episode.tokens = list(call["prompt_token_ids"]) + list(completion["token_ids"])
@@ -162,7 +165,9 @@ class EpisodeLedger:
             return problem(409, f"episode {episode_id!r} has no call to attach a step to yet", "episode")
         if observation is not None:
             step.observation = observation
-        step.action, step.env_reward, step.done = action, float(reward), done
+        if action is not None:
+            step.action = action
+        step.env_reward, step.done = float(reward), done
         episode.step_rewards += float(reward)
         return self._describe(episode)
 

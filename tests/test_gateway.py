@@ -123,8 +123,9 @@ def _score(model_dir: str, prompt: np.ndarray, completion: np.ndarray) -> np.nda
 
 
 def test_a_two_turn_chat_is_served_and_recorded_as_sampled(gateway, tiny_model_dir):
-    from recorder.records import unpack_logprobs, unpack_tokens
     from transformers import AutoTokenizer
+
+    from recorder.records import unpack_logprobs, unpack_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     client = _client(gateway, **{"X-Ziggurat-Episode": "chat-1", "X-Ziggurat-Group": "g-chat"})
@@ -157,3 +158,158 @@ def test_a_two_turn_chat_is_served_and_recorded_as_sampled(gateway, tiny_model_d
     trajectory = _trajectory(gateway, "chat-1")
     assert (trajectory.status, trajectory.total_reward, trajectory.step_count) == ("finished", 0.5, 2)
     assert trajectory.group_id == "g-chat"
+
+
+def test_streamed_and_concurrent_async_calls_record_exactly_what_the_client_received(gateway, tiny_model_dir):
+    from openai import AsyncOpenAI
+    from transformers import AutoTokenizer
+
+    from recorder.records import unpack_logprobs, unpack_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base, key = gateway[0], gateway[1]
+
+    async def one(index: int) -> tuple[str, str, list[float]]:
+        episode = f"stream-{index}"
+        client = AsyncOpenAI(
+            base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120,
+            default_headers={"X-Ziggurat-Episode": episode, "X-Ziggurat-Group": "g-stream"},
+        )  # fmt: skip
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {index + 3}."}], max_tokens=16,
+            stream=True, logprobs=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        text, logprobs = "", []
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                if chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+                    logprobs += [t.logprob for t in chunk.choices[0].logprobs.content]
+        await client.close()
+        return episode, text, logprobs
+
+    async def all_of() -> list[tuple[str, str, list[float]]]:
+        return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    results = asyncio.run(all_of())
+    for episode, _, _ in results:
+        assert _post(gateway, f"/v1/episodes/{episode}/end", {})[1]["status"] == "awaiting_reward"
+    _flush(gateway)
+    for episode, text, logprobs in results:
+        [call] = _calls(gateway, episode)
+        completion = unpack_tokens(call.completion_token_ids)
+        assert tokenizer.decode(completion, skip_special_tokens=True) == text
+        np.testing.assert_allclose(logprobs, unpack_logprobs(call.completion_logprobs), rtol=1e-6)
+        assert len(logprobs) == len(completion)
+
+
+def test_candidates_and_cohorts_become_groups_only_once_every_reward_is_in(gateway):
+    from recorder.batches import readiness
+
+    client = _client(gateway, **{"X-Ziggurat-Episode": "market-1"})
+    decision = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Buy or sell?"}], n=3, max_tokens=8
+    )
+    step = int(decision.headers["x-ziggurat-step"])
+    assert len(decision.parse().choices) == 3
+    # A cohort: two episodes of one group, ended now, rewarded later.
+    for name in ("cohort-a", "cohort-b"):
+        cohort = _client(gateway, **{"X-Ziggurat-Episode": name, "X-Ziggurat-Group": "g-cohort"})
+        cohort.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Trade."}], max_tokens=8)
+        _post(gateway, f"/v1/episodes/{name}/end", {})
+    _flush(gateway)
+    db = gateway[4]
+    before = readiness(db, min_group_size=2)
+    assert before.groups_with_variance == 0  # every member still waits for its reward
+
+    assert _post(gateway, f"/v1/episodes/market-1/candidates/{step}/rewards", {"rewards": [1.0, 0.0, 0.5]})[0] == 200
+    assert _post(gateway, "/v1/episodes/cohort-a/reward", {"reward": 1.0})[0] == 200
+    _flush(gateway)
+    assert readiness(db, min_group_size=2).groups_with_variance == 1  # the candidates; the cohort waits for b
+    assert _post(gateway, "/v1/episodes/cohort-b/reward", {"reward": -1.0})[0] == 200
+    _flush(gateway)
+    after = readiness(db, min_group_size=2)
+    assert after.groups_with_variance == 2 and after.trainable_trajectories == 5
+    # Late rewards for closed episodes are refused, not applied twice.
+    status, body = _post(gateway, "/v1/episodes/cohort-b/reward", {"reward": 3.0})
+    assert status == 409 and "already finished" in body["error"]["message"]
+    assert _trajectory(gateway, "cohort-b").total_reward == -1.0
+
+
+def test_bad_requests_get_clear_openai_errors_and_record_nothing(gateway):
+    from recorder.schema import LlmCall
+
+    count = sa.select(sa.func.count()).select_from(LlmCall.__table__)
+    _flush(gateway)
+    calls_before = rows(gateway[2], count)[0][0]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("/v1/chat/completions", chat, None, None, 401, None),
+        ("/v1/chat/completions", chat, "zk-wrong", None, 401, None),
+        ("/v1/chat/completions", None, "default", b"{not json", 400, None),
+        ("/v1/chat/completions", {**chat, "model": "gpt-4"}, "default", None, 404, "model"),
+        ("/v1/chat/completions", {**chat, "max_tokens": -1}, "default", None, 400, "max_tokens"),
+        ("/v1/chat/completions", {**chat, "max_tokens": 10_000}, "default", None, 400, "max_tokens"),
+        ("/v1/chat/completions", {**chat, "top_p": 0.5}, "default", None, 400, "top_p"),
+        ("/v1/chat/completions", {**chat, "messages": []}, "default", None, 400, "messages"),
+        ("/v1/chat/completions", None, "default", b"{" + b" " * 30_000 + b"}", 413, None),
+        ("/v1/episodes/nobody/reward", {"reward": 1.0}, "default", None, 404, "episode"),
+        ("/v1/episodes/chat-1/reward", {"reward": 1.0}, "default", None, 409, "episode"),
+        ("/v1/episodes/nobody/reward", {"reward": "high"}, "default", None, 400, "reward"),
+    ]
+    for path, body, key, raw, status, param in cases:
+        got, answer = _post(gateway, path, body, key=key, raw=raw)
+        assert got == status, (path, body if raw is None else raw[:20], answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+        assert answer["error"]["param"] == param, answer
+    _flush(gateway)
+    assert rows(gateway[2], count)[0][0] == calls_before
+
+
+def test_a_revoked_key_stops_working(gateway, tmp_path):
+    import time
+
+    from recorder.api_keys import create_key, list_keys, revoke_key
+
+    key = create_key(gateway[4], "short-lived")
+    assert [k.name for k in list_keys(gateway[4]) if k.revoked_at is None] == ["tests", "short-lived"]
+    time.sleep(gateway[3].key_refresh_s + 0.1)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert _post(gateway, "/v1/chat/completions", chat, key=key)[0] == 200
+    revoke_key(gateway[4], "short-lived")
+    time.sleep(gateway[3].key_refresh_s + 0.1)
+    assert _post(gateway, "/v1/chat/completions", chat, key=key)[0] == 401
+
+
+def test_an_episode_past_its_ttl_is_aborted_and_never_trained(ray_session, tmp_path):
+    """The ledger itself (in this process), with a TTL short enough to pass."""
+    import time
+
+    from gateway.config import GatewayConfig
+    from gateway.ledger import EpisodeLedger
+    from recorder.schema import Trajectory
+
+    with recording_into_sqlite(tmp_path, "zg-ttl-recorder") as (url, recorder):
+
+        async def scenario() -> dict[str, Any]:
+            ledger = EpisodeLedger(GatewayConfig(episode_ttl_s=0.3), recorder)
+            await ledger.open("slow", "g-ttl")
+            call = {
+                "prompt_token_ids": [1, 2, 3], "model_version": 0, "sampling": {"temperature": 1.0},
+                "completions": [
+                    {"token_ids": [4, 5], "logprobs": [-0.5, -0.25], "text": "ab", "finish_reason": "stop"}
+                ],
+            }  # fmt: skip
+            await ledger.record_call("slow", call)
+            await ledger.end("slow")
+            time.sleep(0.4)
+            assert await ledger.expire() == 1
+            late = await ledger.reward("slow", 1.0)
+            await ledger.close()
+            return late
+
+        late = asyncio.run(scenario())
+        assert late["status"] == 409 and "aborted" in late["error"]["message"]
+        T = Trajectory.__table__
+        [row] = rows(url, sa.select(T.c.status, T.c.total_reward, T.c.step_count).where(T.c.id == "slow"))
+        assert tuple(row) == ("aborted", None, 1)
