@@ -131,6 +131,55 @@ class CliError(RuntimeError):
     """A command that cannot run as asked; the message says what to do."""
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """Gateway API keys in the config's database (migrated first, so a new database works)."""
+    import sqlalchemy as sa
+
+    from recorder.api_keys import ApiKeyError, create_key, list_keys, revoke_key
+    from recorder.migrate import upgrade
+
+    url = load_config(args.config).database.resolved_url()
+    upgrade(url)
+    engine = sa.create_engine(url)
+    try:
+        if args.keys_command == "create":
+            key = create_key(engine, args.name)
+            print(key)
+            print(f"# key {args.name!r} created; it is shown only now (the database keeps its hash)", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            revoke_key(engine, args.name)
+            print(f"revoked {args.name!r}")
+        else:
+            for info in list_keys(engine):
+                state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+                print(f"{info.name}\t{info.prefix}…\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}")
+    except ApiKeyError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    """Serve the deployed version through the gateway, recording every call, until interrupted."""
+    import time
+
+    from cluster.loop import shutdown, start
+
+    config = load_config(args.config)
+    config = config.model_copy(update={"gateway": config.gateway.model_copy(update={"enabled": True})})
+    _, controller, _ = start(config)
+    try:
+        controller.call("sync_workers")
+        print(f"serving on http://{config.gateway.host}:{config.gateway.port}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shutdown(config)
+
+
 def _controller(config: ZigguratConfig) -> Any:
     """The running controller: joins the Ray cluster of a running `ziggurat run` (or the config's address)."""
     import ray
@@ -341,6 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "live mode: end the controller's loop once groups in flight and the training batch end"),
     ):
         with_config(commands.add_parser(action, help=about)).set_defaults(handler=_steer, action=action)
+    keys = commands.add_parser("keys", help="API keys of the agent gateway").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    create = with_config(keys.add_parser("create", help="create a key for a client and print it (only now)"))
+    create.add_argument("name", help="the client's name (unique)")
+    create.set_defaults(handler=_keys)
+    revoke = with_config(keys.add_parser("revoke", help="revoke a client's key"))
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_keys)
+    with_config(keys.add_parser("list", help="list keys (names and prefixes, never the keys)")).set_defaults(
+        handler=_keys
+    )
+    with_config(
+        commands.add_parser("gateway", help="serve the deployed version to external agents (OpenAI API), recording")
+    ).set_defaults(handler=_gateway)
     report = with_config(commands.add_parser("report", help="mean reward per version as JSON and a PNG"))
     report.add_argument("--out", type=Path, default=Path("ziggurat-report"))
     report.set_defaults(handler=_report)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.config import GatewayConfig
 from recorder.config import DatabaseConfig, RecorderConfig
 from rollout.config import EngineConfig, JudgeConfig, RolloutConfig
 from trainer.config import TrainerConfig
@@ -204,6 +205,9 @@ class ZigguratConfig(_Section):
 
     trainer: TrainerConfig = TrainerConfig()
     """GRPO training as a Ray Train job."""
+
+    gateway: GatewayConfig = GatewayConfig()
+    """The OpenAI-compatible agent gateway on Ray Serve (off unless `gateway.enabled`)."""
 
     @model_validator(mode="after")
     def _the_judge_is_not_the_policy(self) -> ZigguratConfig:

@@ -168,6 +168,10 @@ def start(config: ZigguratConfig) -> tuple[RolloutFleet, ControllerClient, str]:
     model_path = resolve_model(config.model)
     fleet = RolloutFleet.start(config, model_path)
     handle = _keep_alive.setdefault(config.controller.name, start_controller(config))
+    if config.gateway.enabled:
+        from cluster import gateway_service
+
+        gateway_service.start(config, model_path)
     return fleet, ControllerClient(handle, config), model_path
 
 
@@ -371,6 +375,10 @@ def shutdown(config: ZigguratConfig) -> None:
     from recorder.actor import stop_recorder
 
     namespace = config.ray.namespace
+    if config.gateway.enabled:  # first: its ledger's records go to the recorder before that stops
+        from cluster import gateway_service
+
+        gateway_service.stop(config)
     RolloutFleet(config, {}).shutdown()
     try:
         ray.kill(ray.get_actor(config.controller.name, namespace=namespace), no_restart=True)

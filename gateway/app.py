@@ -472,9 +472,9 @@ def start_gateway(
 
 
 def stop_gateway(settings: GatewayConfig, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Delete the Serve application, then store every record the ledger holds."""
-    serve.delete(settings.app_name)
+    """Delete the Serve application this process started, then store every record its ledger holds."""
     ledger = _ledgers.pop(settings.ledger_name, None)
     if ledger is None:
         return {}
+    serve.delete(settings.app_name)
     return ray.get(ledger.close.remote(), timeout=timeout_s)

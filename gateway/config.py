@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class GatewayConfig(BaseModel):
@@ -72,3 +72,14 @@ class GatewayConfig(BaseModel):
 
     flush_interval_s: float = Field(0.5, gt=0)
     """How often the ledger sends the records it holds to the recorder."""
+
+    @model_validator(mode="after")
+    def _keys_off_only_on_loopback(self) -> GatewayConfig:
+        if self.auth == "none" and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"gateway.auth: none on host {self.host!r} would let anyone on the network use the policy and write "
+                "training data; keep auth: keys (ziggurat keys create NAME) or bind to 127.0.0.1"
+            )
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError("gateway.default_max_tokens must be at most gateway.max_tokens_cap")
+        return self

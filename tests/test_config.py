@@ -55,7 +55,7 @@ def test_unknown_key_is_named_with_the_allowed_ones(tmp_path: Path):
 
 
 def test_unknown_section_is_named(tmp_path: Path):
-    allowed = "allowed here: controller, database, engine, judge, model, ray, recorder, rollout, trainer"
+    allowed = "allowed here: controller, database, engine, gateway, judge, model, ray, recorder, rollout, trainer"
     with pytest.raises(ConfigError, match=rf"unknown key 'trainr'.*{allowed}"):
         load_config(_write(tmp_path, "trainr:\n  lr: 1\n"))
 
@@ -125,3 +125,9 @@ def test_a_canary_that_would_cover_every_actor_is_refused():
     with pytest.raises(ConfigError, match="controller.canary_fraction .* rollout.actors"):
         parse_config({"controller": {"canary_fraction": 0.5}, "rollout": {"actors": 1}}, source="test.yaml")
     parse_config({"controller": {"canary_fraction": 0.5}, "rollout": {"actors": 2}}, source="test.yaml")
+
+
+def test_a_gateway_without_keys_must_stay_on_loopback(tmp_path: Path):
+    with pytest.raises(ConfigError, match="gateway.auth: none on host '0.0.0.0'"):
+        load_config(_write(tmp_path, "gateway:\n  auth: none\n  host: 0.0.0.0\n"))
+    assert load_config(_write(tmp_path, "gateway:\n  auth: none\n")).gateway.auth == "none"

@@ -313,3 +313,23 @@ def test_an_episode_past_its_ttl_is_aborted_and_never_trained(ray_session, tmp_p
         T = Trajectory.__table__
         [row] = rows(url, sa.select(T.c.status, T.c.total_reward, T.c.step_count).where(T.c.id == "slow"))
         assert tuple(row) == ("aborted", None, 1)
+
+
+def test_keys_from_the_command_line_are_stored_hashed(tmp_path, capsys):
+    from cluster.cli import main
+
+    config = tmp_path / "keys.yaml"
+    config.write_text(f"database:\n  url: sqlite:///{tmp_path / 'keys.db'}\n")
+    assert main(["keys", "create", "alice", "--config", str(config)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("zk-") and len(key) > 40
+    assert main(["keys", "create", "alice", "--config", str(config)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["keys", "list", "--config", str(config)]) == 0
+    listed = capsys.readouterr().out
+    assert "alice" in listed and "active" in listed and key not in listed
+    stored = rows(f"sqlite:///{tmp_path / 'keys.db'}", sa.text("SELECT * FROM api_keys"))
+    assert key not in repr(stored)
+    assert main(["keys", "revoke", "alice", "--config", str(config)]) == 0
+    assert main(["keys", "revoke", "alice", "--config", str(config)]) == 2
+    assert "no active key" in capsys.readouterr().err
