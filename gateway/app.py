@@ -193,12 +193,15 @@ class Gateway:
             raise RequestProblem(error["message"], error["param"], answer["status"], error["code"])
         return answer
 
-    def _episode_of(self, request: Request, metadata: dict[str, str] | None, call_id: str) -> tuple[str, str, Any]:
-        """(episode, group, agent) from the headers or the request's metadata; without them the call is an
-        episode of its own, named by the call's id."""
+    def _episode_of(
+        self, request: Request, metadata: dict[str, str] | None, call_id: str
+    ) -> tuple[str, str | None, str | None]:
+        """(episode, group, agent) from the headers or the request's metadata. Without an episode the call is an
+        episode of its own, named by the call's id; without a group, an open episode keeps its own and a new
+        one is a group of its own."""
         meta = metadata or {}
         episode = request.headers.get("x-ziggurat-episode") or meta.get("episode") or call_id
-        group = request.headers.get("x-ziggurat-group") or meta.get("group") or episode
+        group = request.headers.get("x-ziggurat-group") or meta.get("group")
         agent = request.headers.get("x-ziggurat-agent") or meta.get("agent")
         return episode, group, agent
 
@@ -296,7 +299,7 @@ class Gateway:
             raise RequestProblem("streaming is served on /v1/chat/completions", "stream")
         call_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         episode, group, agent = self._episode_of(request, parsed.metadata, call_id)
-        await self._ledger("open", episode, group, agent, {"client": client})
+        opened = await self._ledger("open", episode, group, agent, {"client": client})
         context = await self._ledger("context", episode)
         messages: list[dict[str, Any]] = []
         segment = "new"
@@ -316,7 +319,7 @@ class Gateway:
         if not prompt:
             raise RequestProblem("the prompt is empty", "prompt")
         sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt))
-        headers = {"X-Ziggurat-Episode": episode, "X-Ziggurat-Group": group}
+        headers = {"X-Ziggurat-Episode": episode, "X-Ziggurat-Group": opened["group"]}
         return {
             "id": call_id, "request": parsed, "chat": chat, "episode": episode, "prompt": prompt, "segment": segment,
             "messages": messages, "observation": observation[-2000:], "sampling": sampling,

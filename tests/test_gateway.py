@@ -44,7 +44,7 @@ def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
         key = create_key(db, "tests")
         settings = GatewayConfig(
             enabled=True, port=_free_port(), key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
-            flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
+            default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
         )  # fmt: skip
         base = start_gateway(
             settings, recorder, model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
@@ -333,3 +333,64 @@ def test_keys_from_the_command_line_are_stored_hashed(tmp_path, capsys):
     assert main(["keys", "revoke", "alice", "--config", str(config)]) == 0
     assert main(["keys", "revoke", "alice", "--config", str(config)]) == 2
     assert "no active key" in capsys.readouterr().err
+
+
+def _node_agent(gateway: Any, run: str, *args: str) -> list[dict[str, Any]]:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "agents"
+    node = shutil.which("node")
+    assert node, "Node.js is missing: scripts/test.sh installs it (apt nodejs npm)"
+    assert (folder / "node_modules" / "openai").is_dir(), "run `npm install` in tests/agents (scripts/test.sh does)"
+    done = subprocess.run(
+        [node, str(folder / "market_agent.mjs"), gateway[0], gateway[1], run, *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_an_external_node_agent_is_recorded_trained_on_and_served_the_new_version(gateway, tiny_model_dir, tmp_path):
+    import ray
+    from transformers import AutoTokenizer
+
+    from cluster.config import load_config
+    from cluster.train_job import run_training
+    from recorder import queries
+    from recorder.records import unpack_tokens
+    from recorder.schema import Trajectory
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lines = _node_agent(gateway, "js", "2", "3", "300")
+    calls, summary = lines[:-1], lines[-1]
+    assert summary["done"] == 6 and len(calls) == 12 and {c["version"] for c in calls} == {0}
+    _flush(gateway)
+    for call in calls:  # the recorded tokens decode to exactly what the Node client received
+        recorded = _calls(gateway, call["episode"])[call["step"]]
+        assert tokenizer.decode(unpack_tokens(recorded.completion_token_ids), skip_special_tokens=True) == call["text"]
+    T = Trajectory.__table__
+    finished = rows(gateway[2], sa.select(T.c.id, T.c.total_reward).where(T.c.group_id.like("js-market-%")))
+    assert sorted(r.total_reward for r in finished) == sorted(summary["rewards"])
+
+    base = load_config()
+    config = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
+            "database": base.database.model_copy(update={"url": gateway[2]}),
+            "trainer": base.trainer.model_copy(update={"num_workers": 1, "updates_per_batch": 1}),
+        }
+    )
+    assert run_training(config) == 1
+    (version,) = queries.list_versions(gateway[4])
+    batch = queries.get_batch(gateway[4], version["training_batch_id"])
+    assert {f"{r.id}" for r in finished} <= set(batch["trajectory_ids"])  # the agent's episodes were trained on
+    worker = ray.get_actor("zg-rollout-0")
+    ray.get(worker.prepare.remote(1, version["artifact_uri"], "lora"), timeout=120)
+    ray.get(worker.activate.remote(1), timeout=120)
+
+    again = _node_agent(gateway, "js-after", "1", "1", "0")
+    assert {c["version"] for c in again[:-1]} == {1}  # served back through the gateway
+    _flush(gateway)
+    assert {c.model_version for c in _calls(gateway, again[0]["episode"])} == {1}
