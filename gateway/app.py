@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,6 +43,7 @@ from recorder.config import RecorderConfig
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="Ziggurat agent gateway")
+_CONTEXTS_KEPT = 10_000  # episodes whose latest call a replica remembers, for exact-token continuation
 _ledgers: dict[str, Any] = {}  # ledger name -> handle, for the gateways this process started
 
 
@@ -113,6 +114,7 @@ class Gateway:
         self._load: Counter[str] = Counter()  # requests this replica has in flight on each rollout actor
         self._by_key: Counter[str] = Counter()
         self._in_flight = 0
+        self._contexts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # episode -> its latest call here
         self._keys: dict[str, str] = {}
         self._keys_read = 0.0
         self._db: Any = None
@@ -269,6 +271,7 @@ class Gateway:
         return await self._serve(request, chat=False)
 
     async def _serve(self, request: Request, chat: bool) -> Any:
+        arrived = time.perf_counter()
         try:
             client = self._admit(request)
         except RequestProblem as problem:
@@ -277,6 +280,7 @@ class Gateway:
         try:
             body = await self._body(request)
             call = await self._prepare(request, body, chat, client)
+            call["arrived"] = arrived
             if call["request"].stream:
                 streaming = True
                 return StreamingResponse(
@@ -299,8 +303,9 @@ class Gateway:
             raise RequestProblem("streaming is served on /v1/chat/completions", "stream")
         call_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         episode, group, agent = self._episode_of(request, parsed.metadata, call_id)
-        opened = await self._ledger("open", episode, group, agent, {"client": client})
-        context = await self._ledger("context", episode)
+        # The episode's previous call, if this replica served it: the ledger is asked only after generating
+        # (one round trip per call); a call another replica served last simply starts a new segment.
+        context = self._contexts.get(episode) or {"messages": None, "tokens": [], "version": None}
         messages: list[dict[str, Any]] = []
         segment = "new"
         if chat:
@@ -319,37 +324,51 @@ class Gateway:
         if not prompt:
             raise RequestProblem("the prompt is empty", "prompt")
         sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt))
-        headers = {"X-Ziggurat-Episode": episode, "X-Ziggurat-Group": opened["group"]}
+        headers = {"X-Ziggurat-Episode": episode}
         return {
-            "id": call_id, "request": parsed, "chat": chat, "episode": episode, "prompt": prompt, "segment": segment,
+            "id": call_id, "request": parsed, "chat": chat, "episode": episode, "group": group, "agent": agent,
+            "client": client, "prompt": prompt, "segment": segment,
             "messages": messages, "observation": observation[-2000:], "sampling": sampling,
             "version": context["version"], "headers": headers, "started": time.perf_counter(),
         }  # fmt: skip
 
     async def _record(self, call: dict[str, Any], version: int, completions: list[dict[str, Any]]) -> dict[str, Any]:
+        """Hand the served call to the ledger (which opens a new episode), and remember its tokens for the next."""
+        episode = call["episode"]
         reply = [{"role": "assistant", "content": completions[0]["text"]}] if call["chat"] else []
+        record = {
+            "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
+            "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
+            "segment": call["segment"], "messages": call["messages"] + reply, "observation": call["observation"],
+            "latency_ms": (time.perf_counter() - call["started"]) * 1000,
+        }  # fmt: skip
+        self._contexts.pop(episode, None)
         answer = await self._ledger(
-            "record_call",
-            call["episode"],
-            {
-                "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
-                "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
-                "segment": call["segment"], "messages": call["messages"] + reply, "observation": call["observation"],
-                "latency_ms": (time.perf_counter() - call["started"]) * 1000,
-            },
-        )  # fmt: skip
+            "record_call", episode, record, call["group"], call["agent"], {"client": call["client"]}
+        )
+        if call["chat"] and len(completions) == 1:
+            tokens = call["prompt"] + completions[0]["token_ids"]
+            self._contexts[episode] = {"messages": record["messages"], "tokens": tokens, "version": answer["version"]}
+            while len(self._contexts) > _CONTEXTS_KEPT:
+                self._contexts.popitem(last=False)
         return answer
 
     async def _complete(self, call: dict[str, Any]) -> JSONResponse:
+        generating = time.perf_counter()
         result = await self._generate(call["prompt"], call["sampling"], call["version"])
+        generated = time.perf_counter()
         completions = result["completions"]
         recorded = await self._record(call, result["model_version"], completions)
         request = call["request"]
         build = chat_response if call["chat"] else completion_response
         logprobs = request.logprobs if call["chat"] else (request.logprobs or 0)
         body = build(call["id"], request.model, len(call["prompt"]), completions, logprobs, self.tokenizer)
-        headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"])}
+        headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"]), "X-Ziggurat-Group": recorded["group"]}
         headers["X-Ziggurat-Version"] = str(result["model_version"])
+        # What the replica spent before and after the rollout actor's generation, and the generation itself.
+        before, after = generating - call["arrived"], time.perf_counter() - generated
+        timing = f"prepare;dur={before * 1000:.2f}, generate;dur={(generated - generating) * 1000:.2f}"
+        headers["Server-Timing"] = f"{timing}, record;dur={after * 1000:.2f}"
         return JSONResponse(body, headers=headers)
 
     async def _stream_chat(self, call: dict[str, Any], client: str) -> AsyncIterator[str]:
@@ -469,6 +488,7 @@ def start_gateway(
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_in_flight + 8,  # the replica answers 429 itself past max_in_flight
         ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
     ).bind(settings, model_name, model_path, worker_names, database_url, max_model_len, namespace)
     serve.run(app, name=settings.app_name, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
@@ -479,5 +499,5 @@ def stop_gateway(settings: GatewayConfig, timeout_s: float = 60.0) -> dict[str, 
     ledger = _ledgers.pop(settings.ledger_name, None)
     if ledger is None:
         return {}
-    serve.delete(settings.app_name)
+    serve.delete(settings.app_name, _blocking=False)  # blocking waits ~30 s for HAProxy to drain its connections
     return ray.get(ledger.close.remote(), timeout=timeout_s)

@@ -70,6 +70,9 @@ class GatewayConfig(BaseModel):
     ledger_timeout_s: float = Field(30.0, gt=0)
     """Deadline of one call to the ledger actor."""
 
+    shutdown_timeout_s: float = Field(5.0, ge=0)
+    """How long a stopping replica lets requests in flight finish."""
+
     flush_interval_s: float = Field(0.5, gt=0)
     """How often the ledger sends the records it holds to the recorder."""
 

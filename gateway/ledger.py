@@ -108,22 +108,24 @@ class EpisodeLedger:
             return problem(409, f"episode {episode_id!r} is in group {episode.group_id!r}, not {group_id!r}", "group")
         return self._describe(episode)
 
-    async def context(self, episode_id: str) -> dict[str, Any]:
-        """What the next call of an open episode continues from: its messages, tokens and pinned version."""
-        episode = self._open.get(episode_id)
-        if episode is None:
-            return self._missing(episode_id)
+    async def record_call(
+        self,
+        episode_id: str,
+        call: dict[str, Any],
+        group_id: str | None = None,
+        agent_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record one served call, opening its episode if it is new: `prompt_token_ids`, `model_version`,
+        `sampling`, `latency_ms`, `segment` (new or continued), `messages` (the conversation with the reply, for
+        the next call), `observation`, and `completions` (each with `token_ids`, `logprobs`, `text`,
+        `finish_reason`). Answers the step, the group and the version the episode is pinned to."""
+        opened = await self.open(episode_id, group_id, agent_id, metadata)
+        if "error" in opened:
+            return opened
+        episode = self._open[episode_id]
         if episode.ended:
             return problem(409, f"episode {episode_id!r} has ended and waits for its reward; open a new one", "episode")
-        return {"messages": episode.messages, "tokens": episode.tokens, "version": episode.version}
-
-    async def record_call(self, episode_id: str, call: dict[str, Any]) -> dict[str, Any]:
-        """Record one served call: `prompt_token_ids`, `model_version`, `sampling`, `latency_ms`, `segment`
-        (new or continued), `messages` (the conversation with the reply, for the next call), `observation`, and
-        `completions` (each with `token_ids`, `logprobs`, `text`, `finish_reason`)."""
-        episode = self._open.get(episode_id)
-        if episode is None:
-            return self._missing(episode_id)
         version = int(call["model_version"])
         if episode.version is None:
             episode.version = version
@@ -146,7 +148,7 @@ class EpisodeLedger:
         episode.steps += 1
         episode.deadline = time.monotonic() + self._settings.episode_ttl_s
         self._recorded_calls += 1
-        return {"episode": episode.id, "step": step, "group": episode.group_id}
+        return {"episode": episode.id, "step": step, "group": episode.group_id, "version": episode.version}
 
     async def annotate(
         self,

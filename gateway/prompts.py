@@ -68,8 +68,8 @@ def extend_prompt(
     before, now = template_messages(previous_messages), template_messages(messages)
     if len(now) <= len(before) or not all(_same(a, b) for a, b in zip(before, now, strict=False)):
         return None
-    if before[-1]["role"] != "assistant":
-        return None
+    if before[-1]["role"] != "assistant" or any(m["role"] == "assistant" for m in now[len(before) :]):
+        return None  # a reply the policy wrote would be re-tokenized: only its sampled tokens may stand for it
     closed = _render(tokenizer, before, False, tools)
     opened = _render(tokenizer, now, True, tools)
     if not opened.startswith(closed):

@@ -49,6 +49,8 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    """vLLM's extension (pass it in the SDK's `extra_body`): sample at least this many tokens."""
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -105,6 +107,8 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         raise RequestProblem("the prompt fills the model's whole context; shorten the conversation", "messages")
     if limit is not None and limit > room:
         raise RequestProblem(f"{param} ({limit}) exceeds what the prompt leaves of the context ({room})", param)
+    if request.min_tokens > (limit or room):
+        raise RequestProblem(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({limit or room})", "min_tokens")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4:
         raise RequestProblem("at most 4 stop sequences", "stop")
@@ -116,8 +120,8 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         top = request.logprobs or 0
     max_tokens = limit or min(settings.default_max_tokens, room)
     return {
-        "n": request.n, "temperature": request.temperature, "max_tokens": max_tokens, "stop": stop or None,
-        "seed": request.seed, "top_logprobs": top,
+        "n": request.n, "temperature": request.temperature, "max_tokens": max_tokens, "min_tokens": request.min_tokens,
+        "stop": stop or None, "seed": request.seed, "top_logprobs": top,
     }  # fmt: skip
 
 

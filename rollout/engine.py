@@ -355,6 +355,7 @@ class PolicyEngine:
         *,
         n: int = 1,
         max_tokens: int = 64,
+        min_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop: list[str] | None = None,
@@ -367,7 +368,9 @@ class PolicyEngine:
 
         if not prompt_token_ids:
             raise EngineError("prompt_token_ids is empty; pass at least one token id")
-        params = self._sampling(n, max_tokens, 0, temperature, top_p, None, stop, seed, top_logprobs, stream=True)
+        params = self._sampling(
+            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, stream=True
+        )
         version, lora = await self._admit(False, version)
         self._running += 1
         try:

@@ -54,9 +54,6 @@ def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
             yield base, key, url, settings, db
         finally:
             stop_gateway(settings)
-            from ray import serve
-
-            serve.shutdown()
             ray.get(worker.close.remote(), timeout=60)
             ray.kill(worker)
             db.dispose()
