@@ -9,7 +9,9 @@ this process call the rollout actor's `complete` with the prompt tokens, as Zigg
 its own episode, recorded. Every request samples exactly `--tokens` tokens (min_tokens = max_tokens), so
 tokens/s compare like with like; rounds alternate (direct, gateway, ...) and the ratio is the median of the
 rounds' ratios. Then `--probes` one-token requests, one at a time, alternating paths: the gateway's added
-latency is the difference of their latencies (p50, p99). Last, the ledger is flushed and the database must
+latency is the difference of their latencies (p50, p99), as plain HTTP (`added_latency_*`) and through the
+SDK (`added_latency_with_sdk_*`); `replica_own_ms_p50` is what the replica itself spent around the
+generation (its Server-Timing header). Last, the ledger is flushed and the database must
 hold every gateway call exactly once. Prints a summary line, then JSON (last).
 """
 
@@ -158,21 +160,34 @@ def main() -> None:
             through.append(
                 await _gateway(client, "bench", conversations, args.tokens, args.concurrency, f"r{round_index}")
             )
-        probe_direct, probe_gateway = [], []
+        probe_direct, probe_gateway, probe_http, replica = [], [], [], []
         one_token = {"max_tokens": 1, "min_tokens": 1, "temperature": 1.0}
-        for index in range(args.probes):
-            probe_direct += (
-                await _direct(worker, prompts[index % len(prompts) : index % len(prompts) + 1], one_token, 1)
-            )["latencies"]
-            probe_gateway += (
-                await _gateway(client, "bench", conversations[index % len(prompts) :][:1], 1, 1, f"p{index}")
-            )["latencies"]
-        return {"direct": direct, "gateway": through, "probe_direct": probe_direct, "probe_gateway": probe_gateway}
+        async with httpx.AsyncClient(timeout=600) as http:
+            for index in range(args.probes):
+                at = index % len(prompts)
+                probe_direct += (await _direct(worker, prompts[at : at + 1], one_token, 1))["latencies"]
+                probe_gateway += (await _gateway(client, "bench", conversations[at:][:1], 1, 1, f"p{index}"))[
+                    "latencies"
+                ]
+                # The same request as plain HTTP, without the SDK's own work around it.
+                started = time.perf_counter()
+                answer = await http.post(
+                    f"{base}/v1/chat/completions",
+                    json={"model": "bench", "messages": conversations[at], "max_tokens": 1},
+                    headers={"X-Ziggurat-Episode": f"h{index}"},
+                )
+                probe_http.append(time.perf_counter() - started)
+                timing = dict(part.strip().split(";dur=") for part in answer.headers["server-timing"].split(","))
+                replica.append(float(timing["prepare"]) + float(timing["record"]))
+        return {
+            "direct": direct, "gateway": through, "probe_direct": probe_direct, "probe_gateway": probe_gateway,
+            "probe_http": probe_http, "replica_ms": replica,
+        }  # fmt: skip
 
     measured = asyncio.run(run())
     ledger = ray.get_actor(settings.ledger_name)
     ray.get(ledger.flush.remote(), timeout=120)
-    sent = args.rounds * args.requests + args.probes + 4
+    sent = args.rounds * args.requests + 2 * args.probes + 4
     failed = sum(r["failed"] for r in measured["gateway"])
     db = sa.create_engine(url)
     C = LlmCall.__table__
@@ -192,7 +207,8 @@ def main() -> None:
     ]
     all_direct = [x for r in measured["direct"] for x in r["latencies"]]
     all_gateway = [x for r in measured["gateway"] for x in r["latencies"]]
-    added = [(g - d) * 1000 for g, d in zip(measured["probe_gateway"], measured["probe_direct"], strict=False)]
+    added = [(g - d) * 1000 for g, d in zip(measured["probe_http"], measured["probe_direct"], strict=True)]
+    added_sdk = [(g - d) * 1000 for g, d in zip(measured["probe_gateway"], measured["probe_direct"], strict=True)]
     result = {
         "model": args.model,
         "requests_per_round": args.requests,
@@ -209,6 +225,9 @@ def main() -> None:
                                   "gateway": round(_percentile(all_gateway, 0.99) * 1000, 1)},
         "added_latency_p50_ms": round(statistics.median(added), 2),
         "added_latency_p99_ms": round(_percentile(added, 0.99), 2),
+        "added_latency_with_sdk_p50_ms": round(statistics.median(added_sdk), 2),
+        "added_latency_with_sdk_p99_ms": round(_percentile(added_sdk, 0.99), 2),
+        "replica_own_ms_p50": round(statistics.median(measured["replica_ms"]), 2),
         "failed_requests": failed,
         "gateway_calls_sent": sent,
         "calls_recorded": stored,

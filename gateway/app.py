@@ -34,10 +34,12 @@ from gateway.protocol import (
     chat_response,
     completion_response,
     parse,
+    reply_message,
     sampling_of,
     token_logprobs,
     usage,
 )
+from gateway.tools import template_takes_tools
 from recorder.config import RecorderConfig
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class Gateway:
 
         self.settings, self.model_name, self.max_model_len = settings, model_name, max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.takes_tools = template_takes_tools(self.tokenizer)
         self.namespace = namespace
         self.ledger = ray.get_actor(settings.ledger_name, namespace=namespace)
         self.worker_names = list(worker_names)
@@ -140,7 +143,11 @@ class Gateway:
         from recorder.api_keys import active_keys, hash_key
 
         if time.monotonic() - self._keys_read > self.settings.key_refresh_s:
-            self._keys, self._keys_read = active_keys(self._db), time.monotonic()
+            self._keys_read = time.monotonic()
+            try:
+                self._keys = active_keys(self._db)
+            except Exception as exc:  # the keys read last stay valid through a database outage
+                log.warning("could not re-read the API keys (%s: %s); using the last ones", type(exc).__name__, exc)
         name = self._keys.get(hash_key(header[7:].strip()))
         if name is None:
             raise RequestProblem("invalid or revoked API key", status=401, code="invalid_api_key")
@@ -308,11 +315,20 @@ class Gateway:
         context = self._contexts.get(episode) or {"messages": None, "tokens": [], "version": None}
         messages: list[dict[str, Any]] = []
         segment = "new"
+        tools = None
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
-            prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, parsed.tools)
+            if parsed.tools and parsed.tool_choice != "none":
+                if not self.takes_tools:
+                    raise RequestProblem(
+                        f"the chat template of {self.model_name!r} does not take tools, so the model would never see "
+                        "them; serve a model whose template does (Qwen, Hermes, Llama 3.1) or leave tools out",
+                        "tools",
+                    )
+                tools = parsed.tools
+            prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, tools)
             if prompt is None:
-                prompt = render_prompt(self.tokenizer, messages, parsed.tools)
+                prompt = render_prompt(self.tokenizer, messages, tools)
             else:
                 segment = "continued"
             observation = str(messages[-1].get("content") or "")
@@ -327,7 +343,7 @@ class Gateway:
         headers = {"X-Ziggurat-Episode": episode}
         return {
             "id": call_id, "request": parsed, "chat": chat, "episode": episode, "group": group, "agent": agent,
-            "client": client, "prompt": prompt, "segment": segment,
+            "client": client, "prompt": prompt, "segment": segment, "tools": tools is not None,
             "messages": messages, "observation": observation[-2000:], "sampling": sampling,
             "version": context["version"], "headers": headers, "started": time.perf_counter(),
         }  # fmt: skip
@@ -335,7 +351,7 @@ class Gateway:
     async def _record(self, call: dict[str, Any], version: int, completions: list[dict[str, Any]]) -> dict[str, Any]:
         """Hand the served call to the ledger (which opens a new episode), and remember its tokens for the next."""
         episode = call["episode"]
-        reply = [{"role": "assistant", "content": completions[0]["text"]}] if call["chat"] else []
+        reply = [reply_message(completions[0], call["tools"])] if call["chat"] else []
         record = {
             "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
             "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
@@ -360,9 +376,15 @@ class Gateway:
         completions = result["completions"]
         recorded = await self._record(call, result["model_version"], completions)
         request = call["request"]
-        build = chat_response if call["chat"] else completion_response
-        logprobs = request.logprobs if call["chat"] else (request.logprobs or 0)
-        body = build(call["id"], request.model, len(call["prompt"]), completions, logprobs, self.tokenizer)
+        if call["chat"]:
+            replies = [reply_message(completion, call["tools"]) for completion in completions]
+            body = chat_response(
+                call["id"], request.model, len(call["prompt"]), completions, request.logprobs, self.tokenizer, replies
+            )
+        else:
+            body = completion_response(
+                call["id"], request.model, len(call["prompt"]), completions, request.logprobs or 0, self.tokenizer
+            )
         headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"]), "X-Ziggurat-Group": recorded["group"]}
         headers["X-Ziggurat-Version"] = str(result["model_version"])
         # What the replica spent before and after the rollout actor's generation, and the generation itself.

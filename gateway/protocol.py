@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import GatewayConfig
+from gateway.tools import parse_tool_calls
 
 
 class RequestProblem(ValueError):
@@ -99,6 +100,15 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         raise RequestProblem(f"n is at most {settings.max_n} here (gateway.max_n)", "n")
     if request.stream and request.n > 1:
         raise RequestProblem("streaming serves n = 1; ask for n > 1 without stream", "n")
+    if isinstance(request, ChatRequest) and request.tools:
+        if request.stream:
+            raise RequestProblem("tool calls are parsed on whole replies; ask without stream", "stream")
+        if request.tool_choice not in (None, "auto", "none"):
+            raise RequestProblem(
+                "tool_choice can be auto or none here: forcing a call needs guided decoding, which the policy "
+                "engine does not apply (its log-probs would no longer be the trained distribution's)",
+                "tool_choice",
+            )
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
     param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
     if limit is not None and limit > settings.max_tokens_cap:
@@ -150,15 +160,30 @@ def usage(prompt_tokens: int, completions: list[dict[str, Any]]) -> dict[str, in
     }
 
 
+def reply_message(completion: dict[str, Any], tools: bool) -> dict[str, Any]:
+    """The assistant message a completion answers with; with tools offered, its tool calls parsed out."""
+    if not tools:
+        return {"role": "assistant", "content": completion["text"]}
+    content, calls = parse_tool_calls(completion["text"])
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+
 def chat_response(
-    call_id: str, model: str, prompt_tokens: int, completions: list[dict[str, Any]], logprobs: bool, tokenizer: Any
+    call_id: str,
+    model: str,
+    prompt_tokens: int,
+    completions: list[dict[str, Any]],
+    logprobs: bool,
+    tokenizer: Any,
+    replies: list[dict[str, Any]],
 ) -> dict[str, Any]:
     choices = []
-    for index, completion in enumerate(completions):
+    for index, (completion, reply) in enumerate(zip(completions, replies, strict=True)):
+        finish = "tool_calls" if reply.get("tool_calls") else completion["finish_reason"] or "stop"
         choice: dict[str, Any] = {
             "index": index,
-            "message": {"role": "assistant", "content": completion["text"]},
-            "finish_reason": completion["finish_reason"] or "stop",
+            "message": reply,
+            "finish_reason": finish,
             "logprobs": {"content": token_logprobs(tokenizer, completion)} if logprobs else None,
         }
         choices.append(choice)

@@ -45,6 +45,7 @@ def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
         settings = GatewayConfig(
             enabled=True, port=_free_port(), key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
             default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
+            max_concurrency_per_key=4,
         )  # fmt: skip
         base = start_gateway(
             settings, recorder, model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
@@ -66,7 +67,10 @@ def _client(gateway: Any, **headers: str) -> Any:
     return OpenAI(base_url=f"{base}/v1", api_key=key, default_headers=headers, max_retries=0, timeout=120)
 
 
-def _post(gateway: Any, path: str, body: Any, key: str | None = "default", raw: bytes | None = None) -> tuple[int, Any]:
+def _post(
+    gateway: Any, path: str, body: Any, key: str | None = "default", raw: bytes | None = None, seen: Any = None
+) -> tuple[int, Any]:
+    """POST JSON; (status, parsed body). `seen`, a dict, gets the response's headers."""
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {gateway[1] if key == 'default' else key}"
@@ -74,9 +78,11 @@ def _post(gateway: Any, path: str, body: Any, key: str | None = "default", raw: 
     request = urllib.request.Request(gateway[0] + path, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            status, text = response.status, response.read()
+            status, text, headers = response.status, response.read(), response.headers
     except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read()
+        status, text, headers = exc.code, exc.read(), exc.headers
+    if seen is not None:
+        seen.update({name.lower(): value for name, value in headers.items()})
     try:
         return status, json.loads(text)
     except ValueError:
@@ -250,6 +256,15 @@ def test_bad_requests_get_clear_openai_errors_and_record_nothing(gateway):
         ("/v1/chat/completions", {**chat, "top_p": 0.5}, "default", None, 400, "top_p"),
         ("/v1/chat/completions", {**chat, "messages": []}, "default", None, 400, "messages"),
         ("/v1/chat/completions", None, "default", b"{" + b" " * 30_000 + b"}", 413, None),
+        (
+            "/v1/chat/completions",
+            {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "default",
+            None,
+            400,
+            "tools",
+        ),
+        ("/v1/chat/completions", {**chat, "n": 2, "stream": True}, "default", None, 400, "n"),
         ("/v1/episodes/nobody/reward", {"reward": 1.0}, "default", None, 404, "episode"),
         ("/v1/episodes/chat-1/reward", {"reward": 1.0}, "default", None, 409, "episode"),
         ("/v1/episodes/nobody/reward", {"reward": "high"}, "default", None, 400, "reward"),
@@ -391,3 +406,29 @@ def test_an_external_node_agent_is_recorded_trained_on_and_served_the_new_versio
     assert {c["version"] for c in again[:-1]} == {1}  # served back through the gateway
     _flush(gateway)
     assert {c.model_version for c in _calls(gateway, again[0]["episode"])} == {1}
+
+
+def test_a_key_over_its_concurrency_gets_429_with_retry_after_and_nothing_recorded(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recorder.schema import LlmCall
+
+    count = sa.select(sa.func.count()).select_from(LlmCall.__table__)
+    _flush(gateway)
+    before = rows(gateway[2], count)[0][0]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go."}], "max_tokens": 64, "min_tokens": 64}
+
+    def one(_: int) -> tuple[int, Any, dict[str, str]]:
+        headers: dict[str, str] = {}
+        status, answer = _post(gateway, "/v1/chat/completions", body, seen=headers)
+        return status, answer, headers
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    statuses = [status for status, _, _ in answers]
+    refused = [(answer, headers) for status, answer, headers in answers if status == 429]
+    assert refused and statuses.count(200) >= gateway[3].max_concurrency_per_key, statuses
+    for answer, headers in refused:
+        assert "max_concurrency_per_key" in answer["error"]["message"] and headers["retry-after"] == "1"
+    _flush(gateway)
+    assert rows(gateway[2], count)[0][0] == before + statuses.count(200)

@@ -1,0 +1,104 @@
+"""Prompt tokens of gateway chat requests (exact continuation of earlier turns) and tool calls, on SmolLM2's real
+tokenizer and on a Hermes-style template that takes tools; no engine needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.prompts import extend_prompt, render_prompt
+from gateway.tools import parse_tool_calls, template_takes_tools
+
+HERMES = (
+    "{%- if tools %}<|im_start|>system\nTools:\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
+    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- if message.content %}{{ message.content }}{% endif %}"
+    '{%- for call in message.tool_calls %}<tool_call>{"name": "{{ call.function.name }}", "arguments": '
+    "{{ call.function.arguments }}}</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+def _turn(tokenizer, prompt: list[int], reply: str) -> list[int]:
+    """What the engine would have sampled for `reply`: its tokens and the end-of-turn token."""
+    return prompt + tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_new_turn_extends_the_previous_tokens_and_equals_a_fresh_render_when_the_reply_tokenizes_back(tokenizer):
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    prompt = render_prompt(tokenizer, first)
+    sampled = _turn(tokenizer, prompt, "Blue.")
+    second = [*first, {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+    extended = extend_prompt(tokenizer, [*first, second[2]], sampled, second)
+    assert extended is not None and extended[: len(sampled)] == sampled
+    # Independent: the whole conversation rendered by the template, for a reply whose tokens are canonical.
+    assert extended == render_prompt(tokenizer, second)
+
+
+def test_a_reply_sampled_as_non_canonical_tokens_keeps_those_tokens(tokenizer):
+    first = [{"role": "user", "content": "Say hello."}]
+    prompt = render_prompt(tokenizer, first)
+    odd = [tokenizer.convert_tokens_to_ids(t) for t in ["h", "ello"]]  # "hello" as the engine might have split it
+    sampled = prompt + odd + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    reply = tokenizer.decode(odd)
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Again."}]
+    extended = extend_prompt(tokenizer, second[:2], sampled, second)
+    assert extended is not None and extended[: len(sampled)] == sampled
+    assert extended != render_prompt(tokenizer, second)  # a fresh render would have re-tokenized the reply
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["history edited", "reply changed", "assistant message added", "nothing new"],
+)
+def test_requests_that_do_not_extend_the_episode_start_a_new_segment(tokenizer, edit):
+    first = [{"role": "user", "content": "Pick a number."}]
+    sampled = _turn(tokenizer, render_prompt(tokenizer, first), "Seven.")
+    before = [*first, {"role": "assistant", "content": "Seven."}]
+    now = {
+        "history edited": [{"role": "user", "content": "Pick a letter."}, before[1], {"role": "user", "content": "?"}],
+        "reply changed": [first[0], {"role": "assistant", "content": "Eight."}, {"role": "user", "content": "?"}],
+        "assistant message added": [*before, {"role": "assistant", "content": "Also nine."}],
+        "nothing new": before,
+    }[edit]
+    assert extend_prompt(tokenizer, before, sampled, now) is None
+
+
+def test_tool_calls_are_offered_parsed_back_and_the_next_turn_continues_the_tokens(tokenizer):
+    hermes = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    hermes.chat_template = HERMES
+    assert template_takes_tools(hermes) and not template_takes_tools(tokenizer)
+    tools = [{"type": "function", "function": {"name": "price", "parameters": {"type": "object"}}}]
+    first = [{"role": "user", "content": "What is the price of RAIN?"}]
+    prompt = render_prompt(hermes, first, tools)
+    assert '"name": "price"' in hermes.decode(prompt)
+    text = 'Let me check. <tool_call>{"name": "price", "arguments": {"market": "RAIN"}}</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check." and len(calls) == 1
+    assert calls[0]["function"]["name"] == "price"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"market": "RAIN"}
+    reply = {"role": "assistant", "content": content, "tool_calls": calls}
+    sampled = _turn(hermes, prompt, text)
+    second = [*first, reply, {"role": "tool", "tool_call_id": calls[0]["id"], "content": "0.42"}]
+    extended = extend_prompt(hermes, [*first, reply], sampled, second, tools)
+    assert extended is not None and extended[: len(sampled)] == sampled
+    added = hermes.decode(extended[len(sampled) :])
+    assert "<tool_response>0.42</tool_response>" in added and added.endswith("<|im_start|>assistant\n")
+
+
+def test_malformed_tool_calls_stay_in_the_text():
+    for text in ["<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>', "plain"]:
+        assert parse_tool_calls(text) == (text, [])
