@@ -1,9 +1,12 @@
 """The closed loop end to end on the tiny model, real PostgreSQL, 2 rollout actors and a Ray Train job:
-rollouts -> judged groups -> readiness -> training -> version 1 -> hot-swap -> rollback."""
+rollouts -> judged groups -> readiness -> training -> version 1 -> hot-swap -> rollback, with the agent gateway
+started by the loop serving each deployed version."""
 
 from __future__ import annotations
 
 import json
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import sqlalchemy as sa
 from cluster.config import load_config
 from cluster.fleet import RolloutFleet
 from cluster.loop import run_loop, shutdown
+from gateway.config import GatewayConfig
 from recorder.schema import RewardJudgment, Trajectory
 from rollout.config import EngineConfig
 
@@ -59,9 +63,32 @@ def loop_config(url: str, model: str, tmp_path: Path, name: str, **controller: o
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gateway_version(config) -> int:
+    """The version that served one chat call through the loop's gateway."""
+    body = json.dumps({"model": "ziggurat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{config.gateway.port}/v1/chat/completions", data=body.encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert json.loads(response.read())["choices"][0]["message"]["content"] is not None
+        return int(response.headers["X-Ziggurat-Version"])
+
+
 def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, postgres, tiny_model_dir, tmp_path):
     url = postgres.create_database("closed_loop")
     config = loop_config(url, tiny_model_dir, tmp_path, "e2e")
+    # The agent gateway starts with the loop and serves whatever the controller deploys.
+    gateway = GatewayConfig(
+        enabled=True, port=_free_port(), auth="none", app_name="e2e-gateway", ledger_name="e2e-ledger"
+    )
+    config = config.model_copy(update={"gateway": gateway})
     try:
         report = run_loop(config, tmp_path / "out")
         (iteration,) = report["iterations"]
@@ -96,12 +123,14 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, p
         actors = RolloutFleet.start(config, tiny_model_dir)  # the running, named actors
         after_swap = actors.play([5000, 5001], "after swap")
         assert {v for g in after_swap for v in g["model_versions"]} == {1}
+        assert _gateway_version(config) == 1
 
         controller = ray.get_actor("e2e", namespace=config.ray.namespace)
         rolled = ray.get(controller.rollback.remote(), timeout=120)
         assert rolled["version"] == 0 and rolled["rolled_back"] == [1]
         after_rollback = actors.play([5002, 5003], "after rollback")
         assert {v for g in after_rollback for v in g["model_versions"]} == {0}
+        assert _gateway_version(config) == 0
         health = ray.get(controller.health.remote(), timeout=60)
         assert all(a["alive"] and a["served_version"] == 0 for a in health["actors"].values())
         assert health["database"]["reachable"] and health["recorder"]["alive"]
