@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -83,6 +84,19 @@ def _fields(method: str, data: dict[str, Any]) -> list[Any]:
             raise RequestProblem("action must be an object", "action")
         return [observation, action, _number(data, "reward", required=False) or 0.0, bool(data.get("done", False))]
     return []
+
+
+_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,48}")
+
+
+def _checked_id(value: Any, name: str) -> str | None:
+    """An episode or group key as given, or None; RequestProblem if it cannot be a trajectory or group id (the
+    ledger derives candidate ids from it, and the database keeps 64 characters)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise RequestProblem(f"{name} must be 1 to 48 characters of letters, digits and ._:@/+-", name)
+    return value
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -209,9 +223,11 @@ class Gateway:
         episode of its own, named by the call's id; without a group, an open episode keeps its own and a new
         one is a group of its own."""
         meta = metadata or {}
-        episode = request.headers.get("x-ziggurat-episode") or meta.get("episode") or call_id
-        group = request.headers.get("x-ziggurat-group") or meta.get("group")
+        episode = _checked_id(request.headers.get("x-ziggurat-episode") or meta.get("episode"), "episode") or call_id
+        group = _checked_id(request.headers.get("x-ziggurat-group") or meta.get("group"), "group")
         agent = request.headers.get("x-ziggurat-agent") or meta.get("agent")
+        if agent is not None and len(agent) > 200:
+            raise RequestProblem("agent is at most 200 characters", "agent")
         return episode, group, agent
 
     # --- generation -----------------------------------------------------------------------------------------
@@ -450,13 +466,14 @@ class Gateway:
             data = await self._body(request) if await request.body() else {}
             if not isinstance(data, dict):
                 raise RequestProblem("the request body must be a JSON object")
-            episode = data.get("episode") or f"ep-{uuid.uuid4().hex}"
-            if not isinstance(episode, str) or len(episode) > 128:
-                raise RequestProblem("episode must be a string of at most 128 characters", "episode")
+            episode = _checked_id(data.get("episode"), "episode") or f"ep-{uuid.uuid4().hex}"
+            group, agent = _checked_id(data.get("group"), "group"), data.get("agent")
+            if agent is not None and (not isinstance(agent, str) or len(agent) > 200):
+                raise RequestProblem("agent must be a string of at most 200 characters", "agent")
             metadata = data.get("metadata") or {}
             if not isinstance(metadata, dict):
                 raise RequestProblem("metadata must be an object", "metadata")
-            answer = await self._ledger("open", episode, data.get("group"), data.get("agent"), metadata)
+            answer = await self._ledger("open", episode, group, agent, metadata)
             return JSONResponse(answer, status_code=201)
         except RequestProblem as problem:
             return _error(problem)
@@ -502,10 +519,11 @@ def start_gateway(
     max_model_len: int,
 ) -> str:
     """Start the episode ledger and the Serve application (replacing one of the same name); returns its URL."""
-    # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
-    _ledgers[settings.ledger_name] = start_ledger(settings, recorder)
     namespace = ray.get_runtime_context().namespace
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    _check_serve(settings)
+    # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
+    _ledgers[settings.ledger_name] = start_ledger(settings, recorder)
     app = Gateway.options(
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_in_flight + 8,  # the replica answers 429 itself past max_in_flight
@@ -514,6 +532,29 @@ def start_gateway(
     ).bind(settings, model_name, model_path, worker_names, database_url, max_model_len, namespace)
     serve.run(app, name=settings.app_name, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
+
+
+def _check_serve(settings: GatewayConfig, wait_s: float = 120.0) -> None:
+    """Ray Serve runs once per cluster, on one address: refuse to pretend it listens on another, and wait for
+    applications being deleted (an earlier gateway's) to give up their route."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (settings.host, settings.port):
+        raise RuntimeError(
+            f"Ray Serve already runs in this Ray cluster on {running.host}:{running.port}, so the gateway cannot "
+            f"listen on {settings.host}:{settings.port}; set gateway.host and gateway.port to those, or stop Serve "
+            "first (`serve shutdown`)"
+        )
+    deadline = time.monotonic() + wait_s
+    while True:  # an earlier gateway, stopped without waiting, may still hold the route "/"
+        apps = serve.status().applications
+        deleting = [n for n, a in apps.items() if n != settings.app_name and str(a.status).endswith("DELETING")]
+        if not deleting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve application(s) {deleting} still being deleted after {wait_s:.0f} s")
+        time.sleep(0.5)
 
 
 def stop_gateway(settings: GatewayConfig, timeout_s: float = 60.0) -> dict[str, Any]:

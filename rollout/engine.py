@@ -320,34 +320,20 @@ class PolicyEngine:
         samples from a loaded version other than the served one (evaluating a version before deploying it).
         `stop` strings end a completion (its text without them, its token ids with them: what was sampled);
         `top_logprobs` > 0 also returns that many most likely tokens per position."""
-        from vllm.inputs import TokensPrompt
-
-        if not prompt_token_ids:
-            raise EngineError("prompt_token_ids is empty; pass at least one token id")
         params = self._sampling(
             n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, stream=False
         )
-        version, lora = await self._admit(base_weights, version)
-        final = None
-        self._running += 1
-        try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_token_ids)),
-                params,
-                request_id=uuid.uuid4().hex,
-                lora_request=lora,
-            ):
-                final = output
-        finally:
-            self._running -= 1
-        if final is None:
+        final, served = None, None
+        async for served, final in self._outputs(prompt_token_ids, params, base_weights, version):  # noqa: B007
+            pass
+        if final is None or served is None:
             raise EngineError("vLLM returned no output for the request")
         completions = []
         for sample in sorted(final.outputs, key=lambda sample: sample.index):
             token_ids = list(sample.token_ids)
             logprobs, tops = self._scored(sample, token_ids, top_logprobs)
             completions.append(Completion(token_ids, logprobs, sample.text, sample.finish_reason, tops))
-        return Generation(list(prompt_token_ids), completions, version)
+        return Generation(list(prompt_token_ids), completions, served)
 
     async def stream(
         self,
@@ -364,14 +350,24 @@ class PolicyEngine:
         version: int | None = None,
     ) -> AsyncIterator[Delta]:
         """Like `generate`, but yields each sample's new tokens as vLLM produces them."""
+        params = self._sampling(
+            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, stream=True
+        )
+        async for served, output in self._outputs(prompt_token_ids, params, False, version):
+            for sample in output.outputs:
+                token_ids = list(sample.token_ids)
+                logprobs, tops = self._scored(sample, token_ids, top_logprobs)
+                yield Delta(sample.index, token_ids, logprobs, sample.text, sample.finish_reason, served, tops)
+
+    async def _outputs(
+        self, prompt_token_ids: list[int], params: Any, base_weights: bool, version: int | None
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """(the version sampled, vLLM's output) for one request, as vLLM produces them."""
         from vllm.inputs import TokensPrompt
 
         if not prompt_token_ids:
             raise EngineError("prompt_token_ids is empty; pass at least one token id")
-        params = self._sampling(
-            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, stream=True
-        )
-        version, lora = await self._admit(False, version)
+        version, lora = await self._admit(base_weights, version)
         self._running += 1
         try:
             async for output in self._llm.generate(
@@ -380,10 +376,7 @@ class PolicyEngine:
                 request_id=uuid.uuid4().hex,
                 lora_request=lora,
             ):
-                for sample in output.outputs:
-                    token_ids = list(sample.token_ids)
-                    logprobs, tops = self._scored(sample, token_ids, top_logprobs)
-                    yield Delta(sample.index, token_ids, logprobs, sample.text, sample.finish_reason, version, tops)
+                yield version, output
         finally:
             self._running -= 1
 

@@ -74,6 +74,17 @@ def ray_session() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def gateway_port(ray_session: object) -> int:
+    """The HTTP port of the session's Ray Serve: Serve listens on one address per Ray cluster, so every test
+    that starts an agent gateway uses this one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def postgres() -> Iterator[ThrowawayPostgres]:
     """A throwaway PostgreSQL server for the session (stopped and deleted at the end)."""
     server = ThrowawayPostgres()

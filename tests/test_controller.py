@@ -5,7 +5,6 @@ started by the loop serving each deployed version."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -63,12 +62,6 @@ def loop_config(url: str, model: str, tmp_path: Path, name: str, **controller: o
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gateway_version(config) -> int:
     """The version that served one chat call through the loop's gateway."""
     body = json.dumps({"model": "ziggurat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -81,12 +74,14 @@ def _gateway_version(config) -> int:
         return int(response.headers["X-Ziggurat-Version"])
 
 
-def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(ray_session, postgres, tiny_model_dir, tmp_path):
+def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(
+    ray_session, postgres, tiny_model_dir, tmp_path, gateway_port
+):
     url = postgres.create_database("closed_loop")
     config = loop_config(url, tiny_model_dir, tmp_path, "e2e")
     # The agent gateway starts with the loop and serves whatever the controller deploys.
     gateway = GatewayConfig(
-        enabled=True, port=_free_port(), auth="none", app_name="e2e-gateway", ledger_name="e2e-ledger"
+        enabled=True, port=gateway_port, auth="none", app_name="e2e-gateway", ledger_name="e2e-ledger"
     )
     config = config.model_copy(update={"gateway": gateway})
     try:

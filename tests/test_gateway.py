@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,15 +20,10 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
-    """(base URL, API key, database URL, settings) of a gateway over one rollout actor."""
+def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory, gateway_port):
+    """(base URL, API key, database URL, settings, database engine, recorder settings) of a gateway over one
+    rollout actor."""
     import ray
 
     from gateway.app import start_gateway, stop_gateway
@@ -43,7 +37,7 @@ def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
         db = sa.create_engine(url)
         key = create_key(db, "tests")
         settings = GatewayConfig(
-            enabled=True, port=_free_port(), key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
+            enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
             default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
             max_concurrency_per_key=4,
         )  # fmt: skip
@@ -52,7 +46,7 @@ def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory):
             database_url=url, max_model_len=tiny_engine_config.max_model_len,
         )  # fmt: skip
         try:
-            yield base, key, url, settings, db
+            yield base, key, url, settings, db, recorder
         finally:
             stop_gateway(settings)
             ray.get(worker.close.remote(), timeout=60)
@@ -265,6 +259,8 @@ def test_bad_requests_get_clear_openai_errors_and_record_nothing(gateway):
             "tools",
         ),
         ("/v1/chat/completions", {**chat, "n": 2, "stream": True}, "default", None, 400, "n"),
+        ("/v1/chat/completions", {**chat, "metadata": {"episode": "has spaces"}}, "default", None, 400, "episode"),
+        ("/v1/episodes", {"episode": "e" * 60}, "default", None, 400, "episode"),
         ("/v1/episodes/nobody/reward", {"reward": 1.0}, "default", None, 404, "episode"),
         ("/v1/episodes/chat-1/reward", {"reward": 1.0}, "default", None, 409, "episode"),
         ("/v1/episodes/nobody/reward", {"reward": "high"}, "default", None, 400, "reward"),
@@ -432,3 +428,14 @@ def test_a_key_over_its_concurrency_gets_429_with_retry_after_and_nothing_record
         assert "max_concurrency_per_key" in answer["error"]["message"] and headers["retry-after"] == "1"
     _flush(gateway)
     assert rows(gateway[2], count)[0][0] == before + statuses.count(200)
+
+
+def test_a_gateway_on_another_port_than_the_clusters_serve_is_refused(gateway, tiny_model_dir):
+    from gateway.app import start_gateway
+
+    other = gateway[3].model_copy(update={"port": gateway[3].port + 1, "app_name": "zg-other", "ledger_name": "zg-o"})
+    with pytest.raises(RuntimeError, match=rf"already runs in this Ray cluster on 127.0.0.1:{gateway[3].port}"):
+        start_gateway(
+            other, gateway[5], model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
+            database_url=gateway[2], max_model_len=1024,
+        )  # fmt: skip
