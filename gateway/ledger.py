@@ -56,7 +56,9 @@ class Episode:
     version: int | None = None
     """The version its first call was served by (later calls are pinned to it while it is loaded)."""
     steps: int = 0
-    """Calls recorded so far (the next call's step index)."""
+    """Single-completion calls recorded so far: the episode's own steps (the next one's index)."""
+    calls: int = 0
+    """All calls recorded, decision points (`n` > 1) included: a decision point's index is this count."""
     messages: list[dict[str, Any]] | None = None
     """The conversation as the client saw it after the latest call (its reply last)."""
     tokens: list[int] = field(default_factory=list)
@@ -129,13 +131,15 @@ class EpisodeLedger:
         version = int(call["model_version"])
         if episode.version is None:
             episode.version = version
-            self._client.add(self._trajectory(episode, "running"))
         completions = call["completions"]
-        step = episode.steps
-        if len(completions) > 1:
+        if len(completions) > 1:  # a decision point: its candidates are a group of their own
+            step = episode.calls
             self._record_candidates(episode, step, call)
             episode.messages, episode.tokens = None, []  # the next call starts a new segment
         else:
+            step = episode.steps
+            if step == 0:  # the episode's trajectory starts with its first step of its own
+                self._client.add(self._trajectory(episode, "running"))
             self._close_step(episode)
             completion = completions[0]
             # The reply is the step's action until the agent attaches its own (`annotate`): the data-quality
@@ -145,7 +149,8 @@ class EpisodeLedger:
             self._client.add(self._llm_call(episode.id, step, version, call, completion))
             episode.messages = call.get("messages")
             episode.tokens = list(call["prompt_token_ids"]) + list(completion["token_ids"])
-        episode.steps += 1
+            episode.steps += 1
+        episode.calls += 1
         episode.deadline = time.monotonic() + self._settings.episode_ttl_s
         self._recorded_calls += 1
         return {"episode": episode.id, "step": step, "group": episode.group_id, "version": episode.version}
@@ -227,7 +232,7 @@ class EpisodeLedger:
         status = "awaiting_reward" if episode.ended else "open"
         return {
             "episode": episode.id, "group": episode.group_id, "agent": episode.agent_id, "status": status,
-            "calls": episode.steps, "version": episode.version,
+            "steps": episode.steps, "calls": episode.calls, "version": episode.version,
             "expires_in_s": round(max(0.0, episode.deadline - time.monotonic()), 3),
         }  # fmt: skip
 
@@ -261,8 +266,8 @@ class EpisodeLedger:
             episode.pending_step = None
 
     def _finish(self, episode: Episode, status: str, reward: float | None) -> None:
-        """Record the episode's end (nothing if it never made a call) and forget it."""
-        if episode.version is not None:
+        """Record the episode's end (nothing if it has no step of its own) and forget it."""
+        if episode.steps:
             self._client.add(self._trajectory(episode, status, reward))
         del self._open[episode.id]
         self._remember(episode.id, status)

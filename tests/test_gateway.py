@@ -220,6 +220,7 @@ def test_candidates_and_cohorts_become_groups_only_once_every_reward_is_in(gatew
     assert before.groups_with_variance == 0  # every member still waits for its reward
 
     assert _post(gateway, f"/v1/episodes/market-1/candidates/{step}/rewards", {"rewards": [1.0, 0.0, 0.5]})[0] == 200
+    assert _trajectory(gateway, "market-1") is None  # a decision point only: no trajectory of its own
     assert _post(gateway, "/v1/episodes/cohort-a/reward", {"reward": 1.0})[0] == 200
     _flush(gateway)
     assert readiness(db, min_group_size=2).groups_with_variance == 1  # the candidates; the cohort waits for b
