@@ -364,14 +364,16 @@ class Gateway:
             "version": context["version"], "headers": headers, "started": time.perf_counter(),
         }  # fmt: skip
 
-    async def _record(self, call: dict[str, Any], version: int, completions: list[dict[str, Any]]) -> dict[str, Any]:
-        """Hand the served call to the ledger (which opens a new episode), and remember its tokens for the next."""
+    async def _record(
+        self, call: dict[str, Any], version: int, completions: list[dict[str, Any]], replies: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Hand the served call to the ledger (which opens a new episode), and remember the conversation and its
+        tokens, the reply as the client received it, for the episode's next call."""
         episode = call["episode"]
-        reply = [reply_message(completions[0], call["tools"])] if call["chat"] else []
         record = {
             "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
             "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
-            "segment": call["segment"], "messages": call["messages"] + reply, "observation": call["observation"],
+            "segment": call["segment"], "observation": call["observation"],
             "latency_ms": (time.perf_counter() - call["started"]) * 1000,
         }  # fmt: skip
         self._contexts.pop(episode, None)
@@ -379,8 +381,10 @@ class Gateway:
             "record_call", episode, record, call["group"], call["agent"], {"client": call["client"]}
         )
         if call["chat"] and len(completions) == 1:
-            tokens = call["prompt"] + completions[0]["token_ids"]
-            self._contexts[episode] = {"messages": record["messages"], "tokens": tokens, "version": answer["version"]}
+            self._contexts[episode] = {
+                "messages": call["messages"] + replies, "tokens": call["prompt"] + completions[0]["token_ids"],
+                "version": answer["version"],
+            }  # fmt: skip
             while len(self._contexts) > _CONTEXTS_KEPT:
                 self._contexts.popitem(last=False)
         return answer
@@ -390,10 +394,11 @@ class Gateway:
         result = await self._generate(call["prompt"], call["sampling"], call["version"])
         generated = time.perf_counter()
         completions = result["completions"]
-        recorded = await self._record(call, result["model_version"], completions)
+        # Parsed once: the tool-call ids the client receives are the ones the next turn is matched against.
+        replies = [reply_message(completion, call["tools"]) for completion in completions] if call["chat"] else []
+        recorded = await self._record(call, result["model_version"], completions, replies[:1])
         request = call["request"]
         if call["chat"]:
-            replies = [reply_message(completion, call["tools"]) for completion in completions]
             body = chat_response(
                 call["id"], request.model, len(call["prompt"]), completions, request.logprobs, self.tokenizer, replies
             )
@@ -432,7 +437,7 @@ class Gateway:
                 "top_logprobs": tops or None,
             }  # fmt: skip
             assert version is not None, "vLLM streamed no output"
-            await self._record(call, version, [completion])
+            await self._record(call, version, [completion], [reply_message(completion, False)])
             yield _sse(chat_chunk(call["id"], model, {}, finish or "stop"))
             if (request.stream_options or {}).get("include_usage"):
                 chunk = chat_chunk(call["id"], model, {}, None)

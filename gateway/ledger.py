@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -39,10 +39,8 @@ _CLOSED_REMEMBERED = 100_000  # closed episodes remembered, so a late reward get
 
 
 def problem(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style error the gateway answers with (`status` is the HTTP status)."""
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(status)
-    error = {"message": message, "type": kind or "invalid_request_error", "param": param, "code": code}
-    return {"status": status, "error": error}
+    """A refusal the gateway turns into an OpenAI-style error (`status` is the HTTP status)."""
+    return {"status": status, "error": {"message": message, "param": param, "code": code}}
 
 
 @dataclass
@@ -59,10 +57,6 @@ class Episode:
     """Single-completion calls recorded so far: the episode's own steps (the next one's index)."""
     calls: int = 0
     """All calls recorded, decision points (`n` > 1) included: a decision point's index is this count."""
-    messages: list[dict[str, Any]] | None = None
-    """The conversation as the client saw it after the latest call (its reply last)."""
-    tokens: list[int] = field(default_factory=list)
-    """Prompt + completion tokens of the latest call: the next turn's prompt extends these."""
     pending_step: StepRecord | None = None
     """The latest call's step, held for `annotate` until the next call or the end."""
     ended: bool = False
@@ -119,9 +113,9 @@ class EpisodeLedger:
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record one served call, opening its episode if it is new: `prompt_token_ids`, `model_version`,
-        `sampling`, `latency_ms`, `segment` (new or continued), `messages` (the conversation with the reply, for
-        the next call), `observation`, and `completions` (each with `token_ids`, `logprobs`, `text`,
-        `finish_reason`). Answers the step, the group and the version the episode is pinned to."""
+        `sampling`, `latency_ms`, `segment` (new or continued), `observation`, and `completions` (each with
+        `token_ids`, `logprobs`, `text`, `finish_reason`). Answers the step, the group and the version the episode
+        is pinned to."""
         opened = await self.open(episode_id, group_id, agent_id, metadata)
         if "error" in opened:
             return opened
@@ -135,7 +129,6 @@ class EpisodeLedger:
         if len(completions) > 1:  # a decision point: its candidates are a group of their own
             step = episode.calls
             self._record_candidates(episode, step, call)
-            episode.messages, episode.tokens = None, []  # the next call starts a new segment
         else:
             step = episode.steps
             if step == 0:  # the episode's trajectory starts with its first step of its own
@@ -147,8 +140,6 @@ class EpisodeLedger:
             action = {"reply": completion["text"][:2000]}
             episode.pending_step = StepRecord(episode.id, step, call.get("observation", ""), action=action)
             self._client.add(self._llm_call(episode.id, step, version, call, completion))
-            episode.messages = call.get("messages")
-            episode.tokens = list(call["prompt_token_ids"]) + list(completion["token_ids"])
             episode.steps += 1
         episode.calls += 1
         episode.deadline = time.monotonic() + self._settings.episode_ttl_s

@@ -225,11 +225,14 @@ class RolloutWorker:
         self._counters.calls, self._counters.last_call = self._counters.calls + 1, time.monotonic()
 
     async def _serving(self, version: int | None) -> Engine:
+        """The engine, once a draining weights swap is done (new work starts on the new version); refuses while a
+        restarted actor waits for the controller to restore the deployed version (unless `version` is named)."""
         engine = await self._policy()
-        await self._groups_open.wait()  # a weights swap is draining: the call starts on the new version
+        await self._groups_open.wait()
         if self._awaiting_restore and version is None:
             raise RolloutRestarted(
-                "this rollout actor was restarted and serves no version until the controller restores one"
+                "this rollout actor was restarted after a crash and serves no version yet: the controller restores "
+                "the deployed one (Controller.sync_workers, called by the loop and `ziggurat deploy`)"
             )
         return engine
 
@@ -252,13 +255,7 @@ class RolloutWorker:
         `version` plays a loaded version other than the served one (evaluation before a deploy). With
         `wait_stored` False (live mode) a group whose records cannot be stored within recorder.hold_after_s
         is returned anyway, its records held here and retried in the background (`held_records` > 0)."""
-        engine = await self._policy()
-        await self._groups_open.wait()  # a weights swap is draining: this group starts on the new version
-        if self._awaiting_restore and version is None:
-            raise RolloutRestarted(
-                "this rollout actor was restarted after a crash and serves no version yet: the controller restores "
-                "the deployed one (Controller.sync_workers, called by the loop and `ziggurat deploy`)"
-            )
+        engine = await self._serving(version)
         # One version for the whole group, pinned before anything awaits, so a swap can never split a group.
         pinned = engine.version if version is None else version
         spec = EpisodeSpec(
