@@ -41,6 +41,11 @@ def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         bind = _cpu_core_list() if config.cpu_threads_bind == "all" else config.cpu_threads_bind
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        # AsyncLLM always runs the engine core in a process of its own; on CPU vLLM then adds a worker process
+        # under it by default (the mp executor), a third interpreter that imports torch and vLLM again. With
+        # this off the core process runs the model itself: SmolLM2's engine starts in 31 s instead of 40 s on
+        # a 2-core machine, and generates just as fast (measured with the same 16 x 48-token batch).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def engine_args(config: EngineConfig, model_path: str) -> Any:
