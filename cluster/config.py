@@ -100,10 +100,13 @@ class ControllerConfig(_Section):
     """Live mode: how long the loop waits out a database it cannot reach (agents keep playing on the versions
     they serve, the recorder holds their steps, nothing is claimed or released) before it stops as failed."""
 
-    persistent_trainer: bool = False
+    persistent_trainer: bool = True
     """Train every batch on one long-running Ray Train job (cluster.trainer_service) whose workers keep the model
-    and optimizer between batches, instead of one job per batch (a worker-group start and a model load each).
-    The optimizer's moments carry over between batches trained in a row from each other's versions."""
+    and optimizer between batches, in sync and live mode. The optimizer's moments carry over between batches
+    trained in a row from each other's versions. The service is started by the first batch and stopped with the
+    loop; its workers hold `trainer.num_workers` x `trainer.resources_per_worker` the whole time. False: one Ray
+    Train job per batch (a worker-group start and a model load each, about 30 s on the tiny test model) that
+    frees its workers' resources between batches."""
 
     rolling_fraction: float | None = Field(None, gt=0, le=1)
     """Share of the target rollout actors swapped to a new version at a time; the next share starts once the

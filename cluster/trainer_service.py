@@ -17,6 +17,7 @@ When fit() itself ends (failures exhausted), every batch still open in the queue
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -31,6 +32,12 @@ log = logging.getLogger("ziggurat.trainer_service")
 
 SERVICE_PREFIX = "service:"  # batch.ray_job_id of batches the service trains
 POLL_S = 5.0  # how long one worker's next_batch call waits for an assignment before asking again
+
+
+def config_fingerprint(config: ZigguratConfig) -> str:
+    """What tells a service started from another configuration (a changed learning rate, database or model)
+    from one this configuration may reuse."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
 def service_name(config: ZigguratConfig) -> str:
@@ -199,6 +206,7 @@ class TrainerService:
                 "batches_failed": sum(1 for o in self._outcomes.values() if not o.get("ok")),
                 "error": self._error,
                 "run_name": self.run_name,
+                "config": config_fingerprint(self._config),
                 "up_s": round(now - self._started, 1),
             }
 
@@ -310,6 +318,12 @@ def ensure(config: ZigguratConfig, timeout_s: float = 300.0) -> Any:
         if not state or not state["running"] or state.get("stopping"):
             log.info("trainer service ended (%s): starting a new one", (state or {}).get("error") or "stopped")
             _kill(config, handle, timeout_s=30)
+            handle = None
+        elif state.get("config") != config_fingerprint(config):
+            # a detached service outlives a loop that crashed; one left from another configuration would
+            # train this run's batches with that run's settings
+            log.warning("trainer service %s was started from another configuration: replacing it", state["run_name"])
+            stop(config, timeout_s=timeout_s)
             handle = None
     if handle is None:
         handle = _start(config)

@@ -22,7 +22,8 @@ def test_a_restarted_controller_resumes_waiting_for_the_running_job(ray_session,
     url = postgres.create_database("controller_restart")
     upgrade(url)
     _record_groups(url, groups=3, size=4)
-    config = loop_config(url, tiny_model_dir, tmp_path, "restart")
+    # the one-job-per-batch path (the persistent trainer's restart is tests/test_live.py's)
+    config = loop_config(url, tiny_model_dir, tmp_path, "restart", persistent_trainer=False)
     config = config.model_copy(
         update={"trainer": config.trainer.model_copy(update={"reward_source": "env", "updates_per_batch": 3})}
     )

@@ -17,41 +17,43 @@ import sqlalchemy as sa
 from tests.rollout_harness import recording_into_sqlite, rows
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
+MODEL = "ziggurat"  # the alias every gateway answers to, beside its model's own name
 
 
 @pytest.fixture(scope="module")
-def gateway(ray_session, tiny_model_dir, tiny_engine_config, tmp_path_factory, gateway_port):
-    """(base URL, API key, database URL, settings, database engine, recorder settings) of a gateway over one
-    rollout actor."""
-    import ray
-
-    from gateway.app import start_gateway, stop_gateway
+def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
+    """(base URL, API key, database URL, settings, database engine, recorder settings, controller, loop config)
+    of the gateway the loop starts (`cluster.loop.start`: recorder, one rollout actor, controller, gateway)."""
+    from cluster.loop import serving_config, shutdown, start
     from gateway.config import GatewayConfig
     from recorder.api_keys import create_key
-    from rollout.actor import start_rollout_worker
+    from recorder.migrate import upgrade
+    from tests.test_controller import loop_config
 
     folder = tmp_path_factory.mktemp("gateway")
-    with recording_into_sqlite(folder, "zg-recorder") as (url, recorder):
-        worker = start_rollout_worker(tiny_model_dir, tiny_engine_config, recorder, name="zg-rollout-0")
-        db = sa.create_engine(url)
-        key = create_key(db, "tests")
-        settings = GatewayConfig(
-            enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
-            default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
-            max_concurrency_per_key=4,
-        )  # fmt: skip
-        base = start_gateway(
-            settings, recorder, model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
-            database_url=url, max_model_len=tiny_engine_config.max_model_len,
-        )  # fmt: skip
-        try:
-            yield base, key, url, settings, db, recorder
-        finally:
-            stop_gateway(settings)
-            ray.get(worker.close.remote(), timeout=60)
-            ray.kill(worker)
-            db.dispose()
+    url = f"sqlite:///{folder / 'recorded.db'}"
+    upgrade(url)
+    db = sa.create_engine(url)
+    key = create_key(db, "tests")
+    settings = GatewayConfig(
+        enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
+        default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
+        max_concurrency_per_key=4,
+    )  # fmt: skip
+    config = serving_config(loop_config(url, tiny_model_dir, folder, "zg", min_groups=1))
+    config = config.model_copy(
+        update={
+            "gateway": settings,
+            "rollout": config.rollout.model_copy(update={"actors": 1, "eval_seeds": []}),
+            "trainer": config.trainer.model_copy(update={"num_workers": 1, "reward_source": "env"}),
+        }
+    )
+    try:
+        _, controller, _ = start(config)
+        yield f"http://127.0.0.1:{gateway_port}", key, url, settings, db, config.recorder, controller, config
+    finally:
+        shutdown(config)
+        db.dispose()
 
 
 def _client(gateway: Any, **headers: str) -> Any:
@@ -361,12 +363,13 @@ def _node_agent(gateway: Any, run: str, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def test_an_external_node_agent_is_recorded_trained_on_and_served_the_new_version(gateway, tiny_model_dir, tmp_path):
-    import ray
+def test_an_external_node_agent_is_recorded_trained_on_by_the_loop_and_served_the_new_version(
+    gateway, tiny_model_dir, tmp_path
+):
     from transformers import AutoTokenizer
 
-    from cluster.config import load_config
-    from cluster.train_job import run_training
+    from cluster import loop
+    from cluster.tracking import LoopTracker
     from recorder import queries
     from recorder.records import unpack_tokens
     from recorder.schema import Trajectory
@@ -383,26 +386,21 @@ def test_an_external_node_agent_is_recorded_trained_on_and_served_the_new_versio
     finished = rows(gateway[2], sa.select(T.c.id, T.c.total_reward).where(T.c.group_id.like("js-market-%")))
     assert sorted(r.total_reward for r in finished) == sorted(summary["rewards"])
 
-    base = load_config()
-    config = base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"name": tiny_model_dir, "store_dir": tmp_path / "store"}),
-            "database": base.database.model_copy(update={"url": gateway[2]}),
-            "trainer": base.trainer.model_copy(update={"num_workers": 1, "updates_per_batch": 1}),
-        }
-    )
-    assert run_training(config) == 1
-    (version,) = queries.list_versions(gateway[4])
-    batch = queries.get_batch(gateway[4], version["training_batch_id"])
-    assert {f"{r.id}" for r in finished} <= set(batch["trajectory_ids"])  # the agent's episodes were trained on
-    worker = ray.get_actor("zg-rollout-0")
-    ray.get(worker.prepare.remote(1, version["artifact_uri"], "lora"), timeout=120)
-    ray.get(worker.activate.remote(1), timeout=120)
+    # The loop's own training and release steps (what `run_loop` does after a rollout round): the controller
+    # finds the agent's cohorts ready, trains them on the persistent trainer and swaps the version in.
+    controller, config = gateway[6], gateway[7]
+    tracker = LoopTracker(config, tmp_path / "out", enabled=False)
+    trained = loop.train(controller, tracker, config, 1)
+    assert trained["trained"], trained
+    batch = queries.get_batch(gateway[4], trained["batch_id"])
+    assert {r.id for r in finished} <= set(batch["trajectory_ids"])  # the agent's episodes were trained on
+    released = loop.release(controller, tracker, trained["version"])
+    assert released["deployed"] and released["swap"]["actors"] == ["zg-rollout-0"], released
 
     again = _node_agent(gateway, "js-after", "1", "1", "0")
-    assert {c["version"] for c in again[:-1]} == {1}  # served back through the gateway
+    assert {c["version"] for c in again[:-1]} == {trained["version"]}  # served back through the gateway
     _flush(gateway)
-    assert {c.model_version for c in _calls(gateway, again[0]["episode"])} == {1}
+    assert {c.model_version for c in _calls(gateway, again[0]["episode"])} == {trained["version"]}
 
 
 def test_a_key_over_its_concurrency_gets_429_with_retry_after_and_nothing_recorded(gateway):
@@ -437,6 +435,6 @@ def test_a_gateway_on_another_port_than_the_clusters_serve_is_refused(gateway, t
     other = gateway[3].model_copy(update={"port": gateway[3].port + 1, "app_name": "zg-other", "ledger_name": "zg-o"})
     with pytest.raises(RuntimeError, match=rf"already runs in this Ray cluster on 127.0.0.1:{gateway[3].port}"):
         start_gateway(
-            other, gateway[5], model_name=MODEL, model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
+            other, gateway[5], model_name="tiny", model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
             database_url=gateway[2], max_model_len=1024,
         )  # fmt: skip

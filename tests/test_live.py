@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 def live_config(url: str, model: str, tmp_path: Path, name: str, max_staleness: int = 1, **controller: object):
     """Two simulated rollout actors on the lowercase task, a simulated trainer: every phase takes a known time.
     A group (16 tokens at 6 tokens/s) takes about as long as a batch's training job (its actor's start and one
-    0.6 s update), so the fleet has something to play while a batch trains."""
+    0.6 s update), so the fleet has something to play while a batch trains: one job per batch unless a test
+    asks for the persistent trainer, whose later batches take under a second here."""
     config = loop_config(url, model, tmp_path, name)
     return config.model_copy(
         update={
@@ -39,7 +40,14 @@ def live_config(url: str, model: str, tmp_path: Path, name: str, max_staleness: 
                 update={"placement_strategy": None, "actor_resources": {}, "group_size": 2, "max_tokens": 16}
             ),
             "controller": config.controller.model_copy(
-                update={"mode": "live", "min_groups": 4, "live_groups_per_actor": 2, "live_versions": 3, **controller}
+                update={
+                    "mode": "live",
+                    "min_groups": 4,
+                    "live_groups_per_actor": 2,
+                    "live_versions": 3,
+                    "persistent_trainer": False,
+                    **controller,
+                }
             ),
             "trainer": config.trainer.model_copy(
                 update={
