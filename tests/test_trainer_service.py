@@ -293,6 +293,14 @@ def test_a_killed_worker_resumes_its_batch_and_the_service_serves_on(
         status = trainer_service.status(config)
         assert status is not None and status["running"] and status["batches_done"] == 2
         assert not trainer_service.serving(config, first)
+        # A service is reused by the configuration that started it only: any other (here another learning rate,
+        # as a rerun after a crashed loop would bring) replaces it instead of training with the old settings.
+        trainer_service.ensure(config, timeout_s=60)
+        assert trainer_service.status(config)["run_name"] == status["run_name"]
+        changed = config.model_copy(update={"trainer": config.trainer.model_copy(update={"learning_rate": 2e-3})})
+        trainer_service.ensure(changed, timeout_s=240)
+        replaced = trainer_service.status(changed)
+        assert replaced["running"] and replaced["batches_done"] == 0 and replaced["run_name"] != status["run_name"]
     finally:
         trainer_service.stop(config, timeout_s=60)
         store.dispose()
