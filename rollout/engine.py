@@ -163,9 +163,7 @@ class PolicyEngine:
                 await asyncio.sleep(0.01)
             try:
                 await asyncio.wait_for(
-                    self._llm.collective_rpc(
-                        "reload_weights", kwargs={"weights_path": str(folder), "is_checkpoint_format": True}
-                    ),
+                    self._llm.collective_rpc("reload_weights_keeping_ties", kwargs={"weights_path": str(folder)}),
                     swap_timeout_s,
                 )
             except TimeoutError:

@@ -107,3 +107,37 @@ def test_an_episode_that_cannot_finish_on_its_version_is_recorded_failed(
     statuses = rows(recorded[0], sa.select(Trajectory.status, Trajectory.metrics).where(Trajectory.id.in_(ids)))
     assert [status for status, _ in statuses] == ["failed", "failed"]
     assert all("not loaded" in metrics["error"] for _, metrics in statuses)
+
+
+def test_full_weights_reloaded_in_place_are_the_weights_that_sample(worker, tiny_engine, tiny_model_dir, tmp_path):
+    """The tiny model ties its LM head to its embeddings, as SmolLM2 does. vLLM's in-place reload loads no head
+    weights for it and, on CPU, keeps computing the head through a kernel packed from the old weights: before
+    rollout.vllm_worker fixed that, the engine sampled through the old head (log-probs 13 nats off the new
+    weights'). After a full-weight version is swapped in, the log-probs the engine samples with must be the new
+    weights', scored independently by transformers: otherwise the trainer scores every token under another
+    distribution than the one that sampled it."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert AutoConfig.from_pretrained(tiny_model_dir).tie_word_embeddings
+    artifact = perturbed_weights(tiny_model_dir, tmp_path / "v65", scale=0.5, seed=4)
+    run_on(tiny_engine, worker.prepare(65, artifact, "full"))
+    assert run_on(tiny_engine, worker.activate(65)) == 0
+    prompt = list(range(200, 240))
+    sampling = {"max_tokens": 24, "min_tokens": 24, "temperature": 1.0, "seed": 3}
+    served = run_on(tiny_engine, worker.complete(prompt, sampling))
+    (completion,) = served["completions"]
+    assert served["model_version"] == 65
+
+    def scored(folder: str) -> np.ndarray:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokens = torch.tensor(prompt + completion["token_ids"])[None]
+        with torch.no_grad():
+            logits = model(tokens).logits[0, len(prompt) - 1 : -1]
+        picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion["token_ids"])[:, None])
+        return picked[:, 0].numpy()
+
+    sampled = np.array(completion["logprobs"])
+    np.testing.assert_allclose(sampled, scored(artifact), atol=2e-3)
+    assert np.abs(sampled - scored(tiny_model_dir)).max() > 0.1  # the base weights would not give them
