@@ -49,8 +49,6 @@ def test_verbose_keeps_every_line(monkeypatch):
 def test_the_engine_core_gets_one_openmp_thread_per_core_it_is_bound_to():
     """With the CPU worker process off, the engine core runs the model with the OMP_NUM_THREADS it inherits:
     one per bound core, whatever Ray set in the rollout actor (1)."""
-    import os
-
     from rollout.vllm_setup import _core_count
 
     assert _core_count("0,1") == 2
