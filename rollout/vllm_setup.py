@@ -41,7 +41,9 @@ def _core_count(bind: str) -> int:
 def configure_vllm_environment(config: EngineConfig, model_path: str) -> None:
     """Export the settings vLLM reads from the environment; call before the engine starts.
 
-    Values the user already exported win, so a cluster can override them per node.
+    Values the user already exported win, so a cluster can override them per node; except OMP_NUM_THREADS on
+    CPU, which Ray sets to 1 in every worker (indistinguishable from a user's 1): the engine's threads follow
+    VLLM_CPU_OMP_THREADS_BIND, which is the setting to override.
     """
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
