@@ -1,18 +1,19 @@
 """The agent gateway's cost: the same requests through the gateway (HTTP, OpenAI SDK) and directly to the engine.
 
     python bench/gateway.py [--model smollm2-135m-instruct|tiny|PATH] [--requests 128] [--concurrency 64]
-                            [--tokens 32] [--rounds 3] [--probes 40]
+                            [--tokens 32] [--rounds 3] [--probes 40] [--probe-gap-s 0.25]
 
 One rollout actor (vLLM) and one recorder (SQLite) serve both paths. (a) direct: `--concurrency` clients in
 this process call the rollout actor's `complete` with the prompt tokens, as Ziggurat's own environments do.
 (b) gateway: as many `openai.AsyncOpenAI` clients send the same chat requests through the gateway, each call
 its own episode, recorded. Every request samples exactly `--tokens` tokens (min_tokens = max_tokens), so
 tokens/s compare like with like; rounds alternate (direct, gateway, ...) and the ratio is the median of the
-rounds' ratios. Then `--probes` one-token requests, one at a time, alternating paths: the gateway's added
-latency is the difference of their latencies (p50, p99), as plain HTTP (`added_latency_*`) and through the
-SDK (`added_latency_with_sdk_*`); `replica_own_ms_p50` is what the replica itself spent around the
-generation (its Server-Timing header). Last, the ledger is flushed and the database must
-hold every gateway call exactly once. Prints a summary line, then JSON (last).
+rounds' ratios. Then `--probes` one-token requests per path, one at a time, each `--probe-gap-s` after the
+last, the paths in rotating order: the gateway's added latency is the difference of their latencies (p50,
+p99), as plain HTTP (`added_latency_*`) and through the SDK (`added_latency_with_sdk_*`);
+`replica_own_ms_p50` is what the replica itself spent around the generation (its Server-Timing header).
+Last, the ledger is flushed and the database must hold every gateway call exactly once. Prints a summary
+line, then JSON (last).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probes", type=int, default=40, help="one-token requests per path for added latency")
+    parser.add_argument("--probe-gap-s", type=float, default=0.25, help="pause before each probe request")
     args = parser.parse_args()
 
     import httpx
@@ -163,12 +165,15 @@ def main() -> None:
         probe_direct, probe_gateway, probe_http, replica = [], [], [], []
         one_token = {"max_tokens": 1, "min_tokens": 1, "temperature": 1.0}
         async with httpx.AsyncClient(timeout=600) as http:
-            for index in range(args.probes):
-                at = index % len(prompts)
-                probe_direct += (await _direct(worker, prompts[at : at + 1], one_token, 1))["latencies"]
-                probe_gateway += (await _gateway(client, "bench", conversations[at:][:1], 1, 1, f"p{index}"))[
-                    "latencies"
-                ]
+
+            async def direct_probe(at: int, index: int) -> None:
+                probe_direct.extend((await _direct(worker, prompts[at : at + 1], one_token, 1))["latencies"])
+
+            async def sdk_probe(at: int, index: int) -> None:
+                reply = await _gateway(client, "bench", conversations[at:][:1], 1, 1, f"p{index}")
+                probe_gateway.extend(reply["latencies"])
+
+            async def http_probe(at: int, index: int) -> None:
                 # The same request as plain HTTP, without the SDK's own work around it.
                 started = time.perf_counter()
                 answer = await http.post(
@@ -179,6 +184,16 @@ def main() -> None:
                 probe_http.append(time.perf_counter() - started)
                 timing = dict(part.strip().split(";dur=") for part in answer.headers["server-timing"].split(","))
                 replica.append(float(timing["prepare"]) + float(timing["record"]))
+
+            # One request at a time, in an order that rotates, each after the previous one's background work
+            # (the ledger's recording, the engine's step) has settled: otherwise whichever probe follows a
+            # gateway call pays for that call's recording, and the order decides the result.
+            probes = [direct_probe, sdk_probe, http_probe]
+            for index in range(args.probes):
+                at = index % len(prompts)
+                for probe in probes[index % 3 :] + probes[: index % 3]:
+                    await asyncio.sleep(args.probe_gap_s)
+                    await probe(at, index)
         return {
             "direct": direct, "gateway": through, "probe_direct": probe_direct, "probe_gateway": probe_gateway,
             "probe_http": probe_http, "replica_ms": replica,

@@ -415,33 +415,34 @@ class Gateway:
         return JSONResponse(body, headers=headers)
 
     async def _stream_chat(self, call: dict[str, Any], client: str) -> AsyncIterator[str]:
-        request, model = call["request"], call["request"].model
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        tops: list[dict[int, float]] = []
-        text, finish, version = "", None, None
+        request, model, n = call["request"], call["request"].model, call["request"].n
+        samples = [
+            {"token_ids": [], "logprobs": [], "text": "", "finish_reason": None, "top_logprobs": []} for _ in range(n)
+        ]
+        version = None
         try:
-            yield _sse(chat_chunk(call["id"], model, {"role": "assistant", "content": ""}, None))
+            for index in range(n):
+                yield _sse(chat_chunk(call["id"], model, {"role": "assistant", "content": ""}, None, index=index))
             async for delta in self._stream(call["prompt"], call["sampling"], call["version"]):
-                tokens += delta["token_ids"]
-                logprobs += delta["logprobs"]
-                tops += delta["top_logprobs"] or []
-                text, finish, version = text + delta["text"], delta["finish_reason"], delta["model_version"]
+                sample = samples[delta["index"]]
+                sample["token_ids"] += delta["token_ids"]
+                sample["logprobs"] += delta["logprobs"]
+                sample["top_logprobs"] += delta["top_logprobs"] or []
+                sample["text"] += delta["text"]
+                sample["finish_reason"], version = delta["finish_reason"], delta["model_version"]
                 block = None
                 if request.logprobs:
                     block = {"content": token_logprobs(self.tokenizer, delta)}
                 if delta["text"] or block:
-                    yield _sse(chat_chunk(call["id"], model, {"content": delta["text"]}, None, block))
-            completion = {
-                "token_ids": tokens, "logprobs": logprobs, "text": text, "finish_reason": finish,
-                "top_logprobs": tops or None,
-            }  # fmt: skip
+                    yield _sse(chat_chunk(call["id"], model, {"content": delta["text"]}, None, block, delta["index"]))
+            completions = [{**sample, "top_logprobs": sample["top_logprobs"] or None} for sample in samples]
             assert version is not None, "vLLM streamed no output"
-            await self._record(call, version, [completion], [reply_message(completion, False)])
-            yield _sse(chat_chunk(call["id"], model, {}, finish or "stop"))
+            await self._record(call, version, completions, [reply_message(completions[0], False)])
+            for index, completion in enumerate(completions):
+                yield _sse(chat_chunk(call["id"], model, {}, completion["finish_reason"] or "stop", index=index))
             if (request.stream_options or {}).get("include_usage"):
                 chunk = chat_chunk(call["id"], model, {}, None)
-                chunk["choices"], chunk["usage"] = [], usage(len(call["prompt"]), [completion])
+                chunk["choices"], chunk["usage"] = [], usage(len(call["prompt"]), completions)
                 yield _sse(chunk)
             yield "data: [DONE]\n\n"
         except RequestProblem as problem:
@@ -528,7 +529,7 @@ def start_gateway(
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _check_serve(settings)
     # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
-    _ledgers[settings.ledger_name] = start_ledger(settings, recorder)
+    _ledgers[settings.ledger_name] = start_ledger(settings, recorder, database_url)
     app = Gateway.options(
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_in_flight + 8,  # the replica answers 429 itself past max_in_flight

@@ -13,7 +13,9 @@ candidate order.
 
 Replicas of the gateway share the ledger, so an episode's calls may arrive through any of them. Records go
 to the recorder actor through a RecorderClient flushed every `gateway.flush_interval_s`; its keys make a
-record sent twice count once.
+record sent twice count once. Given the database, a ledger restarted after a crash reads its open episodes
+and candidate groups back (gateway.recovery) before it answers anything, so an agent's episode carries on
+where its last stored call left it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import ray
 
 from gateway.config import GatewayConfig
+from gateway.recovery import LedgerState, read_ledger_state
 from recorder.client import RecorderClient
 from recorder.config import RecorderConfig
 from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
@@ -67,8 +70,11 @@ class Episode:
 class EpisodeLedger:
     """Create with `start_ledger`; every method answers plain data (an `error` key on a bad request)."""
 
-    def __init__(self, settings: GatewayConfig, recorder: RecorderConfig) -> None:
+    def __init__(self, settings: GatewayConfig, recorder: RecorderConfig, database_url: str | None = None) -> None:
         self._settings = settings
+        self._database_url = database_url
+        self._recovered: dict[str, int] | None = None if database_url else {}
+        self._recovering = asyncio.Lock()
         self._client = RecorderClient(recorder)
         self._open: dict[str, Episode] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> final status
@@ -82,6 +88,64 @@ class EpisodeLedger:
         if not self._tasks:
             self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._expire_loop())]
 
+    async def _ready(self) -> dict[str, Any] | None:
+        """None once the open episodes are read back from the database (once per ledger life), else a 503."""
+        self._background()
+        if self._recovered is not None:
+            return None
+        async with self._recovering:
+            if self._recovered is None:
+                try:
+                    state = await asyncio.wait_for(asyncio.to_thread(self._read_state), self._settings.ledger_timeout_s)
+                except Exception as exc:
+                    why = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    log.error("the episode ledger could not read its open episodes back: %s", why)
+                    return problem(
+                        503,
+                        f"the episode ledger could not read its open episodes from the database ({why}); nothing "
+                        "was recorded, retry once the database answers",
+                    )
+                self._recovered = self._restore(state)
+                if any(self._recovered.values()):
+                    log.info("episode ledger restarted: read back %s", self._recovered)
+        return None
+
+    def _read_state(self) -> LedgerState:
+        from recorder.config import DatabaseConfig
+
+        engine = DatabaseConfig(url=self._database_url).create_engine()
+        try:
+            return read_ledger_state(engine, _CLOSED_REMEMBERED)
+        finally:
+            engine.dispose()
+
+    def _restore(self, state: LedgerState) -> dict[str, int]:
+        """Take back what the database says was open; a call's step the old ledger still held is recorded now
+        with the reply as its action (the latest call's is held again, for `annotate`)."""
+        now, ttl = time.monotonic(), self._settings.episode_ttl_s
+        for key, status in state.closed.items():
+            self._remember(key, status)
+        for found in state.episodes:
+            episode = Episode(
+                found.id, found.group_id, found.agent_id, found.metadata, now + max(0.0, ttl - found.idle_s),
+                version=found.version, steps=found.steps, calls=found.steps + found.decision_points,
+                step_rewards=found.step_rewards,
+            )  # fmt: skip
+            for index, text in found.unstepped.items():
+                step = StepRecord(found.id, index, "", action={"reply": text[:2000]})
+                if index == found.steps - 1:
+                    episode.pending_step = step
+                else:
+                    self._client.add(step)
+            self._open[found.id] = episode
+        for group in state.candidates:
+            self._candidates[group.group] = list(group.members)
+            self._candidate_meta[group.group] = {
+                "agent_id": group.agent_id, "version": group.version, "metadata": group.metadata,
+                "deadline": now + max(0.0, ttl - group.idle_s),
+            }  # fmt: skip
+        return {"episodes": len(state.episodes), "candidate_groups": len(state.candidates)}
+
     # --- episodes -----------------------------------------------------------------------------------------
 
     async def open(
@@ -92,7 +156,8 @@ class EpisodeLedger:
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Open an episode (again: nothing changes); `group_id` None makes it a group of its own."""
-        self._background()
+        if (refused := await self._ready()) is not None:
+            return refused
         if episode_id in self._closed:
             return problem(409, f"episode {episode_id!r} is already {self._closed[episode_id]}", "episode")
         episode = self._open.get(episode_id)
@@ -155,6 +220,8 @@ class EpisodeLedger:
         done: bool = False,
     ) -> dict[str, Any]:
         """What the environment said about the episode's latest call: its action, a step reward, done."""
+        if (refused := await self._ready()) is not None:
+            return refused
         episode = self._open.get(episode_id)
         if episode is None:
             return self._missing(episode_id)
@@ -171,6 +238,8 @@ class EpisodeLedger:
 
     async def end(self, episode_id: str, reward: float | None = None) -> dict[str, Any]:
         """End an episode: with a reward it is finished now; without, it waits for `reward` (or the TTL)."""
+        if (refused := await self._ready()) is not None:
+            return refused
         episode = self._open.get(episode_id)
         if episode is None:
             return self._missing(episode_id)
@@ -184,6 +253,8 @@ class EpisodeLedger:
 
     async def reward(self, episode_id: str, reward: float) -> dict[str, Any]:
         """Set an episode's reward: it ends (if it had not) and is finished, ready for training with its group."""
+        if (refused := await self._ready()) is not None:
+            return refused
         episode = self._open.get(episode_id)
         if episode is None:
             return self._missing(episode_id)
@@ -193,6 +264,8 @@ class EpisodeLedger:
 
     async def reward_candidates(self, episode_id: str, step: int, rewards: list[float]) -> dict[str, Any]:
         """Rewards for the `n` candidates of an episode's call at `step`, in the order they were returned."""
+        if (refused := await self._ready()) is not None:
+            return refused
         group = _candidate_group(episode_id, step)
         members = self._candidates.get(group)
         if members is None:
@@ -210,6 +283,8 @@ class EpisodeLedger:
         return {"group": group, "status": "finished", "rewards": rewards}
 
     async def describe(self, episode_id: str) -> dict[str, Any]:
+        if (refused := await self._ready()) is not None:
+            return refused
         episode = self._open.get(episode_id)
         if episode is None:
             if episode_id in self._closed:
@@ -340,12 +415,16 @@ class EpisodeLedger:
             await self.expire()
 
     async def stats(self) -> dict[str, Any]:
+        """Counts of what the ledger holds; the first call after a start reads the open episodes back."""
+        if (refused := await self._ready()) is not None:
+            return refused
         return {
             "open": sum(not e.ended for e in self._open.values()),
             "awaiting_reward": sum(e.ended for e in self._open.values()),
             "candidate_groups_awaiting_rewards": len(self._candidates),
             "calls_recorded": self._recorded_calls,
             "held_records": len(self._client.unacked),
+            "recovered": dict(self._recovered or {}),
         }
 
     async def close(self) -> dict[str, Any]:
@@ -361,12 +440,13 @@ def _candidate_group(episode_id: str, step: int) -> str:
     return f"{episode_id}.s{step}"
 
 
-def start_ledger(settings: GatewayConfig, recorder: RecorderConfig) -> Any:
-    """The named ledger actor (an existing one is reused), restarted by Ray if it crashes."""
+def start_ledger(settings: GatewayConfig, recorder: RecorderConfig, database_url: str | None = None) -> Any:
+    """The named ledger actor (an existing one is reused), restarted by Ray if it crashes; with `database_url`,
+    a restarted ledger reads its open episodes back from there."""
     actor = (
         ray.remote(EpisodeLedger)
         .options(name=settings.ledger_name, get_if_exists=True, max_restarts=3, max_concurrency=1000, num_cpus=0)
-        .remote(settings, recorder)
+        .remote(settings, recorder, database_url)
     )
     ray.get(actor.stats.remote(), timeout=settings.ledger_timeout_s)
     return actor

@@ -98,8 +98,6 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         )
     if request.n > settings.max_n:
         raise RequestProblem(f"n is at most {settings.max_n} here (gateway.max_n)", "n")
-    if request.stream and request.n > 1:
-        raise RequestProblem("streaming serves n = 1; ask for n > 1 without stream", "n")
     if isinstance(request, ChatRequest) and request.tools:
         if request.stream:
             raise RequestProblem("tool calls are parsed on whole replies; ask without stream", "stream")
@@ -216,8 +214,12 @@ def completion_response(
     }  # fmt: skip
 
 
-def chat_chunk(call_id: str, model: str, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict:
+def chat_chunk(
+    call_id: str, model: str, delta: dict[str, Any], finish: str | None, logprobs: Any = None, index: int = 0
+) -> dict:
+    """One SSE chunk of a streamed chat completion: choice `index`'s new text (a request with `n` > 1 streams
+    its choices interleaved, each chunk naming its own)."""
     return {
         "id": call_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
     }  # fmt: skip

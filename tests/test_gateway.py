@@ -190,7 +190,32 @@ def test_streamed_and_concurrent_async_calls_record_exactly_what_the_client_rece
     async def all_of() -> list[tuple[str, str, list[float]]]:
         return list(await asyncio.gather(*(one(i) for i in range(4))))
 
+    async def candidates() -> tuple[int, list[str]]:
+        """n = 2, streamed: the choices arrive interleaved, each chunk naming its index."""
+        client = AsyncOpenAI(
+            base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120,
+            default_headers={"X-Ziggurat-Episode": "stream-n"},
+        )  # fmt: skip
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Two guesses?"}], max_tokens=12, n=2, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        texts, finished, counted = ["", ""], [None, None], 0
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                finished[choice.index] = choice.finish_reason or finished[choice.index]
+            counted = chunk.usage.completion_tokens if chunk.usage else counted
+        await client.close()
+        assert None not in finished
+        return counted, texts
+
     results = asyncio.run(all_of())
+    counted, texts = asyncio.run(candidates())
+    _flush(gateway)  # the candidates are recorded (awaiting their rewards, which this test leaves out)
+    sampled = [unpack_tokens(_calls(gateway, f"stream-n.s0.{i}")[0].completion_token_ids) for i in range(2)]
+    assert [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in sampled] == texts
+    assert counted == sum(len(tokens) for tokens in sampled)
     for episode, _, _ in results:
         assert _post(gateway, f"/v1/episodes/{episode}/end", {})[1]["status"] == "awaiting_reward"
     _flush(gateway)
@@ -261,7 +286,7 @@ def test_bad_requests_get_clear_openai_errors_and_record_nothing(gateway):
             400,
             "tools",
         ),
-        ("/v1/chat/completions", {**chat, "n": 2, "stream": True}, "default", None, 400, "n"),
+        ("/v1/chat/completions", {**chat, "n": 17, "stream": True}, "default", None, 400, "n"),
         ("/v1/chat/completions", {**chat, "metadata": {"episode": "has spaces"}}, "default", None, 400, "episode"),
         ("/v1/episodes", {"episode": "e" * 60}, "default", None, 400, "episode"),
         ("/v1/episodes/nobody/reward", {"reward": 1.0}, "default", None, 404, "episode"),
@@ -324,6 +349,104 @@ def test_an_episode_past_its_ttl_is_aborted_and_never_trained(ray_session, tmp_p
         T = Trajectory.__table__
         [row] = rows(url, sa.select(T.c.status, T.c.total_reward, T.c.step_count).where(T.c.id == "slow"))
         assert tuple(row) == ("aborted", None, 1)
+
+
+def _served(*texts: str) -> dict[str, Any]:
+    """A served call as a replica hands it to the ledger, one completion per text."""
+    completions = [
+        {"token_ids": [4 + i, 5], "logprobs": [-0.5, -0.25], "text": text, "finish_reason": "stop"}
+        for i, text in enumerate(texts)
+    ]
+    return {
+        "prompt_token_ids": [1, 2, 3],
+        "model_version": 0,
+        "sampling": {"temperature": 1.0},
+        "completions": completions,
+    }
+
+
+def test_a_restarted_ledger_carries_on_with_the_episodes_it_had_open(ray_session, tmp_path):
+    """kill -9 of the ledger actor mid-episode: Ray restarts it and it reads back from the database what was open,
+    so the agent's next call continues its trajectory at the next step, the step the dead ledger still held is
+    recorded, pending candidates and delayed rewards are still taken, and a reward for an episode finished before
+    the crash is refused as finished, not unknown."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from gateway.config import GatewayConfig
+    from gateway.ledger import start_ledger
+    from recorder.schema import LlmCall, Step, Trajectory
+
+    def call(method: str, *args: Any) -> dict[str, Any]:
+        return ray.get(getattr(ledger, method).remote(*args), timeout=60)
+
+    settings = GatewayConfig(ledger_name="zg-restart-ledger", flush_interval_s=0.1)
+    with recording_into_sqlite(tmp_path, "zg-restart-recorder") as (url, recorder):
+        ledger = start_ledger(settings, recorder, url)
+        try:
+            assert call("record_call", "trader", _served("buy"), "market-7")["step"] == 0
+            call("annotate", "trader", "price 0.4", {"order": "buy"}, 0.25)
+            assert call("record_call", "trader", _served("hold"))["step"] == 1  # held by the ledger when it dies
+            assert call("record_call", "trader", _served("a", "b"))["step"] == 2  # a decision point, 2 candidates
+            call("record_call", "waiting", _served("sell"))
+            call("end", "waiting")  # ended, its reward comes later
+            call("record_call", "done", _served("x"))
+            call("reward", "done", 1.0)
+            call("flush")
+
+            before = ray.get(ledger.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+            os.kill(before, signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while True:  # Ray restarts the actor in a new process
+                try:
+                    if ray.get(ledger.__ray_call__.remote(lambda _: os.getpid()), timeout=60) != before:
+                        break
+                except (RayActorError, ActorUnavailableError):
+                    pass
+                assert time.monotonic() < deadline, "the ledger did not come back"
+                time.sleep(0.2)
+            assert call("stats")["recovered"] == {"episodes": 2, "candidate_groups": 1}
+
+            after = call("record_call", "trader", _served("sell"))
+            assert (after["step"], after["group"], after["version"]) == (2, "market-7", 0)
+            assert call("record_call", "trader", _served("c", "d"))["step"] == 4  # no clash with step 2's group
+            assert call("reward_candidates", "trader", 2, [1.0, 0.0])["status"] == "finished"
+            assert call("reward_candidates", "trader", 4, [0.0, 1.0])["status"] == "finished"
+            assert call("reward", "trader", 2.0)["status"] == "finished"
+            assert call("reward", "waiting", 0.5)["status"] == "finished"
+            late = call("reward", "done", 3.0)
+            assert late["status"] == 409 and "finished" in late["error"]["message"]
+            call("flush")
+        finally:
+            ray.kill(ledger, no_restart=True)
+
+        T, C, S = Trajectory.__table__, LlmCall.__table__, Step.__table__
+        found = {r.id: r for r in rows(url, sa.select(T.c.id, T.c.status, T.c.total_reward, T.c.step_count))}
+        assert {k: (r.status, r.total_reward) for k, r in found.items()} == {
+            "trader": ("finished", 2.0), "waiting": ("finished", 0.5), "done": ("finished", 1.0),
+            "trader.s2.0": ("finished", 1.0), "trader.s2.1": ("finished", 0.0),
+            "trader.s4.0": ("finished", 0.0), "trader.s4.1": ("finished", 1.0),
+        }  # fmt: skip
+        assert found["trader"].step_count == 3
+        calls = rows(
+            url, sa.select(C.c.step_index, C.c.text).where(C.c.trajectory_id == "trader").order_by("step_index")
+        )
+        assert [tuple(r) for r in calls] == [(0, "buy"), (1, "hold"), (2, "sell")]
+        steps = rows(
+            url,
+            sa.select(S.c.step_index, S.c.action, S.c.env_reward)
+            .where(S.c.trajectory_id == "trader")
+            .order_by("step_index"),
+        )
+        assert [tuple(r) for r in steps] == [
+            (0, {"order": "buy"}, 0.25),
+            (1, {"reply": "hold"}, 0.0),
+            (2, {"reply": "sell"}, 0.0),
+        ]
 
 
 def test_keys_from_the_command_line_are_stored_hashed(tmp_path, capsys):
