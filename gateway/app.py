@@ -132,6 +132,7 @@ class Gateway:
         self._by_key: Counter[str] = Counter()
         self._in_flight = 0
         self._contexts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # episode -> its latest call here
+        self.replica = serve.get_replica_context().replica_id.unique_id  # in X-Ziggurat-Replica
         self._keys: dict[str, str] = {}
         self._keys_read = 0.0
         self._db: Any = None
@@ -326,8 +327,8 @@ class Gateway:
             raise RequestProblem("streaming is served on /v1/chat/completions", "stream")
         call_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         episode, group, agent = self._episode_of(request, parsed.metadata, call_id)
-        # The episode's previous call, if this replica served it: the ledger is asked only after generating
-        # (one round trip per call); a call another replica served last simply starts a new segment.
+        # The episode's previous call, if this replica served it; with several replicas, the ledger's copy when
+        # this one's is missing or stale (another replica served the episode since).
         context = self._contexts.get(episode) or {"messages": None, "tokens": [], "version": None}
         messages: list[dict[str, Any]] = []
         segment = "new"
@@ -343,6 +344,11 @@ class Gateway:
                     )
                 tools = parsed.tools
             prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, tools)
+            if prompt is None and self.settings.replicas > 1 and episode != call_id:
+                shared = (await self._ledger("context", episode))["context"]
+                if shared is not None and shared["tokens"] != context["tokens"]:
+                    context = shared
+                    prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, tools)
             if prompt is None:
                 prompt = render_prompt(self.tokenizer, messages, tools)
             else:
@@ -377,14 +383,16 @@ class Gateway:
             "latency_ms": (time.perf_counter() - call["started"]) * 1000,
         }  # fmt: skip
         self._contexts.pop(episode, None)
+        context = None
+        if call["chat"] and len(completions) == 1:
+            context = {"messages": call["messages"] + replies, "tokens": call["prompt"] + completions[0]["token_ids"]}
+            if self.settings.replicas > 1:  # the episode's next call may reach another replica
+                record["context"] = context
         answer = await self._ledger(
             "record_call", episode, record, call["group"], call["agent"], {"client": call["client"]}
         )
-        if call["chat"] and len(completions) == 1:
-            self._contexts[episode] = {
-                "messages": call["messages"] + replies, "tokens": call["prompt"] + completions[0]["token_ids"],
-                "version": answer["version"],
-            }  # fmt: skip
+        if context is not None:
+            self._contexts[episode] = {**context, "version": answer["version"]}
             while len(self._contexts) > _CONTEXTS_KEPT:
                 self._contexts.popitem(last=False)
         return answer
@@ -408,6 +416,7 @@ class Gateway:
             )
         headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"]), "X-Ziggurat-Group": recorded["group"]}
         headers["X-Ziggurat-Version"] = str(result["model_version"])
+        headers["X-Ziggurat-Replica"] = self.replica
         # What the replica spent before and after the rollout actor's generation, and the generation itself.
         before, after = generating - call["arrived"], time.perf_counter() - generated
         timing = f"prepare;dur={before * 1000:.2f}, generate;dur={(generated - generating) * 1000:.2f}"
@@ -529,7 +538,10 @@ def start_gateway(
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _check_serve(settings)
     # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
-    _ledgers[settings.ledger_name] = start_ledger(settings, recorder, database_url)
+    ledger = start_ledger(settings, recorder, database_url)
+    held = _ledgers.get(settings.ledger_name)
+    if held is None or held._actor_id != ledger._actor_id:  # the first handle owns it: dropping that one kills it
+        _ledgers[settings.ledger_name] = ledger
     app = Gateway.options(
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_in_flight + 8,  # the replica answers 429 itself past max_in_flight

@@ -65,6 +65,9 @@ class Episode:
     ended: bool = False
     """The agent ended it; it waits for its reward."""
     step_rewards: float = 0.0
+    context: dict[str, Any] | None = None
+    """The latest single-completion chat call's messages (with the reply as returned) and tokens, pinned version:
+    what a replica that did not serve it continues the episode's tokens from (gateway.replicas > 1)."""
 
 
 class EpisodeLedger:
@@ -191,6 +194,9 @@ class EpisodeLedger:
         if episode.version is None:
             episode.version = version
         completions = call["completions"]
+        episode.context = None
+        if call.get("context") is not None and len(completions) == 1:
+            episode.context = {**call["context"], "version": episode.version}
         if len(completions) > 1:  # a decision point: its candidates are a group of their own
             step = episode.calls
             self._record_candidates(episode, step, call)
@@ -281,6 +287,13 @@ class EpisodeLedger:
         del self._candidates[group]
         self._remember(group, "finished")
         return {"group": group, "status": "finished", "rewards": rewards}
+
+    async def context(self, episode_id: str) -> dict[str, Any]:
+        """The open episode's latest chat call, for a replica that did not serve it (`context`: None if none)."""
+        if (refused := await self._ready()) is not None:
+            return refused
+        episode = self._open.get(episode_id)
+        return {"context": None if episode is None or episode.ended else episode.context}
 
     async def describe(self, episode_id: str) -> dict[str, Any]:
         if (refused := await self._ready()) is not None:

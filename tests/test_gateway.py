@@ -561,3 +561,43 @@ def test_a_gateway_on_another_port_than_the_clusters_serve_is_refused(gateway, t
             other, gateway[5], model_name="tiny", model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
             database_url=gateway[2], max_model_len=1024,
         )  # fmt: skip
+
+
+def test_with_two_replicas_an_episode_continues_its_tokens_on_whichever_replica_serves_it(gateway, tiny_model_dir):
+    """Kept last in the module: it redeploys the gateway with 2 replicas. An episode's second turn that reaches the
+    replica which did not serve its first still continues the first call's exact tokens (from the ledger)."""
+    import time
+
+    from ray import serve
+
+    from cluster import gateway_service
+    from recorder.records import unpack_tokens
+
+    config = gateway[7]
+    two = config.model_copy(update={"gateway": config.gateway.model_copy(update={"replicas": 2})})
+    gateway_service.start(two, tiny_model_dir)
+    deadline = time.monotonic() + 180
+    while True:
+        app = serve.status().applications.get(two.gateway.app_name)
+        states = app.deployments["Gateway"].replica_states if app is not None else {}
+        if app is not None and app.status == "RUNNING" and states.get("RUNNING") == 2 and len(states) == 1:
+            break
+        assert time.monotonic() < deadline, f"the gateway did not reach 2 replicas: {app}"
+        time.sleep(0.5)
+
+    hops = 0
+    for index in range(12):
+        client = _client(gateway, **{"X-Ziggurat-Episode": f"hop-{index}"})
+        messages = [{"role": "user", "content": f"Say {index}."}]
+        first = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6)
+        messages += [{"role": "assistant", "content": first.parse().choices[0].message.content}]
+        messages += [{"role": "user", "content": "Again."}]
+        second = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6)
+        hops += first.headers["x-ziggurat-replica"] != second.headers["x-ziggurat-replica"]
+    assert hops > 0, "every second turn reached the replica of its first: nothing crossed replicas"
+    _flush(gateway)
+    for index in range(12):
+        first, second = _calls(gateway, f"hop-{index}")
+        served = np.concatenate([unpack_tokens(first.prompt_token_ids), unpack_tokens(first.completion_token_ids)])
+        assert np.array_equal(unpack_tokens(second.prompt_token_ids)[: len(served)], served)
+        assert second.sampling_params["segment"] == "continued"
