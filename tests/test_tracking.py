@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,21 @@ def _value(item: object) -> object:
 
 
 def _history_and_summary(run_folder: Path) -> tuple[list[dict], dict]:
+    # wandb-core may still be writing the log when finish() returns (seen on a loaded 2-core CI machine: no
+    # history rows yet): read it once it holds the run's exit record, which wandb writes last.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            records = _records(next(run_folder.glob("run-*.wandb")))
+        except Exception:  # a record cut off mid-write
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     rows, summary = [], {}
-    for record in _records(next(run_folder.glob("run-*.wandb"))):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             rows.append(dict(_value(item) for item in record.history.item))
