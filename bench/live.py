@@ -188,7 +188,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     config = bench_config(args, "live", actors, folder, "bench-scale")
     config = config.model_copy(update={"controller": config.controller.model_copy(update={"live_versions": 2})})
     upgrade(config.database.url)
-    recorder = start_recorder(config.database, config.recorder)
+    recorder = start_recorder(config.database, config.recorder)  # the actor lives while a handle does
     out: dict[str, Any] = {"actors": actors}
     try:
         started = time.perf_counter()
@@ -219,11 +219,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
         out["rolling_swaps"] = swaps
     finally:
-        shutdown(config)
-        try:
-            ray.kill(recorder)
-        except Exception:
-            pass
+        shutdown(config)  # the recorder too
+        del recorder
     return out
 
 

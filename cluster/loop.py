@@ -371,26 +371,29 @@ def _fmt(value: float | None) -> str:
 
 def shutdown(config: ZigguratConfig) -> None:
     """Flush and stop the rollout actors, the controller, the persistent trainer and the recorder started by
-    `run_loop`."""
+    `run_loop`. The recorder is stopped even when stopping another part fails: a recorder left running would be
+    found by name, still writing to its database, by the next loop in this Ray session."""
     from recorder.actor import stop_recorder
 
     namespace = config.ray.namespace
-    if config.gateway.enabled:  # first: its ledger's records go to the recorder before that stops
-        from cluster import gateway_service
-
-        gateway_service.stop(config)
-    RolloutFleet(config, {}).shutdown()
     try:
-        ray.kill(ray.get_actor(config.controller.name, namespace=namespace), no_restart=True)
-    except ValueError:
-        pass
-    if config.controller.persistent_trainer:
-        from cluster import trainer_service
+        if config.gateway.enabled:  # first: its ledger's records go to the recorder before that stops
+            from cluster import gateway_service
 
-        if trainer_service.find(config) is not None:
-            trainer_service.stop(config)
-    try:
-        stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
-    except ValueError:
-        pass
-    _keep_alive.clear()
+            gateway_service.stop(config)
+        RolloutFleet(config, {}).shutdown()
+        try:
+            ray.kill(ray.get_actor(config.controller.name, namespace=namespace), no_restart=True)
+        except ValueError:
+            pass
+        if config.controller.persistent_trainer:
+            from cluster import trainer_service
+
+            if trainer_service.find(config) is not None:
+                trainer_service.stop(config)
+    finally:
+        try:
+            stop_recorder(ray.get_actor(config.recorder.actor_name, namespace=namespace))
+        except ValueError:
+            pass
+        _keep_alive.clear()

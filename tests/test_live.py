@@ -9,7 +9,10 @@ many versions behind its batch's parent every trained trajectory was sampled.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -149,9 +152,6 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
     import yaml
 
     from cluster.cli import main as ziggurat
-    from cluster.controller import start_controller
-    from cluster.fleet import RolloutFleet
-    from recorder.actor import start_recorder
     from recorder.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'steer.db'}"
@@ -171,11 +171,7 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
         printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
         return json.loads(printed[-1])
 
-    recorder = start_recorder(config.database, config.recorder)
-    try:
-        RolloutFleet.start(config, tiny_model_dir)
-        controller = start_controller(config)
-        ray.get(controller.start_live.remote(), timeout=60)
+    with _live_loop(config, tiny_model_dir) as controller:
 
         def status() -> dict:
             return ray.get(controller.live_status.remote(), timeout=30)
@@ -206,12 +202,6 @@ def test_pause_resume_and_stop_steer_the_controllers_loop(ray_session, tiny_mode
             time.sleep(0.2)
         final = status()
         assert final["groups_in_flight"] == 0 and not final["training"], final
-    finally:
-        shutdown(config)
-        try:
-            ray.kill(recorder)
-        except Exception:
-            pass
 
 
 def test_a_sync_controller_refuses_to_start_a_live_loop(ray_session, tiny_model_dir, tmp_path):
@@ -246,25 +236,40 @@ def _wait(condition, timeout_s: float, what: str) -> float:
     raise AssertionError(f"{what} within {timeout_s} s (last error: {last!r})")
 
 
+@contextmanager
+def _live_loop(config: ZigguratConfig, model_dir: str, versions: int | None = None) -> Iterator[Any]:
+    """The recorder, the rollout fleet and the controller of `config` (its fresh database migrated), the
+    controller's live loop started to train `versions` versions (None: until stopped); yields the controller
+    and stops everything on the way out."""
+    from cluster.controller import start_controller
+    from cluster.fleet import RolloutFleet
+    from recorder.actor import start_recorder
+
+    recorder = start_recorder(config.database, config.recorder)  # the actor lives while a handle does
+    try:
+        RolloutFleet.start(config, model_dir)
+        controller = start_controller(config)
+        started = ray.get(controller.start_live.remote(versions), timeout=60)
+        assert started["until_version"] == versions, started
+        yield controller
+    finally:
+        shutdown(config)
+        del recorder
+
+
 def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_controller(
     ray_session, tiny_model_dir, tmp_path
 ):
     """Kill a rollout actor, then the controller (Ray restarts both) while the loop runs: the lost groups are
     played again, the restarted actor is restored before it takes traffic, the restarted controller resumes
     the loop towards the same version, and the database holds every finished episode whole, exactly once."""
-    from cluster.controller import start_controller
-    from cluster.fleet import RolloutFleet, rollout_actor_name
-    from recorder.actor import start_recorder
+    from cluster.fleet import rollout_actor_name
     from recorder.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'faults.db'}"
     upgrade(url)
     config = live_config(url, tiny_model_dir, tmp_path, "faults", live_versions=None)
-    recorder = start_recorder(config.database, config.recorder)
-    try:
-        RolloutFleet.start(config, tiny_model_dir)
-        controller = start_controller(config)
-        assert ray.get(controller.start_live.remote(4), timeout=60)["until_version"] == 4
+    with _live_loop(config, tiny_model_dir, versions=4) as controller:
 
         def status() -> dict:
             return ray.get(controller.live_status.remote(), timeout=10)
@@ -294,12 +299,6 @@ def test_live_mode_goes_on_through_a_crashed_rollout_actor_and_a_crashed_control
         served = ray.get(controller.health.remote(), timeout=30)["served_versions"]
         deployed = ray.get(controller.deployed_version.remote(), timeout=30)
         assert deployed >= 4 and set(served.values()) == {deployed}, (deployed, served)
-    finally:
-        shutdown(config)
-        try:
-            ray.kill(recorder)
-        except Exception:
-            pass
 
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
     _assert_episodes_whole_and_trained_once(url)
@@ -309,19 +308,12 @@ def test_live_mode_goes_on_through_a_postgres_outage(ray_session, tiny_model_dir
     """PostgreSQL crashes (immediate stop) while the live loop plays and trains, and comes back seconds later:
     the loop goes on to its target version without a driver, and the database holds every finished episode whole
     and every trained group in one completed batch only."""
-    from cluster.controller import start_controller
-    from cluster.fleet import RolloutFleet
-    from recorder.actor import start_recorder
     from recorder.migrate import upgrade
 
     url = postgres.create_database("live_outage")
     upgrade(url)
     config = live_config(url, tiny_model_dir, tmp_path, "pg-outage", live_versions=None)
-    recorder = start_recorder(config.database, config.recorder)
-    try:
-        RolloutFleet.start(config, tiny_model_dir)
-        controller = start_controller(config)
-        assert ray.get(controller.start_live.remote(4), timeout=60)["until_version"] == 4
+    with _live_loop(config, tiny_model_dir, versions=4) as controller:
 
         def status() -> dict:
             return ray.get(controller.live_status.remote(), timeout=10)
@@ -344,12 +336,6 @@ def test_live_mode_goes_on_through_a_postgres_outage(ray_session, tiny_model_dir
         deployed = ray.get(controller.deployed_version.remote(), timeout=30)
         assert deployed >= 4 and set(served.values()) == {deployed}, (deployed, served)
         assert after["error"] is None
-    finally:
-        shutdown(config)
-        try:
-            ray.kill(recorder)
-        except Exception:
-            pass
 
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
     _assert_episodes_whole_and_trained_once(url)

@@ -149,6 +149,8 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     assert [u["update"] for u in updates] == [1, 2]
     assert all(np.isfinite(u["loss"]) and u["tokens"] > 0 and u["tokens_per_s"] > 0 for u in updates)
     assert all({"clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "elapsed_s"} <= set(u) for u in updates)
+    # what each update's wall time was made of: the worker's own CPU seconds, and how busy it kept its threads
+    assert all(u["cpu_user_s"] > 0 and u["cpu_utilization"] > 0 and u["minor_faults"] >= 0 for u in updates)
     # the trainer-sampler mismatch is measured once per batch, before its first update: every report says the same
     mismatch = ("mismatch_kl_k1", "mismatch_kl_k3", "tis_clip_fraction", "tis_weight_mean")
     assert [tuple(u[k] for k in mismatch) for u in updates] == [tuple(updates[0][k] for k in mismatch)] * 2

@@ -95,6 +95,31 @@ def peak_memory_gb() -> dict[str, float]:
     return peak
 
 
+class CpuUsage:
+    """CPU this worker process used, and page faults it took, between construction and `since()`: what an
+    update's wall time is made of. cpu_utilization = (user + system) / (wall x torch threads) well below 1
+    means the update waited (for cores other processes held, or for collectives); system seconds and minor
+    faults that grow with no change in work point at the allocator returning and re-faulting memory."""
+
+    def __init__(self) -> None:
+        import resource
+
+        self._resource = resource
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        self._wall = time.perf_counter()
+
+    def since(self) -> dict[str, float]:
+        now = self._resource.getrusage(self._resource.RUSAGE_SELF)
+        wall = max(time.perf_counter() - self._wall, 1e-9)
+        user, system = now.ru_utime - self._start.ru_utime, now.ru_stime - self._start.ru_stime
+        return {
+            "cpu_user_s": user,
+            "cpu_system_s": system,
+            "cpu_utilization": (user + system) / (wall * torch.get_num_threads()),
+            "minor_faults": float(now.ru_minflt - self._start.ru_minflt),
+        }
+
+
 UPDATE_SUMS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")
 """An update's metrics that each worker reports as its share of the batch: summed over workers."""
 
@@ -269,7 +294,7 @@ def run_updates(
     try:
         last_report_s, last_elapsed = 0.0, 1.0
         for update in range(resumed_from, config.updates_per_batch):
-            started = time.perf_counter()
+            started, usage = time.perf_counter(), CpuUsage()
             if old is None:
                 metrics, old = on_policy_update(
                     model, optimizer, batch, config, scale, reference=reference, micro_steps=micro_steps
@@ -281,6 +306,7 @@ def run_updates(
                     model, optimizer, batch, old, config, scale, reference=reference, micro_steps=micro_steps
                 )
             elapsed = time.perf_counter() - started
+            cpu = usage.since()
             report: dict[str, Any] = all_reduce_named({k: metrics[k] for k in UPDATE_SUMS})
             report.update(
                 update=update + 1,
@@ -290,6 +316,7 @@ def run_updates(
                 tokens_per_s=scale.tokens / max(elapsed, 1e-9),
                 elapsed_s=elapsed,
                 **all_reduce_named(peak_memory_gb(), op="max"),  # the most any worker held
+                **all_reduce_named(cpu, op="max"),  # the largest on any worker
                 **about_batch,
                 **(extra_report or {}),
             )
