@@ -14,6 +14,7 @@ The pieces (`worker_layout`, `load_tensors`, `read_checkpoint`, `load_policy`, `
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -87,37 +88,25 @@ def pre_batch_logprobs(
 
 def peak_memory_gb() -> dict[str, float]:
     """This process's peak resident memory (and, on a GPU, peak allocated GPU memory) so far, in GB."""
-    import resource
-
     peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: kilobytes
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return peak
 
 
-class CpuUsage:
-    """CPU this worker process used, and page faults it took, between construction and `since()`: what an
-    update's wall time is made of. cpu_utilization = (user + system) / (wall x torch threads) well below 1
+def cpu_usage(before: Any, wall_s: float) -> dict[str, float]:
+    """This worker process's CPU and page faults since `before` (a getrusage) over `wall_s` seconds: what an
+    update's wall time was made of. cpu_utilization = (user + system) / (wall x torch threads) well below 1
     means the update waited (for cores other processes held, or for collectives); system seconds and minor
     faults that grow with no change in work point at the allocator returning and re-faulting memory."""
-
-    def __init__(self) -> None:
-        import resource
-
-        self._resource = resource
-        self._start = resource.getrusage(resource.RUSAGE_SELF)
-        self._wall = time.perf_counter()
-
-    def since(self) -> dict[str, float]:
-        now = self._resource.getrusage(self._resource.RUSAGE_SELF)
-        wall = max(time.perf_counter() - self._wall, 1e-9)
-        user, system = now.ru_utime - self._start.ru_utime, now.ru_stime - self._start.ru_stime
-        return {
-            "cpu_user_s": user,
-            "cpu_system_s": system,
-            "cpu_utilization": (user + system) / (wall * torch.get_num_threads()),
-            "minor_faults": float(now.ru_minflt - self._start.ru_minflt),
-        }
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = now.ru_utime - before.ru_utime, now.ru_stime - before.ru_stime
+    return {
+        "cpu_user_s": user,
+        "cpu_system_s": system,
+        "cpu_utilization": (user + system) / (max(wall_s, 1e-9) * torch.get_num_threads()),
+        "minor_faults": float(now.ru_minflt - before.ru_minflt),
+    }
 
 
 UPDATE_SUMS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy")
@@ -294,7 +283,7 @@ def run_updates(
     try:
         last_report_s, last_elapsed = 0.0, 1.0
         for update in range(resumed_from, config.updates_per_batch):
-            started, usage = time.perf_counter(), CpuUsage()
+            started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             if old is None:
                 metrics, old = on_policy_update(
                     model, optimizer, batch, config, scale, reference=reference, micro_steps=micro_steps
@@ -306,7 +295,7 @@ def run_updates(
                     model, optimizer, batch, old, config, scale, reference=reference, micro_steps=micro_steps
                 )
             elapsed = time.perf_counter() - started
-            cpu = usage.since()
+            cpu = cpu_usage(before, elapsed)  # before the reductions below, which are not the update's work
             report: dict[str, Any] = all_reduce_named({k: metrics[k] for k in UPDATE_SUMS})
             report.update(
                 update=update + 1,
