@@ -134,6 +134,12 @@ class ControllerConfig(_Section):
     deploy_only_if_better: bool = False
     """Refuse a version whose held-out mean reward (evaluated before deploy) is below the deployed version's."""
 
+    evaluate_alongside_rollouts: bool = True
+    """`sync` mode: a version evaluated once served (full or merged, or `evaluate_before_deploy` off) is evaluated
+    while the next rollout round plays on it, and the base version during the first round: both sample the same
+    weights, so the engine batches them together. The loop waits for the evaluation before it trains, settles a
+    canary or stops. False: evaluate, then play."""
+
     canary_fraction: float = Field(0.0, ge=0, le=1)
     """Fraction of rollout actors that get a new version first (0 = deploy everywhere at once). The loop
     settles every canary after the next rollout round: promoted to every actor or rolled back, on reward."""

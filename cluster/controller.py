@@ -307,12 +307,16 @@ class Controller(HotSwap, LiveSteering):
         return outcomes
 
     # ---- deploy policy, evaluation, health, status -------------------------------------------------
-    def release(self, version: int, canary_fraction: float | None = None) -> dict[str, Any]:
+    def release(
+        self, version: int, canary_fraction: float | None = None, defer_evaluation: bool = False
+    ) -> dict[str, Any]:
         """Deploy `version` by the config's rules: evaluated first where it can be sampled without being served
         (an adapter, not merged; `controller.evaluate_before_deploy`), refused if that scores below the deployed
         version (`controller.deploy_only_if_better`), deployed (fully or as a canary), and evaluated once served
         if it could not be before. `canary_fraction` as in `deploy`. Returns the evaluation, the swap, `canary`,
-        `deployed`, and `reason` when it was not deployed."""
+        `deployed`, and `reason` when it was not deployed. With `defer_evaluation`, an evaluation due after the
+        deploy is left to the caller (`evaluate(version)`; the outcome says `evaluation_deferred`), who can run it
+        alongside the next rollout round on the same weights."""
         from recorder import queries
 
         settings, evaluated = self.config.controller, bool(self.config.rollout.eval_seeds)
@@ -339,7 +343,10 @@ class Controller(HotSwap, LiveSteering):
         outcome["canary"] = outcome["swap"]["canary"]
         outcome["deployed"] = not outcome["canary"]  # a canary is deployed once it is promoted
         if evaluated and not before:
-            outcome["evaluation"] = self.evaluate(version)
+            if defer_evaluation:
+                outcome["evaluation_deferred"] = True
+            else:
+                outcome["evaluation"] = self.evaluate(version)
         return outcome
 
     def evaluate(self, version: int) -> dict[str, Any]:

@@ -4,9 +4,11 @@
     controller.evaluate(deployed version)   -> its score on the held-out scenarios
     repeat `controller.iterations` times:
         fleet.play(`groups_per_iteration` training scenarios)   -> GRPO groups, judged as they finish
+        (the evaluation of the version they play on runs alongside; the loop waits for it here)
         controller.settle_canaries()  -> a canary from the last iteration is promoted or rolled back on reward
         controller.train()            -> claims a batch when ready, runs the Ray Train job, registers version N
         controller.release(N)         -> evaluate, deploy (fully or as a canary) or refuse, by the config's rules
+                                         (a version evaluated once served is evaluated alongside the next round)
     a canary released by the last iteration gets one more rollout round and is settled
     write report.json and reward.png (with the version each actor really serves, from controller.health)
 
@@ -22,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,9 +66,22 @@ class ControllerClient:
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         return self._retried(method, lambda: ray.get(self._remote(method, *args), timeout=timeout or self._timeout))
 
-    def follow(self, method: str, *args: Any, desc: str, unit: str, progress: str, timeout: float) -> Any:
-        """`call`, with a bar fed by the controller's `progress()[progress]` ((done, total)) while it runs."""
-        return self._retried(method, lambda: self._follow(method, args, desc, unit, progress, timeout))
+    def follow(
+        self, method: str, *args: Any, desc: str, unit: str, progress: str, timeout: float, started: Any = None
+    ) -> Any:
+        """`call`, with a bar fed by the controller's `progress()[progress]` ((done, total)) while it runs.
+        `started`: the ref of this very call made earlier with `start`, waited on first."""
+        first = [started]
+
+        def attempt() -> Any:
+            ref, first[0] = first[0], None
+            return self._follow(method, args, desc, unit, progress, timeout, ref)
+
+        return self._retried(method, attempt)
+
+    def start(self, method: str, *args: Any) -> Any:
+        """Make the call and return its ref without waiting: finish it with `follow(..., started=ref)`."""
+        return self._remote(method, *args)
 
     def train(self) -> dict[str, Any]:
         """controller.train; if the controller crashes meanwhile, its restart picks the job up from the database."""
@@ -90,11 +106,13 @@ class ControllerClient:
     def _remote(self, method: str, *args: Any) -> Any:
         return getattr(self.handle, method).remote(*args)
 
-    def _follow(self, method: str, args: tuple, desc: str, unit: str, progress: str, timeout: float) -> Any:
+    def _follow(
+        self, method: str, args: tuple, desc: str, unit: str, progress: str, timeout: float, ref: Any = None
+    ) -> Any:
         def probe() -> tuple[float, float] | None:
             return ray.get(self.handle.progress.remote(), timeout=2)[progress]
 
-        return console.follow(self._remote(method, *args), probe, desc, unit, timeout)
+        return console.follow(ref or self._remote(method, *args), probe, desc, unit, timeout)
 
     def _retried(self, method: str, attempt: Callable[[], Any]) -> Any:
         tries = 0
@@ -126,6 +144,7 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
 
         return run_live(config, out_dir)
     phases: dict[str, float] = {}
+    alongside = config.controller.evaluate_alongside_rollouts
     with timed(phases, "start"):
         fleet, controller, model_path = start(config)
     tracker = LoopTracker(config, out_dir, enabled=config.controller.wandb)
@@ -133,14 +152,17 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         with timed(phases, "start"):
             controller.call("recover", timeout=config.controller.training_timeout_s)
             controller.call("sync_workers")
+        evaluation = None
         if config.rollout.eval_seeds:
             with timed(phases, "base_evaluation"):
-                evaluate(controller, tracker, controller.call("deployed_version"))
+                evaluation = evaluate(controller, tracker, controller.call("deployed_version"), wait=not alongside)
         seeds = SeedCounter(config)
-        iterations = [
-            iteration(number, fleet, controller, tracker, seeds.take())
-            for number in range(1, config.controller.iterations + 1)
-        ]
+        iterations = []
+        for number in range(1, config.controller.iterations + 1):
+            entry, evaluation = iteration(number, fleet, controller, tracker, seeds.take(), evaluation)
+            iterations.append(entry)
+        with timed(phases, "evaluation"):
+            finish_evaluation(controller, tracker, evaluation)
         canary_round = None
         if any(v["status"] == "canary" for v in controller.call("versions")):  # the last iteration's canary
             with timed(phases, "canary_round"):
@@ -197,15 +219,25 @@ class SeedCounter:
 
 
 def iteration(
-    number: int, fleet: RolloutFleet, controller: ControllerClient, tracker: LoopTracker, seeds: list[int]
-) -> dict[str, Any]:
-    """Play, settle the last canary, train, release: one entry of report.json's `iterations`, with each
-    phase's wall time in `phases_s` (release: the new version's evaluation and its swap)."""
+    number: int,
+    fleet: RolloutFleet,
+    controller: ControllerClient,
+    tracker: LoopTracker,
+    seeds: list[int],
+    evaluation: PendingEvaluation | None = None,
+) -> tuple[dict[str, Any], PendingEvaluation | None]:
+    """Play (alongside `evaluation` of the served version, if one runs), settle the last canary, train, release:
+    one entry of report.json's `iterations`, with each phase's wall time in `phases_s` (`evaluation`: the time
+    the evaluation ran on after the rollouts; release: the swap, and the new version's evaluation unless it is
+    left running alongside the next round, returned)."""
     served, actors_served = controller.call("deployed_version"), controller.served_versions()
     entry: dict[str, Any] = {"iteration": number, "served_version": served, "served_versions": actors_served}
     phases: dict[str, float] = {}
     with timed(phases, "rollouts"):
         entry.update(rollouts(fleet, controller, tracker, seeds, f"iteration {number}: rollouts", number, served))
+    if evaluation is not None:  # before anything changes what is served or trains
+        with timed(phases, "evaluation"):
+            finish_evaluation(controller, tracker, evaluation)
     # A canary lives for one rollout round: decided now, on that round's rewards, before anything trains.
     settled = settle(controller)
     if settled:
@@ -214,11 +246,13 @@ def iteration(
         entry["served_versions_after_settling"] = controller.served_versions()
     with timed(phases, "training"):
         entry["training"] = outcome = train(controller, tracker, fleet.config, number)
+    evaluation = None
     if outcome.get("trained"):
         with timed(phases, "release"):
-            entry.update(release(controller, tracker, outcome["version"]))
+            released, evaluation = release(controller, tracker, outcome["version"])
+            entry.update(released)
     entry["phases_s"] = phases
-    return entry
+    return entry, evaluation
 
 
 def rollouts(
@@ -274,17 +308,49 @@ def train(controller: ControllerClient, tracker: LoopTracker, config: ZigguratCo
     return outcome
 
 
-def evaluate(controller: ControllerClient, tracker: LoopTracker, version: int) -> dict[str, Any]:
-    desc, timeout = f"evaluating version {version}", controller.settings.call_timeout_s
-    result = controller.follow("evaluate", version, desc=desc, unit="group", progress="evaluation", timeout=timeout)
+@dataclass
+class PendingEvaluation:
+    """A held-out evaluation left running on the controller (`controller.evaluate_alongside_rollouts`)."""
+
+    version: int
+    ref: Any
+
+
+def evaluate(
+    controller: ControllerClient, tracker: LoopTracker, version: int, wait: bool = True
+) -> PendingEvaluation | None:
+    """controller.evaluate(version); with `wait` False it is started and returned, for `finish_evaluation`."""
+    pending = PendingEvaluation(version, controller.start("evaluate", version))
+    if not wait:
+        console.phase(f"evaluating version {version} alongside the next rollout round")
+        return pending
+    finish_evaluation(controller, tracker, pending)
+    return None
+
+
+def finish_evaluation(controller: ControllerClient, tracker: LoopTracker, pending: PendingEvaluation | None) -> None:
+    """Wait for an evaluation (called again if the controller crashed meanwhile) and log its score."""
+    if pending is None:
+        return
+    version, timeout = pending.version, controller.settings.call_timeout_s
+    desc = f"evaluating version {version}"
+    result = controller.follow(
+        "evaluate", version, desc=desc, unit="group", progress="evaluation", timeout=timeout, started=pending.ref
+    )
     _evaluated(tracker, result)
-    return result
 
 
-def release(controller: ControllerClient, tracker: LoopTracker, version: int) -> dict[str, Any]:
-    """controller.release: evaluated, then deployed (fully or as a canary) or refused, by the config's rules."""
+def release(
+    controller: ControllerClient, tracker: LoopTracker, version: int
+) -> tuple[dict[str, Any], PendingEvaluation | None]:
+    """controller.release: evaluated, then deployed (fully or as a canary) or refused, by the config's rules.
+    An evaluation due once the version serves is started and returned, not waited for, with
+    `controller.evaluate_alongside_rollouts`."""
     desc, timeout = f"releasing version {version}", 3 * controller.settings.call_timeout_s
-    outcome = controller.follow("release", version, desc=desc, unit="group", progress="evaluation", timeout=timeout)
+    defer = controller.settings.evaluate_alongside_rollouts
+    outcome = controller.follow(
+        "release", version, None, defer, desc=desc, unit="group", progress="evaluation", timeout=timeout
+    )
     if "evaluation" in outcome:
         _evaluated(tracker, outcome["evaluation"])
     if "swap" in outcome:
@@ -296,7 +362,10 @@ def release(controller: ControllerClient, tracker: LoopTracker, version: int) ->
     if "reason" in outcome:
         console.phase(f"version {version} not deployed: {outcome['reason']}")
         entry["not_deployed"] = outcome["reason"]
-    return entry
+    pending = None
+    if outcome.get("evaluation_deferred"):
+        pending = evaluate(controller, tracker, version, wait=False)
+    return entry, pending
 
 
 def play_canary_round(

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from recorder.client import RecorderClient
@@ -87,7 +88,11 @@ async def run_episode(
         "environment": spec.env_name, "scenario_id": f"{spec.env_name}:{seed}", "group_id": spec.group_id,
         "is_eval": spec.is_eval,
     }  # fmt: skip
-    client.add(TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}))
+    # The episode's own start and end times, not when its group's records reach the database.
+    started_at = datetime.now(UTC)
+    client.add(
+        TrajectoryRecord(trajectory_id, **common, model_version=version, metadata={"seed": seed}, started_at=started_at)
+    )
     progress: dict[str, Any] = {"reward": 0.0, "turns": 0, "tokens": 0, "transcript": []}
     metrics: dict[str, Any] = {}
     error = None
@@ -109,7 +114,8 @@ async def run_episode(
     client.add(
         TrajectoryRecord(
             trajectory_id, **common, model_version=version, status=status, total_reward=progress["reward"],
-            step_count=progress["turns"], metrics=metrics, metadata={"seed": seed},
+            step_count=progress["turns"], metrics=metrics, metadata={"seed": seed}, started_at=started_at,
+            finished_at=datetime.now(UTC),
         )
     )  # fmt: skip
     return EpisodeResult(

@@ -97,8 +97,9 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(
         assert report["base_eval_mean_reward"] is not None and report["final_eval_mean_reward"] is not None
         assert json.loads((tmp_path / "out" / "report.json").read_text())["final_version"] == 1
         # every phase's wall time, summed over iterations, within the run's
-        assert set(iteration["phases_s"]) == {"rollouts", "training", "release"}
-        assert set(report["phases_s"]) == {"start", "base_evaluation", "rollouts", "training", "release"}
+        assert set(iteration["phases_s"]) == {"rollouts", "evaluation", "training", "release"}
+        phases = {"start", "base_evaluation", "rollouts", "evaluation", "training", "release"}
+        assert set(report["phases_s"]) == phases
         assert report["phases_s"]["training"] == pytest.approx(iteration["phases_s"]["training"], abs=0.1)
         assert 0 < sum(report["phases_s"].values()) <= report["wall_s"] + 0.5
         assert (tmp_path / "out" / "reward.png").stat().st_size > 1000
@@ -112,8 +113,19 @@ def test_closed_loop_trains_deploys_to_both_actors_and_rolls_back(
             evals = conn.execute(
                 sa.select(Trajectory.model_version, sa.func.count()).where(Trajectory.is_eval).group_by("model_version")
             ).all()
+            spans = conn.execute(
+                sa.select(Trajectory.is_eval, sa.func.min(Trajectory.started_at), sa.func.max(Trajectory.finished_at))
+                .where(Trajectory.model_version == 0, Trajectory.status == "finished")
+                .group_by(Trajectory.is_eval)
+            ).all()
         assert trained_on > 0 and combined >= 16  # every finished episode was judged
         assert dict(evals) == {0: 4, 1: 4}  # held-out scenarios, played on each version, never trained on
+        # The base version's evaluation played alongside the first rollout round (controller.
+        # evaluate_alongside_rollouts), by the episodes' own start and end times: each began before the other ended.
+        (evaluated_from, evaluated_to), (played_from, played_to) = (
+            span for _, *span in sorted(spans, key=lambda row: not row[0])
+        )
+        assert evaluated_from < played_to and played_from < evaluated_to, spans
 
         actors = RolloutFleet.start(config, tiny_model_dir)  # the running, named actors
         after_swap = actors.play([5000, 5001], "after swap")

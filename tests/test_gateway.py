@@ -517,7 +517,8 @@ def test_an_external_node_agent_is_recorded_trained_on_by_the_loop_and_served_th
     assert trained["trained"], trained
     batch = queries.get_batch(gateway[4], trained["batch_id"])
     assert {r.id for r in finished} <= set(batch["trajectory_ids"])  # the agent's episodes were trained on
-    released = loop.release(controller, tracker, trained["version"])
+    released, evaluation = loop.release(controller, tracker, trained["version"])
+    loop.finish_evaluation(controller, tracker, evaluation)  # the loop waits for one before the next phase
     assert released["deployed"] and released["swap"]["actors"] == ["zg-rollout-0"], released
 
     again = _node_agent(gateway, "js-after", "1", "1", "0")

@@ -74,6 +74,8 @@ def test_held_out_reward_rises_over_three_iterations(ray_session, pretrained_tin
         report = run_loop(config, tmp_path / "out")
     finally:
         shutdown(config)
+    # full versions are evaluated once served, alongside the next round (the last one after it)
+    assert all(v["eval_mean_reward"] is not None for v in report["versions"]), report["versions"]
     evals = {v["version"]: round(v["eval_mean_reward"], 4) for v in report["versions"]}
     print("held-out mean reward by version:", evals)
     assert [i["training"]["trained"] for i in report["iterations"]] == [True, True, True]
