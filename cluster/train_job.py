@@ -193,9 +193,29 @@ def torch_trainer(
             failure_config=FailureConfig(max_failures=settings.max_failures, controller_failure_limit=1),
             # Ray Train's per-run INFO (worker group started, run finished) only with --verbose.
             logging_config=LoggingConfig(log_level=library_log_level()),
+            worker_runtime_env={"env_vars": allocator_env(settings.allocator)},
             **run_options,
         ),
     )
+
+
+# jemalloc keeps what it freed for the next update instead of returning it to the OS (which glibc does for large
+# blocks, and an update then re-faults gigabytes of pages): the same tensors in half the resident memory.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    """Environment variables that give a training worker process `allocator` (trainer.allocator)."""
+    if allocator == "system":
+        return {}
+    import ray
+
+    library = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not library.is_file():
+        log.warning("trainer.allocator is jemalloc but %s is missing; the workers use the system malloc", library)
+        return {}
+    preload = ":".join(p for p in (str(library), os.environ.get("LD_PRELOAD", "")) if p)
+    return {"LD_PRELOAD": preload, "MALLOC_CONF": JEMALLOC_CONF}
 
 
 def run_training(config: ZigguratConfig, batch_id: int | None = None) -> int | None:

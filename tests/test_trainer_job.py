@@ -151,6 +151,8 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     assert all({"clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "elapsed_s"} <= set(u) for u in updates)
     # what each update's wall time was made of: the worker's own CPU seconds, and how busy it kept its threads
     assert all(u["cpu_user_s"] > 0 and u["cpu_utilization"] > 0 and u["minor_faults"] >= 0 for u in updates)
+    # trainer.allocator reached the Ray Train worker processes: each update says whether it ran on jemalloc
+    assert [u["jemalloc"] for u in updates] == [1, 1]
     # the trainer-sampler mismatch is measured once per batch, before its first update: every report says the same
     mismatch = ("mismatch_kl_k1", "mismatch_kl_k3", "tis_clip_fraction", "tis_weight_mean")
     assert [tuple(u[k] for k in mismatch) for u in updates] == [tuple(updates[0][k] for k in mismatch)] * 2
@@ -170,12 +172,19 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     fresh = postgres.create_database(f"train_again_{uuid.uuid4().hex[:8]}")
     upgrade(fresh)
     _record_groups(fresh, groups=2)
-    again = config.model_copy(update={"database": config.database.model_copy(update={"url": fresh})})
+    again = config.model_copy(
+        update={
+            "database": config.database.model_copy(update={"url": fresh}),
+            "trainer": config.trainer.model_copy(update={"allocator": "system"}),
+        }
+    )
     assert run_training(again) == 1
     store = TrajectoryStore(fresh)
     (retrained,) = queries.list_versions(store.engine)
+    updates = queries.get_batch(store.engine, retrained["training_batch_id"])["stats"]["updates"]
     store.dispose()
     assert retrained["metrics"]["rows"] == 8 and retrained["metrics"]["update"] == 2
+    assert [u["jemalloc"] for u in updates] == [0, 0]
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, postgres, tiny_model_dir, tmp_path):

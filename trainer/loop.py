@@ -94,6 +94,15 @@ def peak_memory_gb() -> dict[str, float]:
     return peak
 
 
+def runs_jemalloc() -> int:
+    """1 if this process runs jemalloc (trainer.allocator), else 0: read from the libraries mapped into the
+    process, so a report says what really ran, not what was asked for."""
+    try:
+        return int("libjemalloc" in Path("/proc/self/maps").read_text())
+    except OSError:  # no procfs: not Linux, where the allocator setting does nothing either
+        return 0
+
+
 def cpu_usage(before: Any, wall_s: float) -> dict[str, float]:
     """This worker process's CPU and page faults since `before` (a getrusage) over `wall_s` seconds: what an
     update's wall time was made of. cpu_utilization = (user + system) / (wall x torch threads) well below 1
@@ -306,6 +315,7 @@ def run_updates(
                 elapsed_s=elapsed,
                 **all_reduce_named(peak_memory_gb(), op="max"),  # the most any worker held
                 **all_reduce_named(cpu, op="max"),  # the largest on any worker
+                jemalloc=runs_jemalloc(),
                 **about_batch,
                 **(extra_report or {}),
             )
