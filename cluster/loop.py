@@ -144,7 +144,8 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
 
         return run_live(config, out_dir)
     phases: dict[str, float] = {}
-    alongside = config.controller.evaluate_alongside_rollouts
+    # the base version's evaluation plays alongside the first rollout round, if there is one
+    alongside = config.controller.evaluate_alongside_rollouts and config.controller.iterations > 0
     with timed(phases, "start"):
         fleet, controller, model_path = start(config)
     tracker = LoopTracker(config, out_dir, enabled=config.controller.wandb)
@@ -159,10 +160,9 @@ def run_loop(config: ZigguratConfig, out_dir: Path) -> dict[str, Any]:
         seeds = SeedCounter(config)
         iterations = []
         for number in range(1, config.controller.iterations + 1):
-            entry, evaluation = iteration(number, fleet, controller, tracker, seeds.take(), evaluation)
+            last = number == config.controller.iterations
+            entry, evaluation = iteration(number, fleet, controller, tracker, seeds.take(), evaluation, not last)
             iterations.append(entry)
-        with timed(phases, "evaluation"):
-            finish_evaluation(controller, tracker, evaluation)
         canary_round = None
         if any(v["status"] == "canary" for v in controller.call("versions")):  # the last iteration's canary
             with timed(phases, "canary_round"):
@@ -225,11 +225,12 @@ def iteration(
     tracker: LoopTracker,
     seeds: list[int],
     evaluation: PendingEvaluation | None = None,
+    next_round: bool = False,
 ) -> tuple[dict[str, Any], PendingEvaluation | None]:
     """Play (alongside `evaluation` of the served version, if one runs), settle the last canary, train, release:
     one entry of report.json's `iterations`, with each phase's wall time in `phases_s` (`evaluation`: the time
     the evaluation ran on after the rollouts; release: the swap, and the new version's evaluation unless it is
-    left running alongside the next round, returned)."""
+    left running for the `next_round`, returned)."""
     served, actors_served = controller.call("deployed_version"), controller.served_versions()
     entry: dict[str, Any] = {"iteration": number, "served_version": served, "served_versions": actors_served}
     phases: dict[str, float] = {}
@@ -249,7 +250,7 @@ def iteration(
     evaluation = None
     if outcome.get("trained"):
         with timed(phases, "release"):
-            released, evaluation = release(controller, tracker, outcome["version"])
+            released, evaluation = release(controller, tracker, outcome["version"], next_round)
             entry.update(released)
     entry["phases_s"] = phases
     return entry, evaluation
@@ -341,13 +342,13 @@ def finish_evaluation(controller: ControllerClient, tracker: LoopTracker, pendin
 
 
 def release(
-    controller: ControllerClient, tracker: LoopTracker, version: int
+    controller: ControllerClient, tracker: LoopTracker, version: int, next_round: bool = False
 ) -> tuple[dict[str, Any], PendingEvaluation | None]:
     """controller.release: evaluated, then deployed (fully or as a canary) or refused, by the config's rules.
-    An evaluation due once the version serves is started and returned, not waited for, with
-    `controller.evaluate_alongside_rollouts`."""
+    An evaluation due once the version serves is started and returned, not waited for, when a `next_round` of
+    rollouts is to play alongside it (`controller.evaluate_alongside_rollouts`)."""
     desc, timeout = f"releasing version {version}", 3 * controller.settings.call_timeout_s
-    defer = controller.settings.evaluate_alongside_rollouts
+    defer = next_round and controller.settings.evaluate_alongside_rollouts
     outcome = controller.follow(
         "release", version, None, defer, desc=desc, unit="group", progress="evaluation", timeout=timeout
     )

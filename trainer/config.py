@@ -137,9 +137,9 @@ class TrainerConfig(BaseModel):
     allocator: Literal["jemalloc", "system"] = "jemalloc"
     """The C allocator of the training workers' processes. `jemalloc`: the libjemalloc that Ray ships
     (ray/core/libjemalloc.so), preloaded (LD_PRELOAD) and told to keep freed pages for reuse instead of returning
-    them (MALLOC_CONF dirty_decay_ms:-1,muzzy_decay_ms:-1). glibc's malloc held 7.47 GB at the peak of a
-    SmolLM2-135M LoRA update on 32 market-shaped rows that jemalloc ran in 3.69 GB, at the same speed (2 cores,
-    bench in DESIGN). Falls back to `system` with a warning where Ray's library is missing. `system`: the
+    them (MALLOC_CONF dirty_decay_ms:-1,muzzy_decay_ms:-1). glibc's malloc held 6.6 GB at the peak of a
+    SmolLM2-135M LoRA update on 32 market-shaped rows that jemalloc ran in 3.7 GB, at the same speed (2 cores;
+    bench/allocator.py). Falls back to `system` with a warning where Ray's library is missing. `system`: the
     process's own malloc. Each update reports `jemalloc`: 1 where its worker really runs it, else 0."""
 
     max_staleness: int | None = Field(4, ge=0)
