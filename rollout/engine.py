@@ -87,6 +87,10 @@ class PolicyEngine:
         self._admitting.set()
         self._running = 0  # requests inside vLLM now
         self._unusable: str | None = None  # why the engine refuses requests (a weight reload that timed out)
+        # vLLM 0.32's CPU sampler rewinds a seeded request's generator after a partial (chunked) prefill, which a
+        # CPU torch.Generator cannot do: the engine core dies (tests/test_engine.py). `start` clears this on CPU.
+        self.serves_seeds = True
+        self._seed_warned = False
 
     @classmethod
     async def start(cls, model_path: str, config: EngineConfig, version: int = 0) -> PolicyEngine:
@@ -104,7 +108,9 @@ class PolicyEngine:
             ) from exc
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         log.info("vLLM engine ready on %s (version %d)", model_path, version)
-        return cls(llm, tokenizer, model_path, version)
+        engine = cls(llm, tokenizer, model_path, version)
+        engine.serves_seeds = resolve_device(config) != "cpu"
+        return engine
 
     async def load_adapter(self, version: int, adapter_dir: str, reload: bool = False) -> None:
         """Load a LoRA adapter for `version` without serving it yet (`activate` flips to it).
@@ -251,6 +257,15 @@ class PolicyEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        if seed is not None and not self.serves_seeds:
+            if not self._seed_warned:
+                self._seed_warned = True
+                log.warning(
+                    "sampling seeds are ignored on the CPU engine: vLLM's CPU sampler cannot rewind a seeded "
+                    "generator after a chunked prefill and its engine would die; as OpenAI documents `seed`, "
+                    "sampling is best effort"
+                )
+            seed = None
         return SamplingParams(
             n=n,
             max_tokens=max_tokens,

@@ -144,3 +144,14 @@ def test_full_weights_swap_in_place_after_running_requests_finish(tiny_engine, t
         tiny_engine.load_weights(4, str(tmp_path))
     tiny_engine.load_weights(0, tiny_model_dir)  # back to the base model
     assert greedy() == (0, base)
+
+
+def test_a_seeded_request_prefilled_in_chunks_does_not_kill_the_cpu_engine(tiny_engine):
+    # vLLM 0.32's CPU sampler rewinds a seeded request's generator after a partial prefill, which a CPU generator
+    # cannot do: the engine core dies. 12 prompts of 700 tokens (8400 > the 4096 tokens vLLM schedules per step on
+    # a CPU) are prefilled in chunks; on the CPU engine their seeds are ignored and all of them are served.
+    prompts = [[100 + (i * 37 + j) % 400 for j in range(700)] for i in range(12)]
+    generations = tiny_engine.generate_many(prompts, timeout_s=300, max_tokens=4, temperature=1.0, seed=1)
+    assert all(len(g.completions[0].token_ids) == 4 for g in generations)
+    after = tiny_engine.generate(prompts[0][:20], max_tokens=2, temperature=1.0)  # still serving
+    assert len(after.completions[0].token_ids) == 2
