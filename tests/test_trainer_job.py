@@ -126,7 +126,12 @@ def test_training_job_registers_a_ready_version_from_a_recorded_batch(
     upgrade(url)
     _record_groups(url)
     config = _config(url, tiny_model_dir, tmp_path, updates_per_batch=2, learning_rate=2e-2)
-    config = config.model_copy(update={"engine": config.engine.model_copy(update={"lora_serving": "merged"})})
+    config = config.model_copy(
+        update={
+            "engine": config.engine.model_copy(update={"lora_serving": "merged"}),
+            "trainer": config.trainer.model_copy(update={"allocator": "jemalloc"}),
+        }
+    )
     version = run_training(config)
     assert version == 1
     store = TrajectoryStore(url)
