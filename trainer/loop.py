@@ -13,6 +13,7 @@ The pieces (`worker_layout`, `load_tensors`, `read_checkpoint`, `load_policy`, `
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import shutil
@@ -94,6 +95,7 @@ def peak_memory_gb() -> dict[str, float]:
     return peak
 
 
+@functools.cache  # a process's allocator is fixed when it starts: read once, not every update
 def runs_jemalloc() -> int:
     """1 if this process runs jemalloc (trainer.allocator), else 0: read from the libraries mapped into the
     process, so a report says what really ran, not what was asked for."""
