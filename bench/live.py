@@ -89,7 +89,7 @@ def bench_config(args: argparse.Namespace, mode: str, actors: int, folder: Path,
                     "simulated_update_s": args.update_s,
                     "updates_per_batch": 2,
                     "batch_max_groups": lanes,
-                    "max_staleness": 1,
+                    "max_staleness": args.max_staleness,
                     "reward_source": "env",
                 }  # fmt: skip
             ),

@@ -140,7 +140,9 @@ class Controller(HotSwap, LiveSteering):
         if running:
             unmet.append(f"training batch {running[0]['id']} is still {running[0]['status']}")
         self._metrics.trainable.set(ready.groups_with_variance)
-        return {"ready": not unmet, "unmet": unmet, "parent_version": parent, **ready.__dict__}
+        open_batch = running[0]["id"] if running else None
+        return {"ready": not unmet, "unmet": unmet, "parent_version": parent, "open_batch": open_batch,
+                **ready.__dict__}  # fmt: skip
 
     def train(self) -> dict[str, Any]:
         """Claim a batch and train it as an in-cluster job; wait for it. Returns the outcome."""
@@ -275,7 +277,10 @@ class Controller(HotSwap, LiveSteering):
 
         outcomes = []
         for batch in queries.list_batches(self.db, statuses=("pending", "running")):
-            error = f"training job {batch['ray_job_id']!r} was lost with the controller"
+            error = (
+                f"training job {batch['ray_job_id']!r} ended without finishing its batch (lost with a controller, "
+                "or its last write never reached the database)"
+            )
             if not training.is_ours(batch["ray_job_id"]) and not training.overdue(
                 batch, self.config.controller.training_timeout_s
             ):

@@ -45,6 +45,7 @@ log = logging.getLogger("ziggurat.live")
 TICK_S = 0.05
 HEALTH_EVERY_S = 5.0
 DATABASE_RETRY_S = 1.0
+RECOVER_EVERY_S = 5.0  # how often a batch left open by no training of this loop is looked into
 ABANDONED_HOLD_FACTOR = 4  # a group with no answer for this many call deadlines no longer holds its lane
 
 
@@ -114,6 +115,7 @@ class LiveLoop:
         self._fleet: RolloutFleet | None = None
         self._last_health = 0.0
         self._last_readiness = 0.0
+        self._last_recover = 0.0
         self._last_swap_check = 0.0
         self._database_down_since: float | None = None
         self._last_deployed: int | None = None  # admission goes on with it while the database is away
@@ -383,6 +385,13 @@ class LiveLoop:
         if readiness["ready"] and not self.controller.canaries():
             # the claim (in the background) takes up to a batch of the waiting groups: admission counts on that
             self._waiting -= min(self._waiting, self.config.trainer.batch_max_groups)
+            self._training = self._trainer.submit(self._train_and_release)
+        elif readiness.get("open_batch") is not None and now - self._last_recover >= RECOVER_EVERY_S:
+            # A batch open with no training of this loop behind it blocks every claim: its job ended and its last
+            # write was lost (an outage, a crashed database) or another process trains it. Controller.train
+            # recovers first (fails a dead job's batch and releases its groups, waits for a live one), then claims.
+            self._last_recover = now
+            self._event("recovering", batch_id=readiness["open_batch"])
             self._training = self._trainer.submit(self._train_and_release)
 
     def _train_and_release(self) -> dict[str, Any]:

