@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument(
         "--real-versions", type=int, default=0, help="instead: configs/local.yaml (real vLLM and trainer), N versions"
     )
+    parser.add_argument("--scale-only", action="store_true", help="only the --scale-actors run")
     args = parser.parse_args()
 
     from cluster.ray_runtime import init_ray
@@ -327,6 +328,14 @@ def main() -> None:
             for c in r["curve"] if c["eval_mean_reward"] is not None) for m, r in real.items())
         )  # fmt: skip
         print(json.dumps(real, default=str))
+        return
+    if args.scale_only:
+        scaled = scale(args)
+        print(
+            f"{scaled['actors']} simulated actors: started in {scaled['fleet_start_s']} s, "
+            f"{scaled['groups_per_s']:.2f} groups/s (lanes' ideal {scaled['groups_per_s_ideal_while_admitted']:.2f})"
+        )
+        print(json.dumps({"scale": scaled, "settings": vars(args)}, default=str))
         return
     sync = run_mode(args, "sync", args.actors, "sync")
     live = run_mode(args, "live", args.actors, "live")

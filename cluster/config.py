@@ -102,7 +102,8 @@ class ControllerConfig(_Section):
 
     persistent_trainer: bool = True
     """Train every batch on one long-running Ray Train job (cluster.trainer_service) whose workers keep the model
-    and optimizer between batches, in sync and live mode. The optimizer's moments carry over between batches
+    and optimizer between batches, in sync and live mode (trainer.backend: torch; the simulated trainer runs one
+    sleeping job per batch). The optimizer's moments carry over between batches
     trained in a row from each other's versions. The service is started by the first batch and stopped with the
     loop; its workers hold `trainer.num_workers` x `trainer.resources_per_worker` the whole time. False: one Ray
     Train job per batch (a worker-group start and a model load each, about 30 s on the tiny test model) that
@@ -260,6 +261,11 @@ class ZigguratConfig(_Section):
                 "cannot serve; set engine.backend: simulated too (both are for tests and benchmarks only)"
             )
         return self
+
+    def trains_on_service(self) -> bool:
+        """Batches go to the persistent trainer (controller.persistent_trainer). The simulated trainer has no model
+        to keep between batches: it always runs one (sleeping) job per batch."""
+        return self.controller.persistent_trainer and self.trainer.backend == "torch"
 
     def serves_merged(self) -> bool:
         """LoRA versions are merged into the base weights and served as full weights."""

@@ -169,7 +169,7 @@ class Controller(HotSwap, LiveSteering):
                 return {"trained": False, "unmet": ["another claimer took the trainable groups"]}
             # The job id goes on the row before the job starts, so a controller that dies in between leaves a
             # batch whose job `recover` can look for (and fail, finding none).
-            if self.config.controller.persistent_trainer:
+            if self.config.trains_on_service():
                 failed = self._submit_to_service(batch_id)
                 if failed is not None:
                     return failed

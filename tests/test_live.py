@@ -358,7 +358,7 @@ def test_a_batch_left_open_by_a_job_that_is_gone_does_not_stop_the_live_loop(ray
     """A batch whose job ended without its last write reaching the database (its completion or its failure lost
     in a database crash) is still `running`, and every claim waits on it. The live loop looks into it (no
     training of its own is behind it), fails it, so its groups are trainable again, and trains on."""
-    from cluster import training
+    from cluster import trainer_service, training
     from recorder import queries
     from recorder.migrate import upgrade
     from recorder.store import create_db_engine
@@ -366,7 +366,8 @@ def test_a_batch_left_open_by_a_job_that_is_gone_does_not_stop_the_live_loop(ray
 
     url = f"sqlite:///{tmp_path / 'open.db'}"
     upgrade(url)
-    config = live_config(url, tiny_model_dir, tmp_path, "open-batch", live_versions=None)
+    # the persistent trainer asked for, which the simulated trainer has no use for: one sleeping job per batch
+    config = live_config(url, tiny_model_dir, tmp_path, "open-batch", live_versions=None, persistent_trainer=True)
     _record_groups(url, groups=2, size=2)
     db = create_db_engine(url)
     try:
@@ -381,6 +382,7 @@ def test_a_batch_left_open_by_a_job_that_is_gone_does_not_stop_the_live_loop(ray
             _wait(lambda: status()["state"] == "stopped", 120, "two versions trained past the open batch", status)
             assert status()["error"] is None
             assert any(e["event"] == "recovering" and e["batch_id"] == left_open for e in status()["events"])
+            assert trainer_service.find(config) is None
         batch = queries.get_batch(db, left_open)
         assert batch["status"] == "failed" and "ended without finishing its batch" in batch["error"], batch
         completed = queries.list_batches(db, statuses=("completed",))
