@@ -1,6 +1,6 @@
 """Live vs sync on the simulated engine and trainer: how much of training's time the fleet plays through.
 
-    python bench/live.py [--actors 4] [--versions 6] [--group-s 14] [--update-s 3] [--max-staleness 2]
+    python bench/live.py [--actors 4] [--versions 6] [--group-s 8.5] [--update-s 3] [--max-staleness 2]
                           [--scale-actors 64]
 
 Both modes run the same config but `controller.mode`, in one run, on a fresh SQLite database each: rollout
@@ -307,8 +307,8 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=4)
     parser.add_argument("--lanes", type=int, default=2, help="groups each actor plays at once")
     parser.add_argument("--versions", type=int, default=6)
-    # a batch trains in about 14 s here (the training actor's start and 2 updates of 3 s): generation ~ training
-    parser.add_argument("--group-s", type=float, default=14.0, help="seconds one group takes to generate")
+    # a simulated batch trains in about 8.5 s here (a training actor starts, 2 updates of 3 s): generation ~ training
+    parser.add_argument("--group-s", type=float, default=8.5, help="seconds one group takes to generate")
     parser.add_argument("--update-s", type=float, default=3.0, help="seconds one simulated update takes")
     parser.add_argument("--scale-actors", type=int, default=64, help="0 skips the scale run")
     parser.add_argument("--max-staleness", type=int, default=2, help="trainer.max_staleness in both modes")
