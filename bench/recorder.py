@@ -245,7 +245,8 @@ def main() -> None:
         return url
 
     try:
-        per_producer = args.steps // args.producers
+        # whole episodes of STEPS_PER_TRAJECTORY steps per producer: what make_records builds and the count expects
+        per_producer = args.steps // args.producers // STEPS_PER_TRAJECTORY * STEPS_PER_TRAJECTORY
         all_records = [r for p in range(args.producers) for r in make_records(p, per_producer)]
         rows = baseline_rows(all_records)
         total_rows = sum(len(v) for v in rows.values())
