@@ -116,6 +116,7 @@ class LiveLoop:
         self._last_health = 0.0
         self._last_readiness = 0.0
         self._last_recover = 0.0
+        self._recovering: int | None = None  # the open batch last looked into
         self._last_swap_check = 0.0
         self._database_down_since: float | None = None
         self._last_deployed: int | None = None  # admission goes on with it while the database is away
@@ -391,7 +392,9 @@ class LiveLoop:
             # write was lost (an outage, a crashed database) or another process trains it. Controller.train
             # recovers first (fails a dead job's batch and releases its groups, waits for a live one), then claims.
             self._last_recover = now
-            self._event("recovering", batch_id=readiness["open_batch"])
+            if readiness["open_batch"] != self._recovering:  # once per batch: another process's job takes a while
+                self._recovering = readiness["open_batch"]
+                self._event("recovering", batch_id=self._recovering)
             self._training = self._trainer.submit(self._train_and_release)
 
     def _train_and_release(self) -> dict[str, Any]:
