@@ -387,7 +387,7 @@ class LiveLoop:
             # the claim (in the background) takes up to a batch of the waiting groups: admission counts on that
             self._waiting -= min(self._waiting, self.config.trainer.batch_max_groups)
             self._training = self._trainer.submit(self._train_and_release)
-        elif readiness.get("open_batch") is not None and now - self._last_recover >= RECOVER_EVERY_S:
+        elif readiness["open_batch"] is not None and now - self._last_recover >= RECOVER_EVERY_S:
             # A batch open with no training of this loop behind it blocks every claim: its job ended and its last
             # write was lost (an outage, a crashed database) or another process trains it. Controller.train
             # recovers first (fails a dead job's batch and releases its groups, waits for a live one), then claims.
