@@ -104,11 +104,14 @@ def serve_one(worker: Worker, assignment: Any, resume_dir: str | None, state: di
     """Train one assignment on every rank; rank 0 publishes it (or fails it) and tells the service."""
     from recorder import queries
     from trainer.loop import load_policy, load_tensors, prepare_training, run_updates
+    from trainer.memory import reset_peak, resident_gb
     from trainer.step import reference_logprobs
 
     spec, index, rank = assignment.spec, assignment.index, worker.rank
     settings = spec.trainer
     started = time.perf_counter()
+    held_before = resident_gb()  # what the worker holds between batches: the model, and no cache (purged)
+    reset_peak()  # this batch's reports give its own peak, not an earlier batch's or an earlier publish's
     # decided from what every rank holds alike, before anything that can fail on one rank only
     reuse = not state and worker.held is not None and worker.held.version == assignment.parent_version
     problem = error = None
@@ -167,14 +170,28 @@ def serve_one(worker: Worker, assignment: Any, resume_dir: str | None, state: di
             "reused_model": int(reuse),
             "setup_s": time.perf_counter() - started,
             "service_batches": worker.served,
+            **({"rss_before_batch_gb": held_before} if held_before is not None else {}),
         },
         extra_state={"index": index, "batch_id": spec.batch_id},
         keep_final=True,
     )
+    _give_back(spec.batch_id, "updates")  # before the publish, so its merge does not stack on the cache
     if rank == 0:
         worker.finished(index, publish(worker, assignment, outcome.report, outcome.final_folder or resume_dir))
         if outcome.final_folder:
             shutil.rmtree(outcome.final_folder, ignore_errors=True)
+        _give_back(spec.batch_id, "publish")
+
+
+def _give_back(batch_id: int, after: str) -> None:
+    """Return what the allocator caches to the OS (trainer.memory.release_freed_memory): the next batch costs
+    some page faults again (about 3 s of system time per batch on the market job), but a worker that lives
+    batch after batch no longer grows by what every batch leaves behind."""
+    from trainer.memory import release_freed_memory, resident_gb
+
+    released = release_freed_memory()
+    now = resident_gb() or 0.0
+    log.info("batch %d: %.2f GB handed back after its %s; %.2f GB resident", batch_id, released, after, now)
 
 
 def publish(worker: Worker, assignment: Any, report: dict[str, Any] | None, folder: str | None) -> dict[str, Any]:
@@ -182,8 +199,10 @@ def publish(worker: Worker, assignment: Any, report: dict[str, Any] | None, fold
     one-batch job does it (train_job.publish_version); on failure the batch is failed."""
     from cluster.train_job import publish_version
     from recorder import queries
+    from trainer.memory import peak_memory_gb, reset_peak
 
     spec = assignment.spec
+    reset_peak()
     outcome: dict[str, Any] = {"index": assignment.index, "batch_id": spec.batch_id, "version": spec.target_version}
     try:
         if folder is None or report is None:
@@ -197,6 +216,7 @@ def publish(worker: Worker, assignment: Any, report: dict[str, Any] | None, fold
             worker.config, worker.store, spec.batch_id, spec.target_version, parent, Path(folder), metrics,
             base_model=spec.base_model,
         )  # fmt: skip
+        metrics["publish_peak_rss_gb"] = peak_memory_gb()["peak_rss_gb"]  # the merge's, if it merges
         queries.complete_batch(
             worker.engine, spec.batch_id, spec.target_version, artifact_uri=str(artifact), metrics=metrics
         )

@@ -13,7 +13,6 @@ The pieces (`worker_layout`, `load_tensors`, `read_checkpoint`, `load_policy`, `
 
 from __future__ import annotations
 
-import functools
 import os
 import resource
 import shutil
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from trainer.memory import peak_memory_gb, runs_jemalloc
 
 STATE_FILE = "trainer_state.pt"
 
@@ -85,24 +86,6 @@ def pre_batch_logprobs(
         return saved[rank].to(batch.loss_mask.device), saved
     old = policy_logprobs(model, batch, config, steps=micro_steps)
     return old, gather_by_rank(old, world)
-
-
-def peak_memory_gb() -> dict[str, float]:
-    """This process's peak resident memory (and, on a GPU, peak allocated GPU memory) so far, in GB."""
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: kilobytes
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return peak
-
-
-@functools.cache  # a process's allocator is fixed when it starts: read once, not every update
-def runs_jemalloc() -> int:
-    """1 if this process runs jemalloc (trainer.allocator), else 0: read from the libraries mapped into the
-    process, so a report says what really ran, not what was asked for."""
-    try:
-        return int("libjemalloc" in Path("/proc/self/maps").read_text())
-    except OSError:  # no procfs: not Linux, where the allocator setting does nothing either
-        return 0
 
 
 def cpu_usage(before: Any, wall_s: float) -> dict[str, float]:
