@@ -1,7 +1,7 @@
 """The agent gateway's cost: the same requests through the gateway (HTTP, OpenAI SDK) and directly to the engine.
 
     python bench/gateway.py [--model smollm2-135m-instruct|tiny|PATH] [--requests 128] [--concurrency 64]
-                            [--tokens 32] [--rounds 3] [--probes 40] [--probe-gap-s 0.25]
+                            [--tokens 32] [--rounds 3] [--probes 40] [--probe-gap-s 0.25] [--no-store-before-reply]
 
 One rollout actor (vLLM) and one recorder (SQLite) serve both paths. (a) direct: `--concurrency` clients in
 this process call the rollout actor's `complete` with the prompt tokens, as Ziggurat's own environments do.
@@ -11,7 +11,8 @@ tokens/s compare like with like; rounds alternate (direct, gateway, ...) and the
 rounds' ratios. Then `--probes` one-token requests per path, one at a time, each `--probe-gap-s` after the
 last, the paths in rotating order: the gateway's added latency is the difference of their latencies (p50,
 p99), as plain HTTP (`added_latency_*`) and through the SDK (`added_latency_with_sdk_*`);
-`replica_own_ms_p50` is what the replica itself spent around the generation (its Server-Timing header).
+`replica_own_ms_p50` is what the replica itself spent around the generation (its Server-Timing header), of
+it `record_ms_p50` the ledger's answer (with the store wait unless `--no-store-before-reply`).
 Last, the ledger is flushed and the database must hold every gateway call exactly once. Prints a summary
 line, then JSON (last).
 """
@@ -99,6 +100,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probes", type=int, default=40, help="one-token requests per path for added latency")
     parser.add_argument("--probe-gap-s", type=float, default=0.25, help="pause before each probe request")
+    parser.add_argument(
+        "--no-store-before-reply", dest="store_before_reply", action="store_false",
+        help="answer calls before their records are stored (gateway.store_before_reply: false)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import httpx
@@ -135,6 +140,7 @@ def main() -> None:
     settings = GatewayConfig(
         enabled=True, port=port, auth="none", max_in_flight=4 * args.concurrency,
         max_concurrency_per_key=4 * args.concurrency, app_name="bench-gateway", ledger_name="bench-gateway-ledger",
+        store_before_reply=args.store_before_reply,
     )  # fmt: skip
     base = start_gateway(
         settings, recorder_settings, model_name="bench", model_path=model_path, worker_names=["bench-gateway-rollout"],
@@ -162,7 +168,7 @@ def main() -> None:
             through.append(
                 await _gateway(client, "bench", conversations, args.tokens, args.concurrency, f"r{round_index}")
             )
-        probe_direct, probe_gateway, probe_http, replica = [], [], [], []
+        probe_direct, probe_gateway, probe_http, replica, recording = [], [], [], [], []
         one_token = {"max_tokens": 1, "min_tokens": 1, "temperature": 1.0}
         async with httpx.AsyncClient(timeout=600) as http:
 
@@ -184,6 +190,7 @@ def main() -> None:
                 probe_http.append(time.perf_counter() - started)
                 timing = dict(part.strip().split(";dur=") for part in answer.headers["server-timing"].split(","))
                 replica.append(float(timing["prepare"]) + float(timing["record"]))
+                recording.append(float(timing["record"]))
 
             # One request at a time, in an order that rotates, each after the previous one's background work
             # (the ledger's recording, the engine's step) has settled: otherwise whichever probe follows a
@@ -196,7 +203,7 @@ def main() -> None:
                     await probe(at, index)
         return {
             "direct": direct, "gateway": through, "probe_direct": probe_direct, "probe_gateway": probe_gateway,
-            "probe_http": probe_http, "replica_ms": replica,
+            "probe_http": probe_http, "replica_ms": replica, "record_ms": recording,
         }  # fmt: skip
 
     measured = asyncio.run(run())
@@ -243,6 +250,8 @@ def main() -> None:
         "added_latency_with_sdk_p50_ms": round(statistics.median(added_sdk), 2),
         "added_latency_with_sdk_p99_ms": round(_percentile(added_sdk, 0.99), 2),
         "replica_own_ms_p50": round(statistics.median(measured["replica_ms"]), 2),
+        "record_ms_p50": round(statistics.median(measured["record_ms"]), 2),
+        "store_before_reply": args.store_before_reply,
         "failed_requests": failed,
         "gateway_calls_sent": sent,
         "calls_recorded": stored,

@@ -34,7 +34,9 @@ from gateway.protocol import (
     chat_chunk,
     chat_response,
     completion_response,
+    offered_tools,
     parse,
+    recorded_sampling,
     reply_message,
     sampling_of,
     token_logprobs,
@@ -123,6 +125,8 @@ class Gateway:
 
         self.settings, self.model_name, self.max_model_len = settings, model_name, max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if settings.chat_template is not None:
+            self.tokenizer.chat_template = settings.chat_template
         self.takes_tools = template_takes_tools(self.tokenizer)
         self.namespace = namespace
         self.ledger = ray.get_actor(settings.ledger_name, namespace=namespace)
@@ -335,14 +339,7 @@ class Gateway:
         tools = None
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
-            if parsed.tools and parsed.tool_choice != "none":
-                if not self.takes_tools:
-                    raise RequestProblem(
-                        f"the chat template of {self.model_name!r} does not take tools, so the model would never see "
-                        "them; serve a model whose template does (Qwen, Hermes, Llama 3.1) or leave tools out",
-                        "tools",
-                    )
-                tools = parsed.tools
+            tools = offered_tools(parsed, self.takes_tools, self.model_name)
             prompt = extend_prompt(self.tokenizer, context["messages"], context["tokens"], messages, tools)
             if prompt is None and self.settings.replicas > 1 and episode != call_id:
                 shared = (await self._ledger("context", episode))["context"]
@@ -378,7 +375,7 @@ class Gateway:
         episode = call["episode"]
         record = {
             "prompt_token_ids": call["prompt"], "model_version": version, "completions": completions,
-            "sampling": {k: v for k, v in call["sampling"].items() if v is not None and k != "n"},
+            "sampling": recorded_sampling(call["sampling"]),
             "segment": call["segment"], "observation": call["observation"],
             "latency_ms": (time.perf_counter() - call["started"]) * 1000,
         }  # fmt: skip
@@ -416,6 +413,8 @@ class Gateway:
             )
         headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"]), "X-Ziggurat-Group": recorded["group"]}
         headers["X-Ziggurat-Version"] = str(result["model_version"])
+        if recorded.get("stored") is not None:  # gateway.store_before_reply: stored, or held past its deadline
+            headers["X-Ziggurat-Recorded"] = "stored" if recorded["stored"] else "held"
         headers["X-Ziggurat-Replica"] = self.replica
         # What the replica spent before and after the rollout actor's generation, and the generation itself.
         before, after = generating - call["arrived"], time.perf_counter() - generated

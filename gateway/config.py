@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GatewayConfig(BaseModel):
@@ -75,6 +76,35 @@ class GatewayConfig(BaseModel):
 
     flush_interval_s: float = Field(0.5, gt=0)
     """How often the ledger sends the records it holds to the recorder."""
+
+    store_before_reply: bool = True
+    """A call (and an episode's end or reward) is answered only once its records are stored: one recorder write
+    covers every call waiting at that moment (a group commit), so a crashed ledger loses nothing a client was
+    answered for. False answers at once and stores within `flush_interval_s`: a few milliseconds faster per
+    call, and a ledger crash loses what it held."""
+
+    store_timeout_s: float = Field(5.0, gt=0)
+    """How long a call waits for its records to be stored. Past it (the database is down or slow) the call is
+    answered anyway with `X-Ziggurat-Recorded: held`: its records stay in the ledger and go with a later flush."""
+
+    chat_template: str | None = None
+    """A Jinja chat template the gateway renders chat prompts with instead of the model's own: a file path
+    (read when the config loads) or the template text. How a model whose template ignores `tools` (SmolLM2's)
+    is offered them; it answers them well only in a format it was trained on, and the replies are parsed as
+    `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_template(cls, value: str | None) -> str | None:
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"gateway.chat_template {value!r} is neither a Jinja template (no {{{{ or {{%) nor a readable file; "
+                "give the template's path or its text"
+            )
+        return path.read_text()
 
     @model_validator(mode="after")
     def _keys_off_only_on_loopback(self) -> GatewayConfig:

@@ -84,6 +84,10 @@ class EpisodeLedger:
         self._candidates: dict[str, list[str]] = {}  # candidate group -> trajectory ids awaiting rewards
         self._candidate_meta: dict[str, dict[str, Any]] = {}  # candidate group -> agent, version, deadline
         self._flushing = asyncio.Lock()
+        self._added = 0  # records handed to the client, ever: a position in the order they were added
+        self._stored = 0  # every record before this position is acknowledged by the recorder
+        self._flush_task: asyncio.Task | None = None
+        self._flushes = 0  # recorder writes (flushes that sent something)
         self._tasks: list[asyncio.Task] = []
         self._recorded_calls = 0
 
@@ -139,7 +143,7 @@ class EpisodeLedger:
                 if index == found.steps - 1:
                     episode.pending_step = step
                 else:
-                    self._client.add(step)
+                    self._add(step)
             self._open[found.id] = episode
         for group in state.candidates:
             self._candidates[group.group] = list(group.members)
@@ -203,19 +207,21 @@ class EpisodeLedger:
         else:
             step = episode.steps
             if step == 0:  # the episode's trajectory starts with its first step of its own
-                self._client.add(self._trajectory(episode, "running"))
+                self._add(self._trajectory(episode, "running"))
             self._close_step(episode)
             completion = completions[0]
             # The reply is the step's action until the agent attaches its own (`annotate`): the data-quality
             # gate trains only on steps whose action was parsed or carries an error.
             action = {"reply": completion["text"][:2000]}
             episode.pending_step = StepRecord(episode.id, step, call.get("observation", ""), action=action)
-            self._client.add(self._llm_call(episode.id, step, version, call, completion))
+            self._add(self._llm_call(episode.id, step, version, call, completion))
             episode.steps += 1
         episode.calls += 1
         episode.deadline = time.monotonic() + self._settings.episode_ttl_s
         self._recorded_calls += 1
-        return {"episode": episode.id, "step": step, "group": episode.group_id, "version": episode.version}
+        stored = await self._store()
+        answer = {"episode": episode.id, "step": step, "group": episode.group_id, "version": episode.version}
+        return {**answer, "stored": stored}
 
     async def annotate(
         self,
@@ -254,8 +260,8 @@ class EpisodeLedger:
         episode.deadline = time.monotonic() + self._settings.episode_ttl_s
         if reward is not None:
             self._finish(episode, "finished", reward)
-            return {"episode": episode_id, "status": "finished", "reward": reward}
-        return self._describe(episode)
+            return {"episode": episode_id, "status": "finished", "reward": reward, "stored": await self._store()}
+        return {**self._describe(episode), "stored": await self._store()}
 
     async def reward(self, episode_id: str, reward: float) -> dict[str, Any]:
         """Set an episode's reward: it ends (if it had not) and is finished, ready for training with its group."""
@@ -266,7 +272,7 @@ class EpisodeLedger:
             return self._missing(episode_id)
         self._close_step(episode)
         self._finish(episode, "finished", reward)
-        return {"episode": episode_id, "status": "finished", "reward": reward}
+        return {"episode": episode_id, "status": "finished", "reward": reward, "stored": await self._store()}
 
     async def reward_candidates(self, episode_id: str, step: int, rewards: list[float]) -> dict[str, Any]:
         """Rewards for the `n` candidates of an episode's call at `step`, in the order they were returned."""
@@ -283,10 +289,10 @@ class EpisodeLedger:
             return problem(400, f"{len(members)} candidates need {len(members)} rewards, got {len(rewards)}", "rewards")
         meta = self._candidate_meta.pop(group)
         for member, value in zip(members, rewards, strict=True):
-            self._client.add(self._candidate_trajectory(member, group, meta, "finished", float(value)))
+            self._add(self._candidate_trajectory(member, group, meta, "finished", float(value)))
         del self._candidates[group]
         self._remember(group, "finished")
-        return {"group": group, "status": "finished", "rewards": rewards}
+        return {"group": group, "status": "finished", "rewards": rewards, "stored": await self._store()}
 
     async def context(self, episode_id: str) -> dict[str, Any]:
         """The open episode's latest chat call, for a replica that did not serve it (`context`: None if none)."""
@@ -341,13 +347,13 @@ class EpisodeLedger:
 
     def _close_step(self, episode: Episode) -> None:
         if episode.pending_step is not None:
-            self._client.add(episode.pending_step)
+            self._add(episode.pending_step)
             episode.pending_step = None
 
     def _finish(self, episode: Episode, status: str, reward: float | None) -> None:
         """Record the episode's end (nothing if it has no step of its own) and forget it."""
         if episode.steps:
-            self._client.add(self._trajectory(episode, status, reward))
+            self._add(self._trajectory(episode, status, reward))
         del self._open[episode.id]
         self._remember(episode.id, status)
 
@@ -368,7 +374,7 @@ class EpisodeLedger:
         for index, completion in enumerate(call["completions"]):
             member = f"{group}.{index}"
             members.append(member)
-            self._client.add(
+            self._add(
                 self._candidate_trajectory(member, group, meta, "running", None),
                 StepRecord(member, 0, call.get("observation", ""), action={"candidate": index}),
                 self._llm_call(member, 0, version, call, completion),
@@ -385,13 +391,40 @@ class EpisodeLedger:
             metadata={**meta["metadata"], "source": "gateway", "candidate": True},
         )  # fmt: skip
 
+    def _add(self, *records: Any) -> None:
+        self._client.add(*records)
+        self._added += len(records)
+
     async def flush(self) -> dict[str, Any]:
         """Send every held record to the recorder now; returns what it acknowledged and refused."""
         async with self._flushing:
+            covered = self._added
+            self._flushes += bool(self._client.unacked)
             report = await self._client.flush_async(self._settings.ledger_timeout_s)
+            self._stored = max(self._stored, covered)
         for key, reason in report.rejected:
             log.error("the recorder refused gateway record %s: %s", key[:3], reason[:300])
         return {"acknowledged": report.acknowledged, "rejected": len(report.rejected)}
+
+    async def _store(self) -> bool | None:
+        """Wait until every record added so far is stored (gateway.store_before_reply), at most
+        gateway.store_timeout_s: True once it is, None where the settings do not wait. A group commit: every
+        caller waiting meanwhile is covered by the same flush, so a burst of calls costs one recorder write,
+        not one each. On False the records stay held and go with a later flush."""
+        if not self._settings.store_before_reply:
+            return None
+        wanted = self._added
+        deadline = time.monotonic() + self._settings.store_timeout_s
+        while self._stored < wanted:
+            if self._flush_task is None or self._flush_task.done():
+                self._flush_task = asyncio.create_task(self.flush())
+            try:  # shielded: a waiter that gives up does not cancel the flush the others wait on
+                await asyncio.wait_for(asyncio.shield(self._flush_task), max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                log.warning("gateway records not stored yet (%s: %s); held for the next flush",
+                            type(exc).__name__, str(exc)[:300])  # fmt: skip
+                return False
+        return True
 
     async def _flush_loop(self) -> None:
         while True:
@@ -414,9 +447,7 @@ class EpisodeLedger:
         stale = [group for group, meta in self._candidate_meta.items() if meta["deadline"] < now]
         for group in stale:
             for member in self._candidates.pop(group, []):
-                self._client.add(
-                    self._candidate_trajectory(member, group, self._candidate_meta[group], "aborted", None)
-                )
+                self._add(self._candidate_trajectory(member, group, self._candidate_meta[group], "aborted", None))
             self._candidate_meta.pop(group)
             self._remember(group, "aborted")
         return len(expired) + len(stale)
@@ -437,6 +468,7 @@ class EpisodeLedger:
             "candidate_groups_awaiting_rewards": len(self._candidates),
             "calls_recorded": self._recorded_calls,
             "held_records": len(self._client.unacked),
+            "flushes": self._flushes,
             "recovered": dict(self._recovered or {}),
         }
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import GatewayConfig
-from gateway.tools import parse_tool_calls
+from gateway.tools import forced_call_pattern, parse_tool_calls
 
 
 class RequestProblem(ValueError):
@@ -98,15 +98,16 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         )
     if request.n > settings.max_n:
         raise RequestProblem(f"n is at most {settings.max_n} here (gateway.max_n)", "n")
+    regex = None
     if isinstance(request, ChatRequest) and request.tools:
         if request.stream:
             raise RequestProblem("tool calls are parsed on whole replies; ask without stream", "stream")
-        if request.tool_choice not in (None, "auto", "none"):
-            raise RequestProblem(
-                "tool_choice can be auto or none here: forcing a call needs guided decoding, which the policy "
-                "engine does not apply (its log-probs would no longer be the trained distribution's)",
-                "tool_choice",
-            )
+        try:  # a forced call: sampled under its pattern (gateway.tools)
+            regex = forced_call_pattern(request.tools, request.tool_choice)
+        except ValueError as exc:
+            raise RequestProblem(str(exc), "tools" if str(exc).startswith("tools") else "tool_choice") from None
+    elif isinstance(request, ChatRequest) and request.tool_choice not in (None, "auto", "none"):
+        raise RequestProblem("tool_choice forces a call but the request offers no tools", "tool_choice")
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
     param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
     if limit is not None and limit > settings.max_tokens_cap:
@@ -129,8 +130,32 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
     max_tokens = limit or min(settings.default_max_tokens, room)
     return {
         "n": request.n, "temperature": request.temperature, "max_tokens": max_tokens, "min_tokens": request.min_tokens,
-        "stop": stop or None, "seed": request.seed, "top_logprobs": top,
+        "stop": stop or None, "seed": request.seed, "top_logprobs": top, "regex": regex,
     }  # fmt: skip
+
+
+def offered_tools(request: ChatRequest, takes_tools: bool, model_name: str) -> list[dict[str, Any]] | None:
+    """The tools the chat template renders for `request` (None: no tools, or `tool_choice: none`); refused when
+    the template ignores tools, since the model would never see them."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    if not takes_tools:
+        raise RequestProblem(
+            f"the chat template of {model_name!r} does not take tools, so the model would never see them; serve a "
+            "model whose template does (Qwen, Hermes), give the gateway one (gateway.chat_template), or leave "
+            "tools out",
+            "tools",
+        )
+    return request.tools
+
+
+def recorded_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """What a call's row keeps of its sampling arguments: a forced tool call's pattern (kilobytes of regular
+    expression) is kept as the fact that the call was constrained, which its log-probs reflect."""
+    kept = {k: v for k, v in sampling.items() if v is not None and k not in ("n", "regex")}
+    if sampling.get("regex") is not None:
+        kept["constrained"] = "tool_call"
+    return kept
 
 
 def token_logprobs(tokenizer: Any, completion: dict[str, Any]) -> list[dict[str, Any]]:

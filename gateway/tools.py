@@ -1,8 +1,14 @@
 """Tool calls: offered to the model through its chat template, parsed back from what it wrote.
 
-Models whose templates take `tools` (Qwen, Hermes, Llama 3.1 and others) are trained to answer a call as
+Models whose templates take `tools` (Qwen, Hermes and others) are trained to answer a call as
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; that is the format parsed here. A template that
-ignores `tools` would let the model never see them, so such a request is refused rather than served blind.
+ignores `tools` would let the model never see them, so such a request is refused rather than served blind
+(`gateway.chat_template` can give such a model a template that takes them).
+
+`tool_choice: "required"` or a named function forces a call: the engine samples under a regular expression
+of that format with the function's argument schema inside (vLLM's structured outputs), so the reply always
+parses. The engine's processed log-probs are those of the masked distribution that really sampled, which is
+what the trainer's importance weights need to correct toward the unconstrained policy.
 """
 
 from __future__ import annotations
@@ -15,6 +21,51 @@ from typing import Any
 _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 _PROBE = [{"role": "user", "content": "u"}]
 _PROBE_TOOL = [{"type": "function", "function": {"name": "probe", "description": "d", "parameters": {}}}]
+
+
+def forced_call_pattern(tools: list[dict[str, Any]], choice: str | dict[str, Any] | None) -> str | None:
+    """The regular expression a reply must match when `choice` forces a tool call, or None when it does not
+    (`auto`, `none`, unset). Raises ValueError naming what is wrong with `choice` or a tool's schema."""
+    if choice in (None, "auto", "none"):
+        return None
+    by_name = {}
+    for position, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"tools[{position}] needs a function with a name")
+        by_name[function["name"]] = (position, function.get("parameters") or {"type": "object"})
+    if choice == "required":
+        names = list(by_name)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in by_name:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(by_name)})")
+        names = [name]
+    else:
+        raise ValueError(
+            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
+        )
+    return "|".join(_call_pattern(name, *by_name[name]) for name in names)
+
+
+def _call_pattern(name: str, position: int, parameters: dict[str, Any]) -> str:
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        arguments = build_regex_from_schema(json.dumps(parameters))
+    except Exception as exc:  # outlines raises its own types for schemas it cannot express
+        raise ValueError(f"tools[{position}].function.parameters cannot be enforced as a JSON schema: {exc}") from None
+    head = _literal('{"name": ' + json.dumps(name) + ', "arguments": ')
+    return f"(<tool_call>\\n{head}{arguments}\\}}\\n</tool_call>)"
+
+
+def _literal(text: str) -> str:
+    """`text` as a regular expression matching only itself; unlike re.escape, spaces stay unescaped, which
+    the engine's regex dialects (Rust's, xgrammar's) may not accept escaped."""
+    return "".join("\\" + char if char in _META else char for char in text)
+
+
+_META = set("\\.^$*+?{}[]|()")
 
 
 def template_takes_tools(tokenizer: Any) -> bool:

@@ -253,9 +253,10 @@ class PolicyEngine:
         seed: int | None,
         top_logprobs: int,
         stream: bool,
+        regex: str | None = None,
     ) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         if seed is not None and not self.serves_seeds:
             if not self._seed_warned:
@@ -276,6 +277,7 @@ class PolicyEngine:
             stop_token_ids=stop_token_ids,
             stop=stop,
             seed=seed,
+            structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None,
             # Whole outputs unless streaming; streamed deltas carry their sample's index.
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
@@ -326,15 +328,18 @@ class PolicyEngine:
         top_logprobs: int = 0,
         base_weights: bool = False,
         version: int | None = None,
+        regex: str | None = None,
     ) -> Generation:
         """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token.
 
         `base_weights` ignores the served adapter (the LLM judge scores with the untrained model); `version`
         samples from a loaded version other than the served one (evaluating a version before deploying it).
         `stop` strings end a completion (its text without them, its token ids with them: what was sampled);
-        `top_logprobs` > 0 also returns that many most likely tokens per position."""
+        `top_logprobs` > 0 also returns that many most likely tokens per position. `regex` constrains every
+        completion to match it (vLLM's structured outputs); the log-probs are then those of the masked
+        distribution that sampled (processed log-probs), not the unconstrained policy's."""
         params = self._sampling(
-            n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, stream=False
+            n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, False, regex
         )
         final, served = None, None
         async for served, final in self._outputs(prompt_token_ids, params, base_weights, version):  # noqa: B007
@@ -361,10 +366,11 @@ class PolicyEngine:
         seed: int | None = None,
         top_logprobs: int = 0,
         version: int | None = None,
+        regex: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Like `generate`, but yields each sample's new tokens as vLLM produces them."""
         params = self._sampling(
-            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, stream=True
+            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, True, regex
         )
         async for served, output in self._outputs(prompt_token_ids, params, False, version):
             for sample in output.outputs:

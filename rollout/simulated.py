@@ -248,14 +248,18 @@ class SimulatedEngine:
         top_logprobs: int = 0,
         base_weights: bool = False,
         version: int | None = None,
+        regex: str | None = None,
     ) -> Generation:
         """`n` completions of a tokenized prompt after the simulated prefill and decode time.
 
         Tokens are drawn from a fixed distribution over ordinary tokens at `temperature` (0 samples at 1: there
         is no model to be greedy about), so no completion contains a stop token and every one ends with
         finish_reason `length`; `top_p` and `stop_token_ids` are accepted and have nothing to act on."""
-        if stop or seed is not None or top_logprobs:
-            raise EngineError("the simulated engine has no text, seeds or top log-probs; use engine.backend: vllm")
+        if stop or seed is not None or top_logprobs or regex is not None:
+            raise EngineError(
+                "the simulated engine has no text, seeds, top log-probs or constrained outputs; "
+                "use engine.backend: vllm"
+            )
         if not prompt_token_ids:
             raise EngineError("prompt_token_ids is empty; pass at least one token id")
         if n < 1 or max_tokens < 1 or not 0 <= min_tokens <= max_tokens:

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.rollout_harness import recording_into_sqlite, rows
+from tests.test_gateway_prompts import HERMES, ORDER, WAIT
 
 pytestmark = pytest.mark.slow
 MODEL = "ziggurat"  # the alias every gateway answers to, beside its model's own name
@@ -38,7 +39,7 @@ def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
     settings = GatewayConfig(
         enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
         default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
-        max_concurrency_per_key=4, replicas=2,
+        max_concurrency_per_key=4, replicas=2, chat_template=HERMES,
     )  # fmt: skip
     config = serving_config(loop_config(url, tiny_model_dir, folder, "zg", min_groups=1))
     config = config.model_copy(
@@ -157,6 +158,62 @@ def test_a_two_turn_chat_is_served_and_recorded_as_sampled(gateway, tiny_model_d
     trajectory = _trajectory(gateway, "chat-1")
     assert (trajectory.status, trajectory.total_reward, trajectory.step_count) == ("finished", 0.5, 2)
     assert trajectory.group_id == "g-chat"
+
+
+def test_a_forced_tool_call_through_the_sdk_is_parsed_back_recorded_as_sampled_and_continued(gateway, tiny_model_dir):
+    """The gateway's template (gateway.chat_template, Hermes-style) offers the tools; `tool_choice` forces a
+    call, which the engine samples under the call's pattern, so even the tiny random model answers one."""
+    from transformers import AutoTokenizer
+
+    from recorder.records import unpack_logprobs, unpack_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    client = _client(gateway, **{"X-Ziggurat-Episode": "tools-1"})
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Will it rain tomorrow? Place an order."}]
+    named = {"type": "function", "function": {"name": "order"}}
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice=named, max_tokens=64
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert [call.function.name for call in choice.message.tool_calls] == ["order"]
+    arguments = json.loads(choice.message.tool_calls[0].function.arguments)
+    assert arguments["market"] in ("RAIN", "SNOW") and isinstance(arguments["urgent"], bool)
+    # "required" with two candidates: each is a call to one of the tools
+    both = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice="required", max_tokens=64, n=2,
+        extra_headers={"X-Ziggurat-Episode": "tools-candidates"},
+    )  # fmt: skip
+    assert all(
+        c.message.tool_calls and c.message.tool_calls[0].function.name in ("order", "wait") for c in both.choices
+    )
+    # the tool's answer goes back in the next turn, which continues the call's exact tokens
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "filled at 0.42"},
+    ]
+    client.chat.completions.create(model=MODEL, messages=messages, tools=[ORDER, WAIT], max_tokens=8)
+    _flush(gateway)
+
+    calls = _calls(gateway, "tools-1")
+    assert [c.step_index for c in calls] == [0, 1]
+    prompt0, completion0 = unpack_tokens(calls[0].prompt_token_ids), unpack_tokens(calls[0].completion_token_ids)
+    assert '"name": "order"' in tokenizer.decode(prompt0)  # the template showed the model its tools
+    assert tokenizer.decode(completion0, skip_special_tokens=True).startswith('<tool_call>\n{"name": "order"')
+    assert calls[0].sampling_params["constrained"] == "tool_call" and "regex" not in calls[0].sampling_params
+    prompt1 = unpack_tokens(calls[1].prompt_token_ids)
+    assert np.array_equal(prompt1[: len(prompt0) + len(completion0)], np.concatenate([prompt0, completion0]))
+    assert calls[1].sampling_params["segment"] == "continued" and "constrained" not in calls[1].sampling_params
+    # The recorded log-probs are the masked distribution's that sampled (what the trainer's importance weights
+    # need), checked against an independent scoring of the same tokens by the unconstrained model: the mask
+    # only takes probability away from other tokens, so no token is less likely than unconstrained, and the
+    # forced call as a whole is far more likely than the model alone would make it.
+    recorded, unconstrained = (
+        unpack_logprobs(calls[0].completion_logprobs),
+        _score(tiny_model_dir, prompt0, completion0),
+    )
+    assert np.all(recorded >= unconstrained - 2e-3), (recorded - unconstrained).min()
+    assert recorded.sum() - unconstrained.sum() > 10.0, (recorded.sum(), unconstrained.sum())
 
 
 def test_streamed_and_concurrent_async_calls_record_exactly_what_the_client_received(gateway, tiny_model_dir):
@@ -280,11 +337,11 @@ def test_bad_requests_get_clear_openai_errors_and_record_nothing(gateway):
         ("/v1/chat/completions", None, "default", b"{" + b" " * 30_000 + b"}", 413, None),
         (
             "/v1/chat/completions",
-            {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {**chat, "tools": [ORDER], "tool_choice": {"type": "function", "function": {"name": "sell"}}},
             "default",
             None,
             400,
-            "tools",
+            "tool_choice",
         ),
         ("/v1/chat/completions", {**chat, "n": 17, "stream": True}, "default", None, 400, "n"),
         ("/v1/chat/completions", {**chat, "metadata": {"episode": "has spaces"}}, "default", None, 400, "episode"),
@@ -363,6 +420,40 @@ def _served(*texts: str) -> dict[str, Any]:
         "sampling": {"temperature": 1.0},
         "completions": completions,
     }
+
+
+def test_a_call_is_answered_only_once_stored_so_a_dead_ledger_loses_nothing_it_answered(ray_session, tmp_path):
+    """The ledger in this process, never flushed on its own (flush_interval_s: an hour): whatever the database
+    holds when an answer comes back was stored before it. Dropping the ledger object is its crash: all it held is
+    gone. With store_before_reply off, the same crash loses the answered calls."""
+    from gateway.config import GatewayConfig
+    from gateway.ledger import EpisodeLedger
+    from recorder.schema import LlmCall, Trajectory
+
+    T, C = Trajectory.__table__, LlmCall.__table__
+    for store in (True, False):
+        (tmp_path / str(store)).mkdir()
+        with recording_into_sqlite(tmp_path / str(store), f"zg-store-{store}") as (url, recorder):
+
+            async def scenario(store: bool = store) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                settings = GatewayConfig(flush_interval_s=3600, store_before_reply=store)
+                ledger = EpisodeLedger(settings, recorder)
+                answers = await asyncio.gather(*(ledger.record_call(f"a{i}", _served("buy")) for i in range(20)))
+                answers.append(await ledger.end("a0", 1.0))
+                return answers, await ledger.stats()  # and the ledger dies here, holding what it holds
+
+            answers, stats = asyncio.run(scenario())
+            calls = rows(url, sa.select(C.c.trajectory_id))
+            finished = rows(url, sa.select(T.c.id).where(T.c.status == "finished"))
+            if store:
+                assert all(a["stored"] is True for a in answers), answers
+                assert sorted(c.trajectory_id for c in calls) == sorted(f"a{i}" for i in range(20))
+                assert [r.id for r in finished] == ["a0"]
+                # a group commit: 21 answers waited on a few recorder writes, not one each
+                assert 1 <= stats["flushes"] <= 4, stats
+            else:
+                assert all(a["stored"] is None for a in answers) and not calls and not finished
+                assert stats["flushes"] == 0 and stats["held_records"] > 40, stats
 
 
 def test_a_restarted_ledger_carries_on_with_the_episodes_it_had_open(ray_session, tmp_path):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gateway.prompts import extend_prompt, render_prompt
-from gateway.tools import parse_tool_calls, template_takes_tools
+from gateway.tools import forced_call_pattern, parse_tool_calls, template_takes_tools
 
 HERMES = (
     "{%- if tools %}<|im_start|>system\nTools:\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
@@ -102,3 +102,62 @@ def test_tool_calls_are_offered_parsed_back_and_the_next_turn_continues_the_toke
 def test_malformed_tool_calls_stay_in_the_text():
     for text in ["<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>', "plain"]:
         assert parse_tool_calls(text) == (text, [])
+
+
+ORDER = {
+    "type": "function",
+    "function": {
+        "name": "order",
+        "parameters": {
+            "type": "object",
+            "properties": {"market": {"type": "string", "enum": ["RAIN", "SNOW"]}, "urgent": {"type": "boolean"}},
+            "required": ["market", "urgent"],
+        },
+    },
+}
+WAIT = {"type": "function", "function": {"name": "wait"}}
+
+
+def test_a_forced_tool_choice_becomes_a_pattern_that_only_its_calls_match():
+    import re
+
+    order = '<tool_call>\n{"name": "order", "arguments": {"market": "SNOW", "urgent": false}}\n</tool_call>'
+    wait = '<tool_call>\n{"name": "wait", "arguments": {}}\n</tool_call>'
+    named = forced_call_pattern([ORDER, WAIT], {"type": "function", "function": {"name": "order"}})
+    assert named is not None and re.fullmatch(named, order) and not re.fullmatch(named, wait)
+    for wrong in ['{"market": "HAIL", "urgent": false}', '{"market": "SNOW"}', '{"market": "SNOW", "urgent": 1}']:
+        assert not re.fullmatch(named, order.replace('{"market": "SNOW", "urgent": false}', wrong)), wrong
+    assert not re.fullmatch(named, "Sure. " + order)  # nothing but the call
+    required = forced_call_pattern([ORDER, WAIT], "required")
+    assert required is not None and re.fullmatch(required, order) and re.fullmatch(required, wait)
+    _, calls = parse_tool_calls(order)  # whatever the pattern lets through parses back as the call
+    assert calls[0]["function"]["name"] == "order" and json.loads(calls[0]["function"]["arguments"])["market"] == "SNOW"
+    assert forced_call_pattern([ORDER], "auto") is None and forced_call_pattern([ORDER], None) is None
+
+
+def test_a_tool_choice_that_cannot_be_forced_is_refused_naming_the_field():
+    from gateway.config import GatewayConfig
+    from gateway.protocol import ChatRequest, RequestProblem, offered_tools, sampling_of
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ({"tools": [ORDER], "tool_choice": {"type": "function", "function": {"name": "sell"}}}, "tool_choice"),
+        ({"tools": [ORDER], "tool_choice": "always"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [ORDER], "tool_choice": "required", "stream": True}, "stream"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(RequestProblem) as refused:
+            sampling_of(ChatRequest.model_validate({**chat, **extra}), GatewayConfig(), 100)
+        assert refused.value.param == param, (extra, str(refused.value))
+    forced = sampling_of(
+        ChatRequest.model_validate({**chat, "tools": [ORDER], "tool_choice": "required"}), GatewayConfig(), 100
+    )
+    assert forced["regex"] is not None
+    with pytest.raises(RequestProblem, match="gateway.chat_template") as refused:
+        offered_tools(ChatRequest.model_validate({**chat, "tools": [ORDER]}), False, "SmolLM2")
+    assert refused.value.param == "tools"
+    assert (
+        offered_tools(ChatRequest.model_validate({**chat, "tools": [ORDER], "tool_choice": "none"}), False, "m") is None
+    )
