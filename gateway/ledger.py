@@ -421,8 +421,8 @@ class EpisodeLedger:
             try:  # shielded: a waiter that gives up does not cancel the flush the others wait on
                 await asyncio.wait_for(asyncio.shield(self._flush_task), max(0.0, deadline - time.monotonic()))
             except Exception as exc:
-                log.warning("gateway records not stored yet (%s: %s); held for the next flush",
-                            type(exc).__name__, str(exc)[:300])  # fmt: skip
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("gateway records not stored yet (%s); held for the next flush", why)
                 return False
         return True
 
