@@ -29,15 +29,20 @@ def runs_jemalloc() -> int:
         return 0
 
 
-def resident_gb() -> float | None:
-    """This process's resident memory now (VmRSS), in GB; None without procfs."""
+def _status_gb(field: str) -> float | None:
+    """A memory line of /proc/self/status (kilobytes there), in GB; None without procfs."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6  # kilobytes
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e6
     except OSError:
         pass
     return None
+
+
+def resident_gb() -> float | None:
+    """This process's resident memory now (VmRSS), in GB; None without procfs."""
+    return _status_gb("VmRSS")
 
 
 def reset_peak() -> bool:
@@ -54,8 +59,14 @@ def reset_peak() -> bool:
 
 def peak_memory_gb() -> dict[str, float]:
     """This process's peak resident memory (and, on a GPU, peak allocated GPU memory) since the last
-    `reset_peak` (or its start), in GB."""
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: kilobytes
+    `reset_peak` (or its start), in GB.
+
+    The kernel's high-water mark (VmHWM), not getrusage's ru_maxrss: that one also keeps the peak of the
+    process image before exec (a worker forked from a large parent reports the parent's size) and of exited
+    threads, and `reset_peak` cannot lower it."""
+    hwm = _status_gb("VmHWM")
+    rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes
+    peak = {"peak_rss_gb": rss}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return peak
