@@ -33,7 +33,7 @@ def forced_call_pattern(tools: list[dict[str, Any]], choice: str | dict[str, Any
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise ValueError(f"tools[{position}] needs a function with a name")
-        by_name[function["name"]] = (position, function.get("parameters") or {"type": "object"})
+        by_name[function["name"]] = (position, function.get("parameters") or _NO_PARAMETERS)
     if choice == "required":
         names = list(by_name)
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
@@ -46,6 +46,11 @@ def forced_call_pattern(tools: list[dict[str, Any]], choice: str | dict[str, Any
             'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
         )
     return "|".join(_call_pattern(name, *by_name[name]) for name in names)
+
+
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+"""What a function without `parameters` takes (OpenAI: none). An open `{"type": "object"}` would let a forced
+call fill its arguments with anything until max_tokens cut it off unparsed."""
 
 
 def _call_pattern(name: str, position: int, parameters: dict[str, Any]) -> str:

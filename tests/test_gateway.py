@@ -37,7 +37,7 @@ def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
     db = sa.create_engine(url)
     key = create_key(db, "tests")
     settings = GatewayConfig(
-        enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=64,
+        enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=160,
         default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
         max_concurrency_per_key=4, replicas=2, chat_template=HERMES,
     )  # fmt: skip
@@ -172,7 +172,7 @@ def test_a_forced_tool_call_through_the_sdk_is_parsed_back_recorded_as_sampled_a
     messages: list[dict[str, Any]] = [{"role": "user", "content": "Will it rain tomorrow? Place an order."}]
     named = {"type": "function", "function": {"name": "order"}}
     first = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice=named, max_tokens=64
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice=named, max_tokens=160
     )
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -181,12 +181,12 @@ def test_a_forced_tool_call_through_the_sdk_is_parsed_back_recorded_as_sampled_a
     assert arguments["market"] in ("RAIN", "SNOW") and isinstance(arguments["urgent"], bool)
     # "required" with two candidates: each is a call to one of the tools
     both = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice="required", max_tokens=64, n=2,
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice="required", max_tokens=160, n=2,
         extra_headers={"X-Ziggurat-Episode": "tools-candidates"},
     )  # fmt: skip
-    assert all(
-        c.message.tool_calls and c.message.tool_calls[0].function.name in ("order", "wait") for c in both.choices
-    )
+    for candidate in both.choices:  # a random model spells the call in tokens of any length: 160 leaves room
+        assert candidate.finish_reason == "tool_calls", (candidate, both.usage)
+        assert candidate.message.tool_calls[0].function.name in ("order", "wait"), candidate
     # the tool's answer goes back in the next turn, which continues the call's exact tokens
     messages += [
         choice.message.model_dump(exclude_none=True),

@@ -130,6 +130,8 @@ def test_a_forced_tool_choice_becomes_a_pattern_that_only_its_calls_match():
     assert not re.fullmatch(named, "Sure. " + order)  # nothing but the call
     required = forced_call_pattern([ORDER, WAIT], "required")
     assert required is not None and re.fullmatch(required, order) and re.fullmatch(required, wait)
+    # a function without parameters takes none: nothing can run on inside its arguments
+    assert not re.fullmatch(required, wait.replace("{}", '{"x": 1}'))
     _, calls = parse_tool_calls(order)  # whatever the pattern lets through parses back as the call
     assert calls[0]["function"]["name"] == "order" and json.loads(calls[0]["function"]["arguments"])["market"] == "SNOW"
     assert forced_call_pattern([ORDER], "auto") is None and forced_call_pattern([ORDER], None) is None

@@ -50,6 +50,8 @@ def reset_peak() -> bool:
     process holds now (/proc/self/clear_refs, "5"). False where it cannot be (then the peak stays the
     process's whole life). A persistent worker resets it per batch, so a batch's peak is its own, not an
     earlier batch's or an earlier publish's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
