@@ -39,6 +39,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from cluster.models import model_for_benchmark
+    from trainer.memory import peak_memory_gb, runs_jemalloc
 
     spec = importlib.util.spec_from_file_location("bench_trainer", ROOT / "bench" / "trainer.py")
     assert spec and spec.loader
@@ -63,11 +64,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 "s": round(wall, 3),
                 "system_s": round(now.ru_stime - before.ru_stime, 3),
                 "minor_faults": now.ru_minflt - before.ru_minflt,
-                "peak_rss_gb": round(now.ru_maxrss / 1e6, 3),  # Linux: kilobytes
+                "peak_rss_gb": round(peak_memory_gb()["peak_rss_gb"], 3),
             }
         )
-    jemalloc = "libjemalloc" in Path("/proc/self/maps").read_text()
-    return {"jemalloc": jemalloc, "threads": torch.get_num_threads(), "first_loss": first_loss, "steps": steps}
+    threads = torch.get_num_threads()
+    return {"jemalloc": bool(runs_jemalloc()), "threads": threads, "first_loss": first_loss, "steps": steps}
 
 
 def run_side(allocator: str, argv: list[str]) -> dict[str, Any]:
