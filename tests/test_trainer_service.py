@@ -271,18 +271,20 @@ def test_a_killed_worker_resumes_its_batch_and_the_service_serves_on(
         assert trainer_service.serving(config, first)  # what the controller's recovery asks of the batch's job
         deadline = time.monotonic() + 120
         done = 0
-        while done < 3 and time.monotonic() < deadline:
+        while done < 4 and time.monotonic() < deadline:
             done = (queries.get_batch(engine, first)["stats"] or {}).get("progress", {}).get("done", 0)
             time.sleep(0.05)
-        assert 3 <= done < updates, f"the batch was at update {done} when the worker was to be killed"
+        assert 4 <= done < updates, f"the batch was at update {done} when the worker was to be killed"
         os.kill(workers[-1].pid, signal.SIGKILL)
         batch = _wait_ended(engine, first)
         assert batch["status"] == "completed", batch["error"]
         reports = batch["stats"]["updates"]
         assert [u["update"] for u in reports] == list(range(1, updates + 1))  # each once: replays replaced
-        # the new group went on from a checkpoint, not from update 0: update `done` was recorded on the row
-        # after update done - 1's checkpoint was reported (set_batch_progress precedes ray.train.report)
-        assert reports[-1]["resumed_from_update"] >= done - 1 >= 2
+        # the new group went on from a checkpoint, not from update 0. Update `done` is recorded on the row
+        # before its own report, after update done - 1's report returned; Ray Train's result queue holds one
+        # report per worker, so that return means update done - 2's checkpoint had reached the controller.
+        # done - 1's may still sit in the killed worker's queue (seen in CI: done 3, resumed from 1).
+        assert reports[-1]["resumed_from_update"] >= done - 2 >= 2
         assert queries.get_version(engine, 1)["status"] == "ready"
         # the restarted group serves the next batch, on the model it resumed
         second = queries.claim_batch(engine, parent_version=1, max_groups=2, max_staleness=1)
