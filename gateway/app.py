@@ -42,7 +42,7 @@ from gateway.protocol import (
     token_logprobs,
     usage,
 )
-from gateway.tools import template_takes_tools
+from gateway.tools import ToolCallStream, template_takes_tools
 from recorder.config import RecorderConfig
 
 log = logging.getLogger(__name__)
@@ -427,12 +427,16 @@ class Gateway:
         samples = [
             {"token_ids": [], "logprobs": [], "text": "", "finish_reason": None, "top_logprobs": []} for _ in range(n)
         ]
+        # With tools offered, each choice's text is split as it arrives: a `<tool_call>` block goes out as a
+        # tool call once it closes (gateway.tools.ToolCallStream), the rest as content.
+        splitters = [ToolCallStream() for _ in range(n)] if call["tools"] else None
         version = None
         try:
             for index in range(n):
                 yield _sse(chat_chunk(call["id"], model, {"role": "assistant", "content": ""}, None, index=index))
             async for delta in self._stream(call["prompt"], call["sampling"], call["version"]):
-                sample = samples[delta["index"]]
+                index = delta["index"]
+                sample = samples[index]
                 sample["token_ids"] += delta["token_ids"]
                 sample["logprobs"] += delta["logprobs"]
                 sample["top_logprobs"] += delta["top_logprobs"] or []
@@ -441,13 +445,24 @@ class Gateway:
                 block = None
                 if request.logprobs:
                     block = {"content": token_logprobs(self.tokenizer, delta)}
-                if delta["text"] or block:
-                    yield _sse(chat_chunk(call["id"], model, {"content": delta["text"]}, None, block, delta["index"]))
+                text, calls = splitters[index].feed(delta["text"]) if splitters else (delta["text"], [])
+                if text or block:
+                    yield _sse(chat_chunk(call["id"], model, {"content": text}, None, block, index))
+                for chunk in self._tool_call_chunks(call, calls, splitters, index):
+                    yield chunk
             completions = [{**sample, "top_logprobs": sample["top_logprobs"] or None} for sample in samples]
             assert version is not None, "vLLM streamed no output"
-            await self._record(call, version, completions, [reply_message(completions[0], False)])
+            if splitters:
+                for index, splitter in enumerate(splitters):
+                    if rest := splitter.finish():
+                        yield _sse(chat_chunk(call["id"], model, {"content": rest}, None, index=index))
+                replies = [splitters[0].message()]
+            else:
+                replies = [reply_message(completions[0], False)]
+            await self._record(call, version, completions, replies)
             for index, completion in enumerate(completions):
-                yield _sse(chat_chunk(call["id"], model, {}, completion["finish_reason"] or "stop", index=index))
+                finish = "tool_calls" if splitters and splitters[index].calls else completion["finish_reason"]
+                yield _sse(chat_chunk(call["id"], model, {}, finish or "stop", index=index))
             if (request.stream_options or {}).get("include_usage"):
                 chunk = chat_chunk(call["id"], model, {}, None)
                 chunk["choices"], chunk["usage"] = [], usage(len(call["prompt"]), completions)
@@ -460,6 +475,20 @@ class Gateway:
             yield _sse(RequestProblem(f"generation failed: {type(exc).__name__}", status=500).body())
         finally:
             self._release(client)
+
+    def _tool_call_chunks(
+        self, call: dict[str, Any], calls: list[dict[str, Any]], splitters: list[ToolCallStream] | None, index: int
+    ) -> list[str]:
+        """SSE chunks for tool calls that just closed in choice `index`, each whole in one delta (OpenAI's
+        clients accumulate a call's fields by its `index` among the choice's calls)."""
+        if not calls or splitters is None:
+            return []
+        first = len(splitters[index].calls) - len(calls)
+        return [
+            _sse(chat_chunk(call["id"], call["request"].model, {"tool_calls": [{"index": first + k, **c}]}, None,
+                            index=index))
+            for k, c in enumerate(calls)
+        ]  # fmt: skip
 
     # --- episode routes --------------------------------------------------------------------------------------
 

@@ -31,11 +31,26 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
         item: dict[str, Any] = {"role": message["role"], "content": message_text(message.get("content"))}
-        for extra in ("tool_calls", "tool_call_id", "name"):
+        for extra in ("tool_call_id", "name"):
             if message.get(extra) is not None:
                 item[extra] = message[extra]
+        if message.get("tool_calls"):
+            item["tool_calls"] = [_tool_call(call) for call in message["tool_calls"]]
         out.append(item)
     return out
+
+
+def _tool_call(call: Any) -> Any:
+    """A tool call as OpenAI defines it, without what clients add to what they send back (the SDK's stream
+    accumulator keeps each call's `index`), so that the reply the gateway recorded and the one a client
+    returns compare and render alike."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    function = call["function"]
+    return {
+        "id": call.get("id"), "type": call.get("type", "function"),
+        "function": {"name": function.get("name"), "arguments": function.get("arguments")},
+    }  # fmt: skip
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any) -> str:

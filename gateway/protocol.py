@@ -100,8 +100,6 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
         raise RequestProblem(f"n is at most {settings.max_n} here (gateway.max_n)", "n")
     regex = None
     if isinstance(request, ChatRequest) and request.tools:
-        if request.stream:
-            raise RequestProblem("tool calls are parsed on whole replies; ask without stream", "stream")
         try:  # a forced call: sampled under its pattern (gateway.tools)
             regex = forced_call_pattern(request.tools, request.tool_choice)
         except ValueError as exc:

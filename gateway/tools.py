@@ -80,6 +80,21 @@ def template_takes_tools(tokenizer: Any) -> bool:
     return plain != with_tools
 
 
+def _call_of(block: str) -> dict[str, Any] | None:
+    """The OpenAI tool call a `<tool_call>` block's JSON stands for, or None when it is not one."""
+    try:
+        payload = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        return None
+    arguments = payload.get("arguments", payload.get("parameters", {}))
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        "function": {"name": payload["name"], "arguments": json.dumps(arguments)},
+    }  # fmt: skip
+
+
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """(the text outside the tool-call blocks or None, OpenAI `tool_calls`) of a completion. A block that is
     not a JSON object with a string `name` stays in the text: the model's output is never silently dropped."""
@@ -87,19 +102,80 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     kept: list[str] = []
     position = 0
     for match in _CALL.finditer(text):
-        try:
-            payload = json.loads(match.group(1))
-        except ValueError:
+        call = _call_of(match.group(1))
+        if call is None:
             continue
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            continue
-        arguments = payload.get("arguments", payload.get("parameters", {}))
-        calls.append({
-            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": payload["name"], "arguments": json.dumps(arguments)},
-        })  # fmt: skip
+        calls.append(call)
         kept.append(text[position : match.start()])
         position = match.end()
     kept.append(text[position:])
     rest = "".join(kept).strip() if calls else text
     return (rest or None) if calls else text, calls
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolCallStream:
+    """One streamed reply split into content and tool calls as its text arrives.
+
+    Text goes out as content at once, except what may be the start of a `<tool_call>` block: that is held
+    until the block closes, and then goes out as a tool call, or as content when it does not parse (the
+    model's output is never dropped). The reply the client assembles from the deltas is `message()`, which
+    the episode's next turn is matched against; unlike a whole reply's, its content is not stripped, since
+    the client has already received every character of it.
+    """
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.content = ""
+        self.calls: list[dict[str, Any]] = []
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send now, tool calls completed now) after `text`."""
+        self.held += text
+        out: list[str] = []
+        calls: list[dict[str, Any]] = []
+        while self.held:
+            start = self.held.find(_OPEN)
+            if start < 0:
+                keep = _open_prefix(self.held)
+                out.append(self.held[: len(self.held) - keep])
+                self.held = self.held[len(self.held) - keep :]
+                break
+            out.append(self.held[:start])
+            self.held = self.held[start:]
+            end = self.held.find(_CLOSE)
+            if end < 0:
+                break  # inside a block: wait for its end
+            inner = self.held.rfind(_OPEN, 0, end)  # "<tool_call> <tool_call>{...}</tool_call>": the last opens it
+            out.append(self.held[:inner])
+            block, self.held = self.held[inner : end + len(_CLOSE)], self.held[end + len(_CLOSE) :]
+            match = _CALL.fullmatch(block)
+            call = _call_of(match.group(1)) if match else None
+            if call is None:
+                out.append(block)
+            else:
+                calls.append(call)
+        sent = "".join(out)
+        self.content += sent
+        self.calls += calls
+        return sent, calls
+
+    def finish(self) -> str:
+        """What is still held when the reply ends (an unclosed block, or text that began like one): content."""
+        rest, self.held = self.held, ""
+        self.content += rest
+        return rest
+
+    def message(self) -> dict[str, Any]:
+        calls = {"tool_calls": self.calls} if self.calls else {}
+        return {"role": "assistant", "content": self.content or None, **calls}
+
+
+def _open_prefix(text: str) -> int:
+    """The length of the longest end of `text` that begins `<tool_call>` (and so may be a block starting)."""
+    for length in range(min(len(text), len(_OPEN) - 1), 0, -1):
+        if _OPEN.startswith(text[-length:]):
+            return length
+    return 0

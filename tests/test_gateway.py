@@ -216,6 +216,49 @@ def test_a_forced_tool_call_through_the_sdk_is_parsed_back_recorded_as_sampled_a
     assert recorded.sum() - unconstrained.sum() > 10.0, (recorded.sum(), unconstrained.sum())
 
 
+def test_a_streamed_tool_call_reaches_the_sdk_as_a_call_and_the_next_turn_continues_its_tokens(gateway, tiny_model_dir):
+    """Streamed with tools: the reply's `<tool_call>` block goes out as a `tool_calls` delta, which the SDK's
+    own accumulator assembles into the same call a whole reply would parse to from the recorded tokens."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from transformers import AutoTokenizer
+
+    from gateway.tools import parse_tool_calls
+    from recorder.records import unpack_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    client = _client(gateway, **{"X-Ziggurat-Episode": "tools-streamed"})
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Snow or rain? Place an order."}]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], tool_choice="required", max_tokens=160, stream=True
+    )
+    state, contents = ChatCompletionStreamState(), []
+    for chunk in stream:
+        state.handle_chunk(chunk)
+        contents += [c.delta.content for c in chunk.choices if c.delta.content]
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert not contents  # a forced reply is nothing but the call: no text of it leaked as content
+    streamed = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    messages += [
+        {"role": "assistant", "tool_calls": [c.model_dump(exclude_none=True) for c in choice.message.tool_calls]},
+        {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "filled"},
+    ]
+    for _ in client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[ORDER, WAIT], max_tokens=8, stream=True
+    ):
+        pass
+    _flush(gateway)
+
+    calls = _calls(gateway, "tools-streamed")
+    assert [c.step_index for c in calls] == [0, 1]
+    completion = unpack_tokens(calls[0].completion_token_ids)
+    _, parsed = parse_tool_calls(tokenizer.decode(completion, skip_special_tokens=True))
+    assert streamed == [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed]
+    prompt0, prompt1 = unpack_tokens(calls[0].prompt_token_ids), unpack_tokens(calls[1].prompt_token_ids)
+    assert np.array_equal(prompt1[: len(prompt0) + len(completion)], np.concatenate([prompt0, completion]))
+    assert calls[1].sampling_params["segment"] == "continued"
+
+
 def test_streamed_and_concurrent_async_calls_record_exactly_what_the_client_received(gateway, tiny_model_dir):
     from openai import AsyncOpenAI
     from transformers import AutoTokenizer

@@ -97,6 +97,11 @@ def test_tool_calls_are_offered_parsed_back_and_the_next_turn_continues_the_toke
     assert extended is not None and extended[: len(sampled)] == sampled
     added = hermes.decode(extended[len(sampled) :])
     assert "<tool_response>0.42</tool_response>" in added and added.endswith("<|im_start|>assistant\n")
+    # the reply as the SDK's stream accumulator sends it back (each call with its `index`) is the same reply
+    returned = {**reply, "tool_calls": [{**call, "index": i} for i, call in enumerate(calls)]}
+    assert extend_prompt(hermes, [*first, reply], sampled, [*second[:1], returned, *second[2:]], tools) == extended
+    edited = {**reply, "tool_calls": [{**calls[0], "function": {"name": "price", "arguments": "{}"}}]}
+    assert extend_prompt(hermes, [*first, reply], sampled, [*second[:1], edited, *second[2:]], tools) is None
 
 
 def test_malformed_tool_calls_stay_in_the_text():
@@ -147,19 +152,58 @@ def test_a_tool_choice_that_cannot_be_forced_is_refused_naming_the_field():
         ({"tools": [ORDER], "tool_choice": "always"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [ORDER], "tool_choice": "required", "stream": True}, "stream"),
     ]
     for extra, param in cases:
         with pytest.raises(RequestProblem) as refused:
             sampling_of(ChatRequest.model_validate({**chat, **extra}), GatewayConfig(), 100)
         assert refused.value.param == param, (extra, str(refused.value))
-    forced = sampling_of(
-        ChatRequest.model_validate({**chat, "tools": [ORDER], "tool_choice": "required"}), GatewayConfig(), 100
-    )
-    assert forced["regex"] is not None
+    for stream in (False, True):  # streamed replies are split into tool calls as they arrive
+        forced = sampling_of(
+            ChatRequest.model_validate({**chat, "tools": [ORDER], "tool_choice": "required", "stream": stream}),
+            GatewayConfig(), 100,
+        )  # fmt: skip
+        assert forced["regex"] is not None
     with pytest.raises(RequestProblem, match="gateway.chat_template") as refused:
         offered_tools(ChatRequest.model_validate({**chat, "tools": [ORDER]}), False, "SmolLM2")
     assert refused.value.param == "tools"
     assert (
         offered_tools(ChatRequest.model_validate({**chat, "tools": [ORDER], "tool_choice": "none"}), False, "m") is None
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Let me check.\n<tool_call>\n{"name": "order", "arguments": {"market": "RAIN", "side": 1}}\n</tool_call>',
+        '<tool_call>{"name": "wait", "arguments": {}}</tool_call><tool_call>{"name": "order", "arguments": '
+        '{"nested": {"a": [1, 2]}}}</tool_call> done',
+        "a < b and <tool_ca is not a block; <tool_call>{not json}</tool_call> stays text",
+        '<tool_call> <tool_call>{"name": "wait", "arguments": {}}</tool_call>',
+        'an unclosed <tool_call>{"name": "wait"',
+        "plain text, no tools at all <",
+    ],
+)
+def test_a_streamed_reply_splits_into_the_calls_and_text_a_whole_reply_parses_to(text):
+    """Checked against the whole-reply parser, however the text is cut into deltas (a random model's tokens
+    may split `<tool_call>` anywhere)."""
+    import random
+
+    from gateway.tools import ToolCallStream, parse_tool_calls
+
+    content, calls = parse_tool_calls(text)
+    rng = random.Random(7)
+    for trial in range(40):
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, trial % 9)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        splitter, sent, streamed = ToolCallStream(), "", []
+        for piece in pieces:
+            out, done = splitter.feed(piece)
+            sent, streamed = sent + out, streamed + done
+        sent += splitter.finish()
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed] == [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls
+        ], pieces
+        # a whole reply's text is stripped around its calls; a stream's was sent as it came
+        assert ((sent.strip() or None) if calls else sent) == content, pieces
+        message = splitter.message()
+        assert message["content"] == (sent or None) and message.get("tool_calls", []) == streamed
