@@ -61,7 +61,9 @@ class Episode:
     calls: int = 0
     """All calls recorded, decision points (`n` > 1) included: a decision point's index is this count."""
     pending_step: StepRecord | None = None
-    """The latest call's step, held for `annotate` until the next call or the end."""
+    """The latest call's step, held for `annotate` until the next call, the end, or its annotation."""
+    annotated: int | None = None
+    """The step index of the latest call once `annotate` recorded its step (a second annotation is refused)."""
     ended: bool = False
     """The agent ended it; it waits for its reward."""
     step_rewards: float = 0.0
@@ -231,7 +233,8 @@ class EpisodeLedger:
         reward: float = 0.0,
         done: bool = False,
     ) -> dict[str, Any]:
-        """What the environment said about the episode's latest call: its action, a step reward, done."""
+        """What the environment said about the episode's latest call: its action, a step reward, done. The step
+        is recorded now (stored before the answer with `gateway.store_before_reply`), so each call takes one."""
         if (refused := await self._ready()) is not None:
             return refused
         episode = self._open.get(episode_id)
@@ -239,6 +242,11 @@ class EpisodeLedger:
             return self._missing(episode_id)
         step = episode.pending_step
         if step is None:
+            if episode.annotated is not None and episode.annotated == episode.steps - 1:
+                return problem(
+                    409, f"step {episode.annotated} of episode {episode_id!r} is already annotated and recorded; "
+                    "annotate each call once, after it", "episode",
+                )  # fmt: skip
             return problem(409, f"episode {episode_id!r} has no call to attach a step to yet", "episode")
         if observation is not None:
             step.observation = observation
@@ -246,7 +254,9 @@ class EpisodeLedger:
             step.action = action
         step.env_reward, step.done = float(reward), done
         episode.step_rewards += float(reward)
-        return self._describe(episode)
+        episode.annotated = step.step_index
+        self._close_step(episode)
+        return {**self._describe(episode), "stored": await self._store()}
 
     async def end(self, episode_id: str, reward: float | None = None) -> dict[str, Any]:
         """End an episode: with a reward it is finished now; without, it waits for `reward` (or the TTL)."""

@@ -471,9 +471,9 @@ def test_a_call_is_answered_only_once_stored_so_a_dead_ledger_loses_nothing_it_a
     gone. With store_before_reply off, the same crash loses the answered calls."""
     from gateway.config import GatewayConfig
     from gateway.ledger import EpisodeLedger
-    from recorder.schema import LlmCall, Trajectory
+    from recorder.schema import LlmCall, Step, Trajectory
 
-    T, C = Trajectory.__table__, LlmCall.__table__
+    T, C, S = Trajectory.__table__, LlmCall.__table__, Step.__table__
     for store in (True, False):
         (tmp_path / str(store)).mkdir()
         with recording_into_sqlite(tmp_path / str(store), f"zg-store-{store}") as (url, recorder):
@@ -483,19 +483,28 @@ def test_a_call_is_answered_only_once_stored_so_a_dead_ledger_loses_nothing_it_a
                 ledger = EpisodeLedger(settings, recorder)
                 answers = await asyncio.gather(*(ledger.record_call(f"a{i}", _served("buy")) for i in range(20)))
                 answers.append(await ledger.end("a0", 1.0))
+                # the environment's word on a call is a step of its own, stored before its answer too
+                answers.append(await ledger.annotate("a1", "price 0.4", {"order": "buy"}, 0.25, False))
+                again = await ledger.annotate("a1", None, {"order": "sell"}, 0.0, False)
+                assert again["status"] == 409 and "already annotated" in again["error"]["message"], again
                 return answers, await ledger.stats()  # and the ledger dies here, holding what it holds
 
             answers, stats = asyncio.run(scenario())
             calls = rows(url, sa.select(C.c.trajectory_id))
             finished = rows(url, sa.select(T.c.id).where(T.c.status == "finished"))
+            steps = rows(url, sa.select(S.c.trajectory_id, S.c.action, S.c.env_reward))
             if store:
                 assert all(a["stored"] is True for a in answers), answers
                 assert sorted(c.trajectory_id for c in calls) == sorted(f"a{i}" for i in range(20))
                 assert [r.id for r in finished] == ["a0"]
-                # a group commit: 21 answers waited on a few recorder writes, not one each
-                assert 1 <= stats["flushes"] <= 4, stats
+                assert sorted(tuple(r) for r in steps) == [
+                    ("a0", {"reply": "buy"}, 0.0),
+                    ("a1", {"order": "buy"}, 0.25),
+                ]
+                # a group commit: 22 answers waited on a few recorder writes, not one each
+                assert 1 <= stats["flushes"] <= 5, stats
             else:
-                assert all(a["stored"] is None for a in answers) and not calls and not finished
+                assert all(a["stored"] is None for a in answers) and not calls and not finished and not steps
                 assert stats["flushes"] == 0 and stats["held_records"] > 40, stats
 
 
