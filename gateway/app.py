@@ -214,7 +214,9 @@ class Gateway:
             answer = await asyncio.wait_for(getattr(self.ledger, method).remote(*args), self.settings.ledger_timeout_s)
         except (TimeoutError, GetTimeoutError, RayActorError) as exc:
             raise RequestProblem(
-                f"the episode ledger did not answer ({type(exc).__name__}); nothing was recorded, retry", status=503
+                f"the episode ledger did not answer ({type(exc).__name__}), so whether it recorded this is unknown; "
+                "retry (a repeated annotation is answered as the first)",
+                status=503,
             ) from None
         if "error" in answer:
             error = answer["error"]

@@ -62,8 +62,11 @@ class Episode:
     """All calls recorded, decision points (`n` > 1) included: a decision point's index is this count."""
     pending_step: StepRecord | None = None
     """The latest call's step, held for `annotate` until the next call, the end, or its annotation."""
-    annotated: int | None = None
-    """The step index of the latest call once `annotate` recorded its step (a second annotation is refused)."""
+    annotated: tuple[int, Any] | None = None
+    """(step index, what it said) of the latest call once `annotate` recorded its step: a repeat of it is a retry
+    and answered alike, a different one refused (what it said is None when a restarted ledger found the step)."""
+    latest_was_decision: bool = False
+    """The latest call was a decision point (`n` > 1): it has candidates to reward, no step to annotate."""
     ended: bool = False
     """The agent ended it; it waits for its reward."""
     step_rewards: float = 0.0
@@ -146,6 +149,8 @@ class EpisodeLedger:
                     episode.pending_step = step
                 else:
                     self._add(step)
+            if found.steps and found.steps - 1 not in found.unstepped:  # an open episode's latest step: annotated
+                episode.annotated = (found.steps - 1, None)
             self._open[found.id] = episode
         for group in state.candidates:
             self._candidates[group.group] = list(group.members)
@@ -203,6 +208,7 @@ class EpisodeLedger:
         episode.context = None
         if call.get("context") is not None and len(completions) == 1:
             episode.context = {**call["context"], "version": episode.version}
+        episode.latest_was_decision = len(completions) > 1
         if len(completions) > 1:  # a decision point: its candidates are a group of their own
             step = episode.calls
             self._record_candidates(episode, step, call)
@@ -241,11 +247,20 @@ class EpisodeLedger:
         if episode is None:
             return self._missing(episode_id)
         step = episode.pending_step
+        said = (observation, action, float(reward), done)
+        if episode.latest_was_decision:  # the step held (if any) is an earlier call's, not the latest's
+            return problem(
+                409, f"the latest call of episode {episode_id!r} was a decision point (n > 1): its candidates "
+                "take rewards (/v1/episodes/{id}/candidates/{step}/rewards), not an annotation", "episode",
+            )  # fmt: skip
         if step is None:
-            if episode.annotated is not None and episode.annotated == episode.steps - 1:
+            if episode.annotated is not None and episode.annotated[0] == episode.steps - 1:
+                index, given = episode.annotated
+                if given == said:  # a retry whose first answer was lost: the step is recorded as asked
+                    return {**self._describe(episode), "stored": await self._store()}
                 return problem(
-                    409, f"step {episode.annotated} of episode {episode_id!r} is already annotated and recorded; "
-                    "annotate each call once, after it", "episode",
+                    409, f"step {index} of episode {episode_id!r} is already annotated and recorded; annotate each "
+                    "call once, after it", "episode", code="already_annotated",
                 )  # fmt: skip
             return problem(409, f"episode {episode_id!r} has no call to attach a step to yet", "episode")
         if observation is not None:
@@ -254,7 +269,7 @@ class EpisodeLedger:
             step.action = action
         step.env_reward, step.done = float(reward), done
         episode.step_rewards += float(reward)
-        episode.annotated = step.step_index
+        episode.annotated = (step.step_index, said)
         self._close_step(episode)
         return {**self._describe(episode), "stored": await self._store()}
 

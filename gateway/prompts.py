@@ -46,11 +46,9 @@ def _tool_call(call: Any) -> Any:
     returns compare and render alike."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         return call
-    function = call["function"]
-    return {
-        "id": call.get("id"), "type": call.get("type", "function"),
-        "function": {"name": function.get("name"), "arguments": function.get("arguments")},
-    }  # fmt: skip
+    function = {k: call["function"][k] for k in ("name", "arguments") if call["function"].get(k) is not None}
+    kept = {k: call[k] for k in ("id", "type") if call.get(k) is not None}
+    return {**kept, "function": function}  # a key left out stays out: templates test `is defined`
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any) -> str:

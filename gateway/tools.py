@@ -18,7 +18,10 @@ import re
 import uuid
 from typing import Any
 
-_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+# A block's JSON never runs across another `<tool_call>` or `</tool_call>`: a malformed block stays text on its
+# own, and the calls after it still parse (whole or streamed alike). A `</tool_call>` inside an argument's
+# string ends the block there too, so such a call stays text.
+_CALL = re.compile(r"<tool_call>\s*(\{(?:(?!</?tool_call>).)*?\})\s*</tool_call>", re.DOTALL)
 _PROBE = [{"role": "user", "content": "u"}]
 _PROBE_TOOL = [{"type": "function", "function": {"name": "probe", "description": "d", "parameters": {}}}]
 

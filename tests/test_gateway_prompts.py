@@ -180,6 +180,10 @@ def test_a_tool_choice_that_cannot_be_forced_is_refused_naming_the_field():
         "a < b and <tool_ca is not a block; <tool_call>{not json}</tool_call> stays text",
         '<tool_call> <tool_call>{"name": "wait", "arguments": {}}</tool_call>',
         'an unclosed <tool_call>{"name": "wait"',
+        # a malformed block is text on its own, and the call after it still parses
+        '<tool_call>{"name": "a"</tool_call> <tool_call>{"name": "wait", "arguments": {}}</tool_call>',
+        '<tool_call>{ <tool_call>{"name": "wait", "arguments": {}}</tool_call>',
+        '<tool_call>\n{"name": "wait", "arguments": {"note": "</tool_call>"}}\n</tool_call>',
         "plain text, no tools at all <",
     ],
 )

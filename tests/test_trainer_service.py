@@ -281,9 +281,9 @@ def test_a_killed_worker_resumes_its_batch_and_the_service_serves_on(
         reports = batch["stats"]["updates"]
         assert [u["update"] for u in reports] == list(range(1, updates + 1))  # each once: replays replaced
         # the new group went on from a checkpoint, not from update 0. Update `done` is recorded on the row
-        # before its own report, after update done - 1's report returned; Ray Train's result queue holds one
-        # report per worker, so that return means update done - 2's checkpoint had reached the controller.
-        # done - 1's may still sit in the killed worker's queue (seen in CI: done 3, resumed from 1).
+        # before its own report but after its collectives, so every rank had returned from report(done - 1);
+        # each rank's result queue holds one report, so every rank's report of done - 2 had been taken and its
+        # checkpoint registered. done - 1's may still sit in the killed worker's queue (CI: done 3, resumed 1).
         assert reports[-1]["resumed_from_update"] >= done - 2 >= 2
         assert queries.get_version(engine, 1)["status"] == "ready"
         # the restarted group serves the next batch, on the model it resumed
