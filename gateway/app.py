@@ -42,7 +42,8 @@ from gateway.protocol import (
     token_logprobs,
     usage,
 )
-from gateway.tools import ToolCallStream, template_takes_tools
+from gateway.tool_parsers import VllmToolParser, WholeReplyStream, check_tool_parser
+from gateway.tools import ToolCallStream, parse_tool_calls, template_takes_tools
 from recorder.config import RecorderConfig
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class Gateway:
         if settings.chat_template is not None:
             self.tokenizer.chat_template = settings.chat_template
         self.takes_tools = template_takes_tools(self.tokenizer)
+        # None: the gateway's own `<tool_call>` parser (gateway.tools); else vLLM's (gateway.tool_parsers)
+        self.tool_parser = VllmToolParser(settings.tool_parser, self.tokenizer) if settings.tool_parser else None
         self.namespace = namespace
         self.ledger = ray.get_actor(settings.ledger_name, namespace=namespace)
         self.worker_names = list(worker_names)
@@ -360,11 +363,12 @@ class Gateway:
             prompt, observation = list(parsed.prompt), ""
         if not prompt:
             raise RequestProblem("the prompt is empty", "prompt")
-        sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt))
+        forced_calls = self.tool_parser is None or self.tool_parser.reads_tool_call_blocks
+        sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt), forced_calls)
         headers = {"X-Ziggurat-Episode": episode}
         return {
             "id": call_id, "request": parsed, "chat": chat, "episode": episode, "group": group, "agent": agent,
-            "client": client, "prompt": prompt, "segment": segment, "tools": tools is not None,
+            "client": client, "prompt": prompt, "segment": segment, "tools": tools,
             "messages": messages, "observation": observation[-2000:], "sampling": sampling,
             "version": context["version"], "headers": headers, "started": time.perf_counter(),
         }  # fmt: skip
@@ -402,7 +406,8 @@ class Gateway:
         generated = time.perf_counter()
         completions = result["completions"]
         # Parsed once: the tool-call ids the client receives are the ones the next turn is matched against.
-        replies = [reply_message(completion, call["tools"]) for completion in completions] if call["chat"] else []
+        parse = self._tool_call_parse(call)
+        replies = [reply_message(completion, parse) for completion in completions] if call["chat"] else []
         recorded = await self._record(call, result["model_version"], completions, replies[:1])
         request = call["request"]
         if call["chat"]:
@@ -431,7 +436,7 @@ class Gateway:
         ]
         # With tools offered, each choice's text is split as it arrives: a `<tool_call>` block goes out as a
         # tool call once it closes (gateway.tools.ToolCallStream), the rest as content.
-        splitters = [ToolCallStream() for _ in range(n)] if call["tools"] else None
+        splitters = [self._splitter(call) for _ in range(n)] if call["tools"] else None
         version = None
         try:
             for index in range(n):
@@ -456,11 +461,14 @@ class Gateway:
             assert version is not None, "vLLM streamed no output"
             if splitters:
                 for index, splitter in enumerate(splitters):
-                    if rest := splitter.finish():
+                    rest, calls = splitter.finish()
+                    if rest:
                         yield _sse(chat_chunk(call["id"], model, {"content": rest}, None, index=index))
+                    for chunk in self._tool_call_chunks(call, calls, splitters, index):
+                        yield chunk
                 replies = [splitters[0].message()]
             else:
-                replies = [reply_message(completions[0], False)]
+                replies = [reply_message(completions[0], None)]
             await self._record(call, version, completions, replies)
             for index, completion in enumerate(completions):
                 finish = "tool_calls" if splitters and splitters[index].calls else completion["finish_reason"]
@@ -478,8 +486,27 @@ class Gateway:
         finally:
             self._release(client)
 
+    def _tool_call_parse(self, call: dict[str, Any]) -> Any:
+        """The parser of a call's replies: None without tools, else the gateway's own or vLLM's."""
+        if not call["tools"]:
+            return None
+        if self.tool_parser is None:
+            return parse_tool_calls
+        parser, tools = self.tool_parser, call["tools"]
+        return lambda text: parser.parse(text, tools)
+
+    def _splitter(self, call: dict[str, Any]) -> ToolCallStream | WholeReplyStream:
+        """How a streamed choice's text becomes content and calls (gateway.tools, gateway.tool_parsers)."""
+        if self.tool_parser is None:
+            return ToolCallStream()
+        return WholeReplyStream(self.tool_parser, call["tools"])
+
     def _tool_call_chunks(
-        self, call: dict[str, Any], calls: list[dict[str, Any]], splitters: list[ToolCallStream] | None, index: int
+        self,
+        call: dict[str, Any],
+        calls: list[dict[str, Any]],
+        splitters: list[ToolCallStream | WholeReplyStream] | None,
+        index: int,
     ) -> list[str]:
         """SSE chunks for tool calls that just closed in choice `index`, each whole in one delta (OpenAI's
         clients accumulate a call's fields by its `index` among the choice's calls)."""
@@ -565,6 +592,8 @@ def start_gateway(
 ) -> str:
     """Start the episode ledger and the Serve application (replacing one of the same name); returns its URL."""
     namespace = ray.get_runtime_context().namespace
+    if settings.tool_parser is not None:  # a parser that cannot serve this model fails here, not in the replicas
+        check_tool_parser(settings.tool_parser, model_path, settings.chat_template)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _check_serve(settings)
     # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.

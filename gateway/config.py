@@ -93,6 +93,13 @@ class GatewayConfig(BaseModel):
     is offered them; it answers them well only in a format it was trained on, and the replies are parsed as
     `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks."""
 
+    tool_parser: str | None = None
+    """vLLM's tool-call parser for the served model's format (`llama3_json`, `pythonic`, `mistral`, ... as
+    `vllm serve --tool-call-parser` takes), when it is not the `<tool_call>` JSON of Hermes and Qwen that the
+    gateway reads itself (unset). Replies with tools are then parsed whole: a streamed one arrives when it
+    ends, and forced calls are served only if the parser reads `<tool_call>` blocks (`hermes` does). Checked
+    when the gateway starts (it imports vLLM, which every process that reads this config need not)."""
+
     @field_validator("chat_template")
     @classmethod
     def _read_template(cls, value: str | None) -> str | None:

@@ -8,12 +8,13 @@ server ignores what it does not use; fields that would change what is sampled an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import GatewayConfig
-from gateway.tools import forced_call_pattern, parse_tool_calls
+from gateway.tools import forced_call_pattern
 
 
 class RequestProblem(ValueError):
@@ -87,9 +88,12 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise RequestProblem(f"{param}: {first['msg']}", param) from None
 
 
-def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfig, room: int) -> dict[str, Any]:
+def sampling_of(
+    request: ChatRequest | CompletionRequest, settings: GatewayConfig, room: int, forced_calls: bool = True
+) -> dict[str, Any]:
     """The engine's sampling arguments for a validated request; `room` is what the prompt leaves of the
-    engine's context."""
+    engine's context; `forced_calls`: whether the gateway's tool parser reads the format forced calls are
+    sampled in (gateway.tool_parsers)."""
     if request.top_p != 1.0:
         raise RequestProblem(
             "top_p < 1 is not served: the trainer scores tokens under the temperature-scaled distribution that "
@@ -104,6 +108,12 @@ def sampling_of(request: ChatRequest | CompletionRequest, settings: GatewayConfi
             regex = forced_call_pattern(request.tools, request.tool_choice)
         except ValueError as exc:
             raise RequestProblem(str(exc), "tools" if str(exc).startswith("tools") else "tool_choice") from None
+        if regex is not None and not forced_calls:
+            raise RequestProblem(
+                f"tool_choice {request.tool_choice!r} forces a call, which is sampled in the `<tool_call>` format, "
+                f"and gateway.tool_parser {settings.tool_parser!r} does not read it; ask with tool_choice auto",
+                "tool_choice",
+            )
     elif isinstance(request, ChatRequest) and request.tool_choice not in (None, "auto", "none"):
         raise RequestProblem("tool_choice forces a call but the request offers no tools", "tool_choice")
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
@@ -181,11 +191,14 @@ def usage(prompt_tokens: int, completions: list[dict[str, Any]]) -> dict[str, in
     }
 
 
-def reply_message(completion: dict[str, Any], tools: bool) -> dict[str, Any]:
-    """The assistant message a completion answers with; with tools offered, its tool calls parsed out."""
-    if not tools:
+def reply_message(
+    completion: dict[str, Any], parse: Callable[[str], tuple[str | None, list[dict[str, Any]]]] | None
+) -> dict[str, Any]:
+    """The assistant message a completion answers with; with tools offered (`parse`: the gateway's tool-call
+    parser, gateway.tools.parse_tool_calls or a vLLM one), its tool calls parsed out."""
+    if parse is None:
         return {"role": "assistant", "content": completion["text"]}
-    content, calls = parse_tool_calls(completion["text"])
+    content, calls = parse(completion["text"])
     return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
 
 

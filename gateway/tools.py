@@ -165,11 +165,12 @@ class ToolCallStream:
         self.calls += calls
         return sent, calls
 
-    def finish(self) -> str:
-        """What is still held when the reply ends (an unclosed block, or text that began like one): content."""
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """What is still held when the reply ends (an unclosed block, or text that began like one): content.
+        (No call completes at the end that had not closed before; the pair matches WholeReplyStream's.)"""
         rest, self.held = self.held, ""
         self.content += rest
-        return rest
+        return rest, []
 
     def message(self) -> dict[str, Any]:
         calls = {"tool_calls": self.calls} if self.calls else {}

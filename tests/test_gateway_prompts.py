@@ -4,6 +4,7 @@ tokenizer and on a Hermes-style template that takes tools; no engine needed."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -203,7 +204,9 @@ def test_a_streamed_reply_splits_into_the_calls_and_text_a_whole_reply_parses_to
         for piece in pieces:
             out, done = splitter.feed(piece)
             sent, streamed = sent + out, streamed + done
-        sent += splitter.finish()
+        rest, none = splitter.finish()
+        sent += rest
+        assert not none
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed] == [
             (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls
         ], pieces
@@ -211,3 +214,54 @@ def test_a_streamed_reply_splits_into_the_calls_and_text_a_whole_reply_parses_to
         assert ((sent.strip() or None) if calls else sent) == content, pieces
         message = splitter.message()
         assert message["content"] == (sent or None) and message.get("tool_calls", []) == streamed
+
+
+def test_a_vllm_tool_parser_reads_its_own_format_and_agrees_with_the_gateway_on_tool_call_blocks(tokenizer):
+    """gateway.tool_parser runs vLLM's own parsers: pythonic calls parse to OpenAI calls, and vLLM's `hermes`
+    parser (an independent implementation) finds the same calls in `<tool_call>` blocks as the gateway's."""
+    from gateway.tool_parsers import VllmToolParser, WholeReplyStream
+
+    def named(calls: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+        return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+    pythonic = VllmToolParser("pythonic", tokenizer)
+    assert not pythonic.reads_tool_call_blocks  # so forced calls are refused with it (below)
+    text = '[order(market="RAIN", side=1), wait()]'
+    content, calls = pythonic.parse(text, [ORDER, WAIT])
+    assert content is None and named(calls) == [("order", {"market": "RAIN", "side": 1}), ("wait", {})]
+    assert len({c["id"] for c in calls}) == 2
+    assert pythonic.parse("I would rather wait.", [ORDER, WAIT]) == ("I would rather wait.", [])
+    # streamed, a whole-reply parser holds the text and answers at the end what the whole reply parses to
+    stream = WholeReplyStream(pythonic, [ORDER, WAIT])
+    assert [stream.feed(piece) for piece in (text[:7], text[7:19], text[19:])] == [("", [])] * 3
+    rest, streamed = stream.finish()
+    assert rest == "" and named(streamed) == named(calls) and stream.message()["tool_calls"] == streamed
+
+    hermes = VllmToolParser("hermes", tokenizer)
+    assert hermes.reads_tool_call_blocks
+    for text in (
+        'Let me check.\n<tool_call>\n{"name": "order", "arguments": {"market": "RAIN", "side": 1}}\n</tool_call>',
+        '<tool_call>{"name": "wait", "arguments": {}}</tool_call>\n<tool_call>{"name": "order", "arguments": '
+        '{"market": "SNOW", "side": -1}}</tool_call>',
+        "no call at all",
+    ):
+        ours, theirs = parse_tool_calls(text), hermes.parse(text, [ORDER, WAIT])
+        assert named(theirs[1]) == named(ours[1]) and theirs[0] == ours[0], (text, ours, theirs)
+
+
+def test_a_tool_parser_that_cannot_serve_is_refused_by_name(tokenizer):
+    from gateway.config import GatewayConfig
+    from gateway.protocol import ChatRequest, RequestProblem, sampling_of
+    from gateway.tool_parsers import VllmToolParser
+
+    with pytest.raises(ValueError, match="not one of vLLM's tool parsers: .*pythonic"):
+        VllmToolParser("no-such-parser", tokenizer)
+    # Llama's parser needs Llama's <|python_tag|> token, which this tokenizer lacks: refused at start, not per call
+    with pytest.raises(ValueError, match=r"gateway.tool_parser 'llama3_json' cannot parse.*python_tag"):
+        VllmToolParser("llama3_json", tokenizer)
+    forced = ChatRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [ORDER], "tool_choice": "required"}
+    )
+    with pytest.raises(RequestProblem, match="does not read it") as refused:
+        sampling_of(forced, GatewayConfig(tool_parser="pythonic"), 100, forced_calls=False)
+    assert refused.value.param == "tool_choice"
