@@ -365,10 +365,18 @@ class Gateway:
             raise RequestProblem("the prompt is empty", "prompt")
         forced_calls = self.tool_parser is None or self.tool_parser.reads_tool_call_blocks
         sampling = sampling_of(parsed, self.settings, self.max_model_len - len(prompt), forced_calls)
+        tool_request = None
+        if tools and self.tool_parser is not None:  # vLLM's request, checked before anything is generated
+            try:
+                tool_request = self.tool_parser.request_for(tools)
+            except ValueError as exc:
+                raise RequestProblem(str(exc), "tools") from None
+            if not tool_request.skip_special_tokens:  # the parser's markers are special tokens: keep them
+                sampling["skip_special_tokens"] = False
         headers = {"X-Ziggurat-Episode": episode}
         return {
             "id": call_id, "request": parsed, "chat": chat, "episode": episode, "group": group, "agent": agent,
-            "client": client, "prompt": prompt, "segment": segment, "tools": tools,
+            "client": client, "prompt": prompt, "segment": segment, "tools": tools, "tool_request": tool_request,
             "messages": messages, "observation": observation[-2000:], "sampling": sampling,
             "version": context["version"], "headers": headers, "started": time.perf_counter(),
         }  # fmt: skip
@@ -492,14 +500,14 @@ class Gateway:
             return None
         if self.tool_parser is None:
             return parse_tool_calls
-        parser, tools = self.tool_parser, call["tools"]
-        return lambda text: parser.parse(text, tools)
+        parser, request = self.tool_parser, call["tool_request"]
+        return lambda text: parser.parse(text, request)
 
     def _splitter(self, call: dict[str, Any]) -> ToolCallStream | WholeReplyStream:
         """How a streamed choice's text becomes content and calls (gateway.tools, gateway.tool_parsers)."""
         if self.tool_parser is None:
             return ToolCallStream()
-        return WholeReplyStream(self.tool_parser, call["tools"])
+        return WholeReplyStream(self.tool_parser, call["tool_request"])
 
     def _tool_call_chunks(
         self,

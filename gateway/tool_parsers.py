@@ -12,8 +12,10 @@ format (gateway.tools.forced_call_pattern), so they are served only when the par
 from __future__ import annotations
 
 import json
-import uuid
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _FORCED_SAMPLE = '<tool_call>\n{"name": "probe", "arguments": {"x": 1}}\n</tool_call>'
 _SAMPLE_TOOLS = [{"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}]
@@ -38,42 +40,64 @@ class VllmToolParser:
         if name not in (names := known_parsers()):
             raise ValueError(f"gateway.tool_parser {name!r} is not one of vLLM's tool parsers: {', '.join(names)}")
         try:  # a parser that needs its model's special tokens, or a stub, fails here rather than per request
-            self._parser_class = ToolParserManager.get_tool_parser(name)
-            _, calls = self.parse(_FORCED_SAMPLE, _SAMPLE_TOOLS)
+            base = ToolParserManager.get_tool_parser(name)
+            # vLLM's parsers read the vocabulary per instance (a copy of 100k+ entries); a new parser per reply
+            # shares this one
+            self._parser_class = type(base.__name__, (base,), {"vocab": tokenizer.get_vocab()})
+            request = self.request_for(_SAMPLE_TOOLS)
+            # the sample as the engine would return it: special tokens dropped unless the parser keeps them
+            served = tokenizer.decode(
+                tokenizer.encode(_FORCED_SAMPLE, add_special_tokens=False),
+                skip_special_tokens=request.skip_special_tokens,
+            )
+            _, calls = self._extract(served, request)
+            found = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
         except Exception as exc:
             raise ValueError(
                 f"gateway.tool_parser {name!r} cannot parse this model's replies: {type(exc).__name__}: {exc}; "
                 "use the parser vLLM names for this model's family, or leave it unset for `<tool_call>` JSON"
             ) from None
-        self.reads_tool_call_blocks = [
-            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls
-        ] == [("probe", {"x": 1})]
+        self.reads_tool_call_blocks = found == [("probe", {"x": 1})]
         """Whether it reads the `<tool_call>` format forced calls are sampled in."""
 
-    def _new(self, tools: list[dict[str, Any]]) -> tuple[Any, Any]:
-        """(a parser, the vLLM request it parses against): a new parser each reply, since vLLM's keep state."""
+    def request_for(self, tools: list[dict[str, Any]]) -> Any:
+        """vLLM's request for a reply offered `tools`, adjusted as `vllm serve` adjusts it: its
+        `skip_special_tokens` is how the engine must sample (parsers whose markers are special tokens keep
+        them). Raises ValueError saying what vLLM refused in the tools."""
+        from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        request = ChatCompletionRequest(
-            model="policy", messages=[{"role": "user", "content": ""}], tools=tools, tool_choice="auto"
-        )
-        return self._parser_class(self._tokenizer, request.tools), request
+        try:
+            request = ChatCompletionRequest(
+                model="policy", messages=[{"role": "user", "content": ""}], tools=tools, tool_choice="auto"
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"tools: {where}: {first['msg']} (gateway.tool_parser {self.name!r})") from None
+        return self._parser_class(self._tokenizer, request.tools).adjust_request(request)
 
-    def parse(self, text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
-        """(the reply's content or None, OpenAI `tool_calls`), as gateway.tools.parse_tool_calls answers."""
-        parser, request = self._new(tools)
-        found = parser.extract_tool_calls(text, request)
+    def _extract(self, text: str, request: Any) -> tuple[str | None, list[dict[str, Any]]]:
+        found = self._parser_class(self._tokenizer, request.tools).extract_tool_calls(text, request)  # keeps state
         if not found.tools_called or not found.tool_calls:
             return text, []
         calls = [
-            {
-                "id": call.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": call.function.name, "arguments": call.function.arguments or "{}"},
-            }
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments or "{}"}}
             for call in found.tool_calls
         ]  # fmt: skip
         content = found.content.strip() if found.content else None
         return content or None, calls
+
+    def parse(self, text: str, request: Any) -> tuple[str | None, list[dict[str, Any]]]:
+        """(the reply's content or None, OpenAI `tool_calls`), as gateway.tools.parse_tool_calls answers;
+        `request` from `request_for`. A parser that fails leaves the reply as text: it is still recorded."""
+        try:
+            return self._extract(text, request)
+        except Exception as exc:
+            log.warning("gateway.tool_parser %r failed on a reply (%s: %s); answered as text", self.name,
+                        type(exc).__name__, str(exc)[:200])  # fmt: skip
+            return text, []
 
 
 def check_tool_parser(name: str, model_path: str, chat_template: str | None) -> None:
@@ -90,8 +114,8 @@ class WholeReplyStream:
     """A streamed reply for a parser that reads whole replies: held as it comes, parsed when it ends. The same
     interface as gateway.tools.ToolCallStream."""
 
-    def __init__(self, parser: VllmToolParser, tools: list[dict[str, Any]]) -> None:
-        self._parser, self._tools = parser, tools
+    def __init__(self, parser: VllmToolParser, request: Any) -> None:
+        self._parser, self._request = parser, request
         self.held = ""
         self.content = ""
         self.calls: list[dict[str, Any]] = []
@@ -101,7 +125,7 @@ class WholeReplyStream:
         return "", []
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        content, self.calls = self._parser.parse(self.held, self._tools)
+        content, self.calls = self._parser.parse(self.held, self._request)
         self.content, self.held = content or "", ""
         return self.content, self.calls
 

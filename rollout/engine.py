@@ -254,6 +254,7 @@ class PolicyEngine:
         top_logprobs: int,
         stream: bool,
         regex: str | None = None,
+        skip_special_tokens: bool = True,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -278,6 +279,7 @@ class PolicyEngine:
             stop=stop,
             seed=seed,
             structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None,
+            skip_special_tokens=skip_special_tokens,
             # Whole outputs unless streaming; streamed deltas carry their sample's index.
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
@@ -329,6 +331,7 @@ class PolicyEngine:
         base_weights: bool = False,
         version: int | None = None,
         regex: str | None = None,
+        skip_special_tokens: bool = True,
     ) -> Generation:
         """Sample `n` completions of a tokenized prompt, with the log-prob of every sampled token.
 
@@ -337,10 +340,12 @@ class PolicyEngine:
         `stop` strings end a completion (its text without them, its token ids with them: what was sampled);
         `top_logprobs` > 0 also returns that many most likely tokens per position. `regex` constrains every
         completion to match it (vLLM's structured outputs); the log-probs are then those of the masked
-        distribution that sampled (processed log-probs), not the unconstrained policy's."""
+        distribution that sampled (processed log-probs), not the unconstrained policy's. `skip_special_tokens`
+        False keeps special tokens in the text (a tool-call parser whose markers are special tokens needs them)."""
         params = self._sampling(
-            n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, False, regex
-        )
+            n, max_tokens, min_tokens, temperature, top_p, stop_token_ids, stop, seed, top_logprobs, False, regex,
+            skip_special_tokens,
+        )  # fmt: skip
         final, served = None, None
         async for served, final in self._outputs(prompt_token_ids, params, base_weights, version):  # noqa: B007
             pass
@@ -367,11 +372,13 @@ class PolicyEngine:
         top_logprobs: int = 0,
         version: int | None = None,
         regex: str | None = None,
+        skip_special_tokens: bool = True,
     ) -> AsyncIterator[Delta]:
         """Like `generate`, but yields each sample's new tokens as vLLM produces them."""
         params = self._sampling(
-            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, True, regex
-        )
+            n, max_tokens, min_tokens, temperature, top_p, None, stop, seed, top_logprobs, True, regex,
+            skip_special_tokens,
+        )  # fmt: skip
         async for served, output in self._outputs(prompt_token_ids, params, False, version):
             for sample in output.outputs:
                 token_ids = list(sample.token_ids)

@@ -249,6 +249,7 @@ class SimulatedEngine:
         base_weights: bool = False,
         version: int | None = None,
         regex: str | None = None,
+        skip_special_tokens: bool = True,  # its tokens are all ordinary: nothing to skip or keep
     ) -> Generation:
         """`n` completions of a tokenized prompt after the simulated prefill and decode time.
 

@@ -226,26 +226,30 @@ def test_a_vllm_tool_parser_reads_its_own_format_and_agrees_with_the_gateway_on_
 
     pythonic = VllmToolParser("pythonic", tokenizer)
     assert not pythonic.reads_tool_call_blocks  # so forced calls are refused with it (below)
+    request = pythonic.request_for([ORDER, WAIT])
     text = '[order(market="RAIN", side=1), wait()]'
-    content, calls = pythonic.parse(text, [ORDER, WAIT])
+    content, calls = pythonic.parse(text, request)
     assert content is None and named(calls) == [("order", {"market": "RAIN", "side": 1}), ("wait", {})]
     assert len({c["id"] for c in calls}) == 2
-    assert pythonic.parse("I would rather wait.", [ORDER, WAIT]) == ("I would rather wait.", [])
+    assert pythonic.parse("I would rather wait.", request) == ("I would rather wait.", [])
+    assert pythonic.parse("[order(market=", request) == ("[order(market=", [])  # unparseable: the text stands
     # streamed, a whole-reply parser holds the text and answers at the end what the whole reply parses to
-    stream = WholeReplyStream(pythonic, [ORDER, WAIT])
+    stream = WholeReplyStream(pythonic, request)
     assert [stream.feed(piece) for piece in (text[:7], text[7:19], text[19:])] == [("", [])] * 3
     rest, streamed = stream.finish()
     assert rest == "" and named(streamed) == named(calls) and stream.message()["tool_calls"] == streamed
 
     hermes = VllmToolParser("hermes", tokenizer)
     assert hermes.reads_tool_call_blocks
+    request = hermes.request_for([ORDER, WAIT])
+    assert request.skip_special_tokens is False  # as `vllm serve` samples for it: its markers may be special
     for text in (
         'Let me check.\n<tool_call>\n{"name": "order", "arguments": {"market": "RAIN", "side": 1}}\n</tool_call>',
         '<tool_call>{"name": "wait", "arguments": {}}</tool_call>\n<tool_call>{"name": "order", "arguments": '
         '{"market": "SNOW", "side": -1}}</tool_call>',
         "no call at all",
     ):
-        ours, theirs = parse_tool_calls(text), hermes.parse(text, [ORDER, WAIT])
+        ours, theirs = parse_tool_calls(text), hermes.parse(text, request)
         assert named(theirs[1]) == named(ours[1]) and theirs[0] == ours[0], (text, ours, theirs)
 
 
@@ -256,6 +260,9 @@ def test_a_tool_parser_that_cannot_serve_is_refused_by_name(tokenizer):
 
     with pytest.raises(ValueError, match="not one of vLLM's tool parsers: .*pythonic"):
         VllmToolParser("no-such-parser", tokenizer)
+    # tools vLLM cannot take are a 400 before anything is generated (the gateway raises it naming `tools`)
+    with pytest.raises(ValueError, match="^tools: .*pythonic"):
+        VllmToolParser("pythonic", tokenizer).request_for([{"type": "custom", "custom": {"name": "run_sql"}}])
     # Llama's parser needs Llama's <|python_tag|> token, which this tokenizer lacks: refused at start, not per call
     with pytest.raises(ValueError, match=r"gateway.tool_parser 'llama3_json' cannot parse.*python_tag"):
         VllmToolParser("llama3_json", tokenizer)
