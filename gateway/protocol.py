@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import GatewayConfig
-from gateway.tools import forced_call_pattern
+from gateway.tools import assistant_message, forced_call_pattern
 
 
 class RequestProblem(ValueError):
@@ -197,9 +197,8 @@ def reply_message(
     """The assistant message a completion answers with; with tools offered (`parse`: the gateway's tool-call
     parser, gateway.tools.parse_tool_calls or a vLLM one), its tool calls parsed out."""
     if parse is None:
-        return {"role": "assistant", "content": completion["text"]}
-    content, calls = parse(completion["text"])
-    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+        return assistant_message(completion["text"], [])
+    return assistant_message(*parse(completion["text"]))
 
 
 def chat_response(

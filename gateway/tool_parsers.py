@@ -15,6 +15,8 @@ import json
 import logging
 from typing import Any
 
+from gateway.tools import assistant_message
+
 log = logging.getLogger(__name__)
 
 _FORCED_SAMPLE = '<tool_call>\n{"name": "probe", "arguments": {"x": 1}}\n</tool_call>'
@@ -130,5 +132,4 @@ class WholeReplyStream:
         return self.content, self.calls
 
     def message(self) -> dict[str, Any]:
-        calls = {"tool_calls": self.calls} if self.calls else {}
-        return {"role": "assistant", "content": self.content or None, **calls}
+        return assistant_message(self.content or None, self.calls)

@@ -98,6 +98,11 @@ def _call_of(block: str) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
+def assistant_message(content: str | None, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assistant message a reply answers with: its content, and its tool calls when it made any."""
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """(the text outside the tool-call blocks or None, OpenAI `tool_calls`) of a completion. A block that is
     not a JSON object with a string `name` stays in the text: the model's output is never silently dropped."""
@@ -173,8 +178,7 @@ class ToolCallStream:
         return rest, []
 
     def message(self) -> dict[str, Any]:
-        calls = {"tool_calls": self.calls} if self.calls else {}
-        return {"role": "assistant", "content": self.content or None, **calls}
+        return assistant_message(self.content or None, self.calls)
 
 
 def _open_prefix(text: str) -> int:
