@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -110,6 +111,15 @@ def _dedupe_trajectories(records: Iterable[TrajectoryRecord]) -> list[Trajectory
         if previous is None or record.status != "running" or previous.status == "running":
             chosen[record.id] = record
     return [chosen[key] for key in sorted(chosen)]  # one lock order for concurrent writers
+
+
+@cache
+def _sqlite_trajectory_upsert() -> Any:
+    """Built once: SQLAlchemy builds `excluded`'s column collection anew on every statement (about 0.7 ms, as
+    much as the rest of a small write)."""
+    insert = sqlite.insert(Trajectory.__table__)
+    updated = {name: insert.excluded[name] for name in TRAJECTORY_OUTCOME}
+    return insert.on_conflict_do_update(index_elements=["id"], set_=updated, where=insert.excluded.status != "running")
 
 
 class TrajectoryStore:
@@ -315,11 +325,4 @@ class TrajectoryStore:
         if self.dialect == "postgresql":
             upsert_trajectories(conn, rows)
             return
-        insert = sqlite.insert(Trajectory.__table__)
-        updated = {name: insert.excluded[name] for name in TRAJECTORY_OUTCOME}
-        conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["id"], set_=updated, where=insert.excluded.status != "running"
-            ),
-            rows,
-        )
+        conn.execute(_sqlite_trajectory_upsert(), rows)
