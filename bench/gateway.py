@@ -3,16 +3,20 @@
     python bench/gateway.py [--model smollm2-135m-instruct|tiny|PATH] [--requests 128] [--concurrency 64]
                             [--tokens 32] [--rounds 3] [--probes 40] [--probe-gap-s 0.25] [--no-store-before-reply]
 
-One rollout actor (vLLM) and one recorder (SQLite) serve both paths. (a) direct: `--concurrency` clients in
-this process call the rollout actor's `complete` with the prompt tokens, as Ziggurat's own environments do.
-(b) gateway: as many `openai.AsyncOpenAI` clients send the same chat requests through the gateway, each call
-its own episode, recorded. Every request samples exactly `--tokens` tokens (min_tokens = max_tokens), so
-tokens/s compare like with like; rounds alternate (direct, gateway, ...) and the ratio is the median of the
-rounds' ratios. Then `--probes` one-token requests per path, one at a time, each `--probe-gap-s` after the
-last, the paths in rotating order: the gateway's added latency is the difference of their latencies (p50,
-p99), as plain HTTP (`added_latency_*`) and through the SDK (`added_latency_with_sdk_*`);
-`replica_own_ms_p50` is what the replica itself spent around the generation (its Server-Timing header), of
-it `record_ms_p50` the ledger's answer (with the store wait unless `--no-store-before-reply`).
+One rollout actor (vLLM) serves both paths; the gateway's ledger records into SQLite. (a) direct: `--concurrency`
+clients in this process call the rollout actor's `complete` with the prompt tokens, as Ziggurat's own
+environments do. (b) gateway: as many `openai.AsyncOpenAI` clients send the same chat requests through the
+gateway, each call its own episode, recorded. Every request samples exactly `--tokens` tokens (min_tokens =
+max_tokens), so tokens/s compare like with like; rounds alternate (direct, gateway, ...) and the ratio is the
+median of the rounds' ratios; the added latency at that load (`loaded_added_latency_*`) is each gateway request's
+time at its client less the replica's wait for the rollout actor (Server-Timing `generate`), the very call the
+direct path makes. Then `--probes` one-token requests per path, one at a time, each `--probe-gap-s` after the
+last, the paths in rotating order: the gateway's added latency is the difference of their latencies (p50, p99),
+as plain HTTP (`added_latency_*`) and through the SDK (`added_latency_with_sdk_*`). A one-token generation's own
+time varies by more than the gateway adds (`direct_probe_ms_iqr`), so the plain-HTTP probes also measure it
+within each request: the same way (`added_latency_in_request_*`). `replica_own_ms_p50` is what the replica itself
+spent around the generation (its Server-Timing header), of it `record_ms_p50` the ledger's answer (with the store
+wait unless `--no-store-before-reply`).
 Last, the ledger is flushed and the database must hold every gateway call exactly once. Prints a summary
 line, then JSON (last).
 """
@@ -68,6 +72,8 @@ async def _gateway(
 ) -> dict:
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    added: list[float] = []  # ms: the request's time at the client less the replica's wait for the rollout actor
+    own: list[float] = []  # ms: of it, the replica's own work before and after that wait
     failed = 0
 
     async def one(index: int, messages: list[dict[str, str]]) -> int:
@@ -75,20 +81,32 @@ async def _gateway(
         async with gate:
             started = time.perf_counter()
             try:
-                reply = await client.chat.completions.create(
+                raw = await client.chat.completions.with_raw_response.create(
                     model=model, messages=messages, max_tokens=tokens, extra_body={"min_tokens": tokens},
                     extra_headers={"X-Ziggurat-Episode": f"{tag}-{index}"},
                 )  # fmt: skip
+                reply = raw.parse()
+                timing = _server_timing(raw.headers)
             except Exception as exc:
                 print(f"gateway request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 failed += 1
                 return 0
             latencies.append(time.perf_counter() - started)
+            added.append(latencies[-1] * 1000 - timing["generate"])
+            own.append(timing["prepare"] + timing["record"])
             return reply.usage.completion_tokens
 
     started = time.perf_counter()
     done = sum(await asyncio.gather(*(one(i, m) for i, m in enumerate(conversations))))
-    return {"tokens_per_s": done / (time.perf_counter() - started), "latencies": latencies, "failed": failed}
+    elapsed = time.perf_counter() - started
+    return {"tokens_per_s": done / elapsed, "latencies": latencies, "added_ms": added, "own_ms": own, "failed": failed}
+
+
+def _server_timing(headers: Any) -> dict[str, float]:
+    """The replica's Server-Timing header: ms per part (prepare, generate, record)."""
+    return {
+        name: float(ms) for name, ms in (part.strip().split(";dur=") for part in headers["server-timing"].split(","))
+    }
 
 
 def main() -> None:
@@ -143,8 +161,8 @@ def main() -> None:
         store_before_reply=args.store_before_reply,
     )  # fmt: skip
     base = start_gateway(
-        settings, recorder_settings, model_name="bench", model_path=model_path, worker_names=["bench-gateway-rollout"],
-        database_url=None, max_model_len=engine_config.max_model_len,
+        settings, DatabaseConfig(url=url), model_name="bench", model_path=model_path,
+        worker_names=["bench-gateway-rollout"], max_model_len=engine_config.max_model_len,
     )  # fmt: skip
 
     conversations = [
@@ -168,7 +186,7 @@ def main() -> None:
             through.append(
                 await _gateway(client, "bench", conversations, args.tokens, args.concurrency, f"r{round_index}")
             )
-        probe_direct, probe_gateway, probe_http, replica, recording = [], [], [], [], []
+        probe_direct, probe_gateway, probe_http, replica, recording, generating = [], [], [], [], [], []
         one_token = {"max_tokens": 1, "min_tokens": 1, "temperature": 1.0}
         async with httpx.AsyncClient(timeout=600) as http:
 
@@ -188,9 +206,10 @@ def main() -> None:
                     headers={"X-Ziggurat-Episode": f"h{index}"},
                 )
                 probe_http.append(time.perf_counter() - started)
-                timing = dict(part.strip().split(";dur=") for part in answer.headers["server-timing"].split(","))
-                replica.append(float(timing["prepare"]) + float(timing["record"]))
-                recording.append(float(timing["record"]))
+                timing = _server_timing(answer.headers)
+                replica.append(timing["prepare"] + timing["record"])
+                recording.append(timing["record"])
+                generating.append(timing["generate"])
 
             # One request at a time, in an order that rotates, each after the previous one's background work
             # (the ledger's recording, the engine's step) has settled: otherwise whichever probe follows a
@@ -203,7 +222,7 @@ def main() -> None:
                     await probe(at, index)
         return {
             "direct": direct, "gateway": through, "probe_direct": probe_direct, "probe_gateway": probe_gateway,
-            "probe_http": probe_http, "replica_ms": replica, "record_ms": recording,
+            "probe_http": probe_http, "replica_ms": replica, "record_ms": recording, "generate_ms": generating,
         }  # fmt: skip
 
     measured = asyncio.run(run())
@@ -229,8 +248,13 @@ def main() -> None:
     ]
     all_direct = [x for r in measured["direct"] for x in r["latencies"]]
     all_gateway = [x for r in measured["gateway"] for x in r["latencies"]]
+    loaded_added = [x for r in measured["gateway"] for x in r["added_ms"]]
+    loaded_own = [x for r in measured["gateway"] for x in r["own_ms"]]
     added = [(g - d) * 1000 for g, d in zip(measured["probe_http"], measured["probe_direct"], strict=True)]
     added_sdk = [(g - d) * 1000 for g, d in zip(measured["probe_gateway"], measured["probe_direct"], strict=True)]
+    # The same request's total time at the client less the replica's wait for the rollout actor (the very call
+    # the direct path makes): what the gateway adds, without the spread of two generations' times.
+    in_request = [t * 1000 - g for t, g in zip(measured["probe_http"], measured["generate_ms"], strict=True)]
     result = {
         "model": args.model,
         "requests_per_round": args.requests,
@@ -245,8 +269,17 @@ def main() -> None:
                                   "gateway": round(_percentile(all_gateway, 0.5) * 1000, 1)},
         "loaded_latency_p99_ms": {"direct": round(_percentile(all_direct, 0.99) * 1000, 1),
                                   "gateway": round(_percentile(all_gateway, 0.99) * 1000, 1)},
+        "loaded_added_latency_p50_ms": round(statistics.median(loaded_added), 2),
+        "loaded_added_latency_p99_ms": round(_percentile(loaded_added, 0.99), 2),
+        "loaded_replica_own_ms_p50": round(statistics.median(loaded_own), 2),
         "added_latency_p50_ms": round(statistics.median(added), 2),
         "added_latency_p99_ms": round(_percentile(added, 0.99), 2),
+        "added_latency_in_request_p50_ms": round(statistics.median(in_request), 2),
+        "added_latency_in_request_p99_ms": round(_percentile(in_request, 0.99), 2),
+        "direct_probe_ms_p50": round(statistics.median(measured["probe_direct"]) * 1000, 2),
+        "direct_probe_ms_iqr": round(
+            (_percentile(measured["probe_direct"], 0.75) - _percentile(measured["probe_direct"], 0.25)) * 1000, 2
+        ),
         "added_latency_with_sdk_p50_ms": round(statistics.median(added_sdk), 2),
         "added_latency_with_sdk_p99_ms": round(_percentile(added_sdk, 0.99), 2),
         "replica_own_ms_p50": round(statistics.median(measured["replica_ms"]), 2),
@@ -259,8 +292,12 @@ def main() -> None:
     }  # fmt: skip
     print(
         f"gateway on {args.model}: {result['gateway_tokens_per_s']} tok/s vs direct {result['direct_tokens_per_s']} "
-        f"tok/s -> ratio {result['ratio']}; added latency p50 {result['added_latency_p50_ms']} ms, p99 "
-        f"{result['added_latency_p99_ms']} ms; failed {failed}; recorded once: {result['recorded_exactly_once']}"
+        f"tok/s -> ratio {result['ratio']}; added latency at {args.concurrency} clients p50 "
+        f"{result['loaded_added_latency_p50_ms']} ms, p99 {result['loaded_added_latency_p99_ms']} ms; one request "
+        f"at a time, after idle gaps: p50 {result['added_latency_p50_ms']} ms, p99 "
+        f"{result['added_latency_p99_ms']} ms (within the request: p50 {result['added_latency_in_request_p50_ms']} "
+        f"ms, p99 {result['added_latency_in_request_p99_ms']} ms); failed {failed}; recorded once: "
+        f"{result['recorded_exactly_once']}"
     )
     print(json.dumps(result))
 

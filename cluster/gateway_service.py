@@ -1,5 +1,5 @@
-"""The agent gateway beside the loop: started after the rollout fleet when `gateway.enabled`, stopped (its
-ledger's records stored) before the recorder."""
+"""The agent gateway beside the loop: started after the rollout fleet when `gateway.enabled`, stopped first (its
+ledger's records stored) when the loop shuts down."""
 
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ def start(config: ZigguratConfig, model_path: str) -> str:
 
     url = start_gateway(
         config.gateway,
-        config.recorder,
+        config.database,
         model_name=config.model.name,
         model_path=model_path,
         worker_names=[rollout_actor_name(config, index) for index in range(config.rollout.actors)],
-        database_url=config.database.resolved_url().render_as_string(hide_password=False),
         max_model_len=config.engine.max_model_len,
     )
     log.warning("agent gateway serving %s at %s/v1 (OpenAI API; auth: %s)", config.model.name, url, config.gateway.auth)

@@ -447,7 +447,7 @@ def shutdown(config: ZigguratConfig) -> None:
 
     namespace = config.ray.namespace
     try:
-        if config.gateway.enabled:  # first: its ledger's records go to the recorder before that stops
+        if config.gateway.enabled:  # first: no more calls, and its ledger stores what it holds
             from cluster import gateway_service
 
             gateway_service.stop(config)

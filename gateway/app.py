@@ -44,7 +44,7 @@ from gateway.protocol import (
 )
 from gateway.tool_parsers import VllmToolParser, WholeReplyStream, check_tool_parser
 from gateway.tools import ToolCallStream, parse_tool_calls, template_takes_tools
-from recorder.config import RecorderConfig
+from recorder.config import DatabaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Gateway:
         model_name: str,
         model_path: str,
         worker_names: list[str],
-        database_url: str | None,
+        database_url: str,
         max_model_len: int,
         namespace: str,
     ) -> None:
@@ -144,8 +144,6 @@ class Gateway:
         self._keys_read = 0.0
         self._db: Any = None
         if settings.auth == "keys":
-            if database_url is None:
-                raise ValueError("gateway.auth: keys needs the database that holds the keys")
             import sqlalchemy as sa
 
             self._db = sa.create_engine(database_url, pool_pre_ping=True)
@@ -590,22 +588,24 @@ class Gateway:
 
 def start_gateway(
     settings: GatewayConfig,
-    recorder: RecorderConfig,
+    database: DatabaseConfig,
     *,
     model_name: str,
     model_path: str,
     worker_names: list[str],
-    database_url: str | None,
     max_model_len: int,
 ) -> str:
-    """Start the episode ledger and the Serve application (replacing one of the same name); returns its URL."""
+    """Start the episode ledger and the Serve application (replacing one of the same name); returns its URL.
+    `database`: where the ledger stores the calls and the replicas read API keys."""
     namespace = ray.get_runtime_context().namespace
+    # Resolved here, where the settings were read: the password comes from this process's environment.
+    database_url = database.resolved_url().render_as_string(hide_password=False)
     if settings.tool_parser is not None:  # a parser that cannot serve this model fails here, not in the replicas
         check_tool_parser(settings.tool_parser, model_path, settings.chat_template)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _check_serve(settings)
     # A named actor still dies with its last handle: this process holds the ledger while the gateway is up.
-    ledger = start_ledger(settings, recorder, database_url)
+    ledger = start_ledger(settings, database, database_url)
     held = _ledgers.get(settings.ledger_name)
     if held is None or held._actor_id != ledger._actor_id:  # the first handle owns it: dropping that one kills it
         _ledgers[settings.ledger_name] = ledger

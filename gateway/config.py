@@ -75,12 +75,13 @@ class GatewayConfig(BaseModel):
     """How long a stopping replica lets requests in flight finish."""
 
     flush_interval_s: float = Field(0.5, gt=0)
-    """How often the ledger sends the records it holds to the recorder."""
+    """How often the ledger writes the records it holds to the database (with `store_before_reply` off, or after
+    an outage)."""
 
     store_before_reply: bool = True
-    """A call (and an episode's end or reward) is answered only once its records are stored: one recorder write
-    covers every call waiting at that moment (a group commit), so a crashed ledger loses nothing a client was
-    answered for. False answers at once and stores within `flush_interval_s`: a few milliseconds faster per
+    """A call (and an episode's end or reward) is answered only once its records are stored: one database write
+    by the ledger covers every call waiting at that moment (a group commit), so a crashed ledger loses nothing a
+    client was answered for. False answers at once and stores within `flush_interval_s`: a few milliseconds faster per
     call, and a ledger crash loses what it held."""
 
     store_timeout_s: float = Field(5.0, gt=0)

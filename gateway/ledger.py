@@ -11,11 +11,12 @@ A call with `n` > 1 is a decision point: its candidates become a group of their 
 trajectory each, rewarded together (`reward_candidates`), e.g. when a market resolves and scores every
 candidate order.
 
-Replicas of the gateway share the ledger, so an episode's calls may arrive through any of them. Records go
-to the recorder actor through a RecorderClient flushed every `gateway.flush_interval_s`; its keys make a
-record sent twice count once. Given the database, a ledger restarted after a crash reads its open episodes
-and candidate groups back (gateway.recovery) before it answers anything, so an agent's episode carries on
-where its last stored call left it.
+Replicas of the gateway share the ledger, so an episode's calls may arrive through any of them. The ledger
+writes its records to the database itself (gateway.ledger_store: the recorder's store, without the recorder
+actor's round trip), before it answers with `gateway.store_before_reply`, else every
+`gateway.flush_interval_s`; their keys make a record written twice count once. A ledger restarted after a crash
+reads its open episodes and candidate groups back from the database (gateway.recovery) before it answers
+anything, so an agent's episode carries on where its last stored call left it.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any
 import ray
 
 from gateway.config import GatewayConfig
+from gateway.ledger_store import LedgerStore
 from gateway.recovery import LedgerState, read_ledger_state
-from recorder.client import RecorderClient
-from recorder.config import RecorderConfig
+from recorder.config import DatabaseConfig
 from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,23 @@ class Episode:
 class EpisodeLedger:
     """Create with `start_ledger`; every method answers plain data (an `error` key on a bad request)."""
 
-    def __init__(self, settings: GatewayConfig, recorder: RecorderConfig, database_url: str | None = None) -> None:
+    def __init__(self, settings: GatewayConfig, database: DatabaseConfig, url: str | None = None) -> None:
+        """`database`: where records go and open episodes are read back from; `url`: its URL as resolved where the
+        settings were read (with the password from that environment), `database.resolved_url()` if None."""
         self._settings = settings
-        self._database_url = database_url
-        self._recovered: dict[str, int] | None = None if database_url else {}
+        self._database = database
+        self._url = url or database.resolved_url().render_as_string(hide_password=False)
+        self._recovered: dict[str, int] | None = None
         self._recovering = asyncio.Lock()
-        self._client = RecorderClient(recorder)
+        self._records = LedgerStore(self._url, database)
         self._open: dict[str, Episode] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> final status
         self._candidates: dict[str, list[str]] = {}  # candidate group -> trajectory ids awaiting rewards
         self._candidate_meta: dict[str, dict[str, Any]] = {}  # candidate group -> agent, version, deadline
-        self._flushing = asyncio.Lock()
         self._added = 0  # records handed to the client, ever: a position in the order they were added
-        self._stored = 0  # every record before this position is acknowledged by the recorder
+        self._stored = 0  # every record before this position is stored
         self._flush_task: asyncio.Task | None = None
-        self._flushes = 0  # recorder writes (flushes that sent something)
+        self._flushes = 0  # database writes
         self._tasks: list[asyncio.Task] = []
         self._recorded_calls = 0
 
@@ -123,9 +126,10 @@ class EpisodeLedger:
         return None
 
     def _read_state(self) -> LedgerState:
-        from recorder.config import DatabaseConfig
+        from recorder.store import create_db_engine
 
-        engine = DatabaseConfig(url=self._database_url).create_engine()
+        database = self._database
+        engine = create_db_engine(self._url, database.connect_timeout_s, 1, database.statement_timeout_s)
         try:
             return read_ledger_state(engine, _CLOSED_REMEMBERED)
         finally:
@@ -417,24 +421,22 @@ class EpisodeLedger:
         )  # fmt: skip
 
     def _add(self, *records: Any) -> None:
-        self._client.add(*records)
+        self._records.add(*records)
         self._added += len(records)
 
     async def flush(self) -> dict[str, Any]:
-        """Send every held record to the recorder now; returns what it acknowledged and refused."""
-        async with self._flushing:
-            covered = self._added
-            self._flushes += bool(self._client.unacked)
-            report = await self._client.flush_async(self._settings.ledger_timeout_s)
-            self._stored = max(self._stored, covered)
-        for key, reason in report.rejected:
-            log.error("the recorder refused gateway record %s: %s", key[:3], reason[:300])
-        return {"acknowledged": report.acknowledged, "rejected": len(report.rejected)}
+        """Store every held record now, retrying while the database does not answer, at most
+        `gateway.ledger_timeout_s`; returns how many were written and refused. Raises past it (they stay held)."""
+        covered = self._added
+        report = await self._records.flush(self._settings.ledger_timeout_s)  # also what is added meanwhile
+        self._flushes += report.writes
+        self._stored = max(self._stored, covered)
+        return {"written": report.written, "rejected": report.rejected, "retries": report.retries}
 
     async def _store(self) -> bool | None:
         """Wait until every record added so far is stored (gateway.store_before_reply), at most
         gateway.store_timeout_s: True once it is, None where the settings do not wait. A group commit: every
-        caller waiting meanwhile is covered by the same flush, so a burst of calls costs one recorder write,
+        caller waiting meanwhile is covered by the same flush, so a burst of calls costs one database write,
         not one each. On False the records stay held and go with a later flush."""
         if not self._settings.store_before_reply:
             return None
@@ -454,11 +456,11 @@ class EpisodeLedger:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self._settings.flush_interval_s)
-            if not self._client.unacked:
+            if not self._records.held:
                 continue
             try:
                 await self.flush()
-            except Exception as exc:  # records stay held in the client and go with the next flush
+            except Exception as exc:  # records stay held and go with the next flush
                 log.warning("gateway records not stored yet (%s: %s); retrying", type(exc).__name__, str(exc)[:300])
 
     async def expire(self) -> int:
@@ -492,31 +494,41 @@ class EpisodeLedger:
             "awaiting_reward": sum(e.ended for e in self._open.values()),
             "candidate_groups_awaiting_rewards": len(self._candidates),
             "calls_recorded": self._recorded_calls,
-            "held_records": len(self._client.unacked),
+            "held_records": len(self._records.held),
             "flushes": self._flushes,
             "recovered": dict(self._recovered or {}),
         }
 
     async def close(self) -> dict[str, Any]:
-        """Flush what is held (open episodes stay open: their records so far are stored)."""
+        """Store what is held (open episodes stay open: their records so far are stored); the ledger takes nothing
+        after it."""
         for task in self._tasks:
             task.cancel()
         for episode in self._open.values():
             self._close_step(episode)
-        return await self.flush()
+        try:
+            stored = await self.flush()
+        except Exception as exc:  # the ledger ends with its process: say what it could not store
+            log.error(
+                "the episode ledger stops with %d records it could not store (%s: %s)",
+                len(self._records.held), type(exc).__name__, str(exc)[:300],
+            )  # fmt: skip
+            raise
+        self._records.close()
+        return stored
 
 
 def _candidate_group(episode_id: str, step: int) -> str:
     return f"{episode_id}.s{step}"
 
 
-def start_ledger(settings: GatewayConfig, recorder: RecorderConfig, database_url: str | None = None) -> Any:
-    """The named ledger actor (an existing one is reused), restarted by Ray if it crashes; with `database_url`,
-    a restarted ledger reads its open episodes back from there."""
+def start_ledger(settings: GatewayConfig, database: DatabaseConfig, url: str | None = None) -> Any:
+    """The named ledger actor (an existing one is reused), restarted by Ray if it crashes (it then reads its open
+    episodes back from the database). `url`: as for EpisodeLedger."""
     actor = (
         ray.remote(EpisodeLedger)
         .options(name=settings.ledger_name, get_if_exists=True, max_restarts=3, max_concurrency=1000, num_cpus=0)
-        .remote(settings, recorder, database_url)
+        .remote(settings, database, url)
     )
     ray.get(actor.stats.remote(), timeout=settings.ledger_timeout_s)
     return actor

@@ -99,7 +99,7 @@ class Recorder:
             )
 
         first = open_store()  # refuses to start (saying to run `ziggurat db upgrade`) on a stale schema
-        lanes = settings.writer_connections if first.dialect == "postgresql" else 1  # SQLite has one writer
+        lanes = settings.writer_connections if first.dialect == "postgresql" else 1  # SQLite takes one write at a time
         stores = [first] + [open_store() for _ in range(lanes - 1)]
         self._lanes = [_Lane(store) for store in stores]
         self._lane_of_source: dict[str, _Lane] = {}

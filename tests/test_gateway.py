@@ -8,13 +8,17 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from tests.rollout_harness import recording_into_sqlite, rows
+from recorder.config import DatabaseConfig
+from tests.rollout_harness import rows
 from tests.test_gateway_prompts import HERMES, ORDER, WAIT
 
 pytestmark = pytest.mark.slow
@@ -55,6 +59,16 @@ def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
     finally:
         shutdown(config)
         db.dispose()
+
+
+@contextmanager
+def _database(folder: Path) -> Iterator[str]:
+    """A migrated SQLite database in `folder` for a ledger of its own (the ledger writes to it itself): its URL."""
+    from recorder.migrate import upgrade
+
+    url = f"sqlite:///{folder / 'recorded.db'}"
+    upgrade(url)
+    yield url
 
 
 def _client(gateway: Any, **headers: str) -> Any:
@@ -425,10 +439,10 @@ def test_an_episode_past_its_ttl_is_aborted_and_never_trained(ray_session, tmp_p
     from gateway.ledger import EpisodeLedger
     from recorder.schema import Trajectory
 
-    with recording_into_sqlite(tmp_path, "zg-ttl-recorder") as (url, recorder):
+    with _database(tmp_path) as url:
 
         async def scenario() -> dict[str, Any]:
-            ledger = EpisodeLedger(GatewayConfig(episode_ttl_s=0.3), recorder)
+            ledger = EpisodeLedger(GatewayConfig(episode_ttl_s=0.3), DatabaseConfig(url=url))
             await ledger.open("slow", "g-ttl")
             call = {
                 "prompt_token_ids": [1, 2, 3], "model_version": 0, "sampling": {"temperature": 1.0},
@@ -476,11 +490,11 @@ def test_a_call_is_answered_only_once_stored_so_a_dead_ledger_loses_nothing_it_a
     T, C, S = Trajectory.__table__, LlmCall.__table__, Step.__table__
     for store in (True, False):
         (tmp_path / str(store)).mkdir()
-        with recording_into_sqlite(tmp_path / str(store), f"zg-store-{store}") as (url, recorder):
+        with _database(tmp_path / str(store)) as url:
 
             async def scenario(store: bool = store) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 settings = GatewayConfig(flush_interval_s=3600, store_before_reply=store)
-                ledger = EpisodeLedger(settings, recorder)
+                ledger = EpisodeLedger(settings, DatabaseConfig(url=url))
                 answers = await asyncio.gather(*(ledger.record_call(f"a{i}", _served("buy")) for i in range(20)))
                 answers.append(await ledger.end("a0", 1.0))
                 # the environment's word on a call is a step of its own, stored before its answer too
@@ -515,6 +529,60 @@ def test_a_call_is_answered_only_once_stored_so_a_dead_ledger_loses_nothing_it_a
                 assert stats["flushes"] == 0 and stats["held_records"] > 40, stats
 
 
+def test_the_ledger_holds_its_calls_through_a_database_outage_and_a_poisoned_call_stops_nothing(postgres, caplog):
+    """The ledger writes to PostgreSQL itself. With the server stopped, a call is answered `stored: false` at
+    gateway.store_timeout_s and kept; once the server is back, the next call is stored with everything held (its
+    connection died with the server: the write is retried, not answered `held`), each call exactly once. A
+    call the database can never take (a NaN log-prob from a broken engine) is refused by name and dropped, and the
+    calls around it are stored."""
+    import math
+    import time
+
+    from gateway.config import GatewayConfig
+    from gateway.ledger import EpisodeLedger
+    from recorder.migrate import upgrade
+    from recorder.schema import LlmCall
+
+    url = postgres.create_database("ledger_outage")
+    upgrade(url)
+    C = LlmCall.__table__
+    poisoned = _served("buy")
+    poisoned["completions"][0]["logprobs"] = [-0.5, math.nan]
+
+    async def scenario() -> dict[str, Any]:
+        settings = GatewayConfig(flush_interval_s=3600, store_before_reply=True, store_timeout_s=2.0)
+        ledger = EpisodeLedger(settings, DatabaseConfig(url=url, connect_timeout_s=1))
+        before = [await ledger.record_call(f"o{i}", _served("buy")) for i in range(3)]
+        assert all(answer["stored"] is True for answer in before), before
+        postgres.stop()  # a clean stop: the test server acknowledges commits before they are on disk
+        try:
+            started = time.monotonic()
+            during = [await ledger.record_call(f"o{i}", _served("hold")) for i in range(3, 6)]
+            waited = time.monotonic() - started
+            held = (await ledger.stats())["held_records"]
+        finally:
+            postgres.start()
+        assert all(answer["stored"] is False for answer in during), during
+        assert waited < 3 * (settings.store_timeout_s + 2.0), waited  # each answered near its deadline
+        assert held >= 6, held  # 3 trajectory starts and 3 calls, none lost
+        after = [await ledger.record_call("poisoned", poisoned), await ledger.record_call("o6", _served("sell"))]
+        # a restart while the ledger is idle: its kept connection is dead, which only its next write finds out
+        postgres.stop()
+        postgres.start()
+        after.append(await ledger.record_call("o7", _served("buy")))
+        assert all(answer["stored"] is True for answer in after), after
+        stats = await ledger.stats()
+        await ledger.close()
+        return stats
+
+    stats = asyncio.run(scenario())
+    assert stats["held_records"] == 0, stats
+    stored = rows(url, sa.select(C.c.trajectory_id, C.c.step_index))
+    assert sorted(r.trajectory_id for r in stored) == [f"o{i}" for i in range(8)]  # once each, the poisoned one not
+    refused = [r.getMessage() for r in caplog.records if "refused gateway record" in r.getMessage()]
+    assert refused and all("'poisoned'" in message for message in refused), refused
+
+
 def test_a_restarted_ledger_carries_on_with_the_episodes_it_had_open(ray_session, tmp_path):
     """kill -9 of the ledger actor mid-episode: Ray restarts it and it reads back from the database what was open,
     so the agent's next call continues its trajectory at the next step, the step the dead ledger still held is
@@ -535,8 +603,8 @@ def test_a_restarted_ledger_carries_on_with_the_episodes_it_had_open(ray_session
         return ray.get(getattr(ledger, method).remote(*args), timeout=60)
 
     settings = GatewayConfig(ledger_name="zg-restart-ledger", flush_interval_s=0.1)
-    with recording_into_sqlite(tmp_path, "zg-restart-recorder") as (url, recorder):
-        ledger = start_ledger(settings, recorder, url)
+    with _database(tmp_path) as url:
+        ledger = start_ledger(settings, DatabaseConfig(url=url))
         try:
             assert call("record_call", "trader", _served("buy"), "market-7")["step"] == 0
             call("annotate", "trader", "price 0.4", {"order": "buy"}, 0.25)
@@ -709,8 +777,8 @@ def test_a_gateway_on_another_port_than_the_clusters_serve_is_refused(gateway, t
     other = gateway[3].model_copy(update={"port": gateway[3].port + 1, "app_name": "zg-other", "ledger_name": "zg-o"})
     with pytest.raises(RuntimeError, match=rf"already runs in this Ray cluster on 127.0.0.1:{gateway[3].port}"):
         start_gateway(
-            other, gateway[5], model_name="tiny", model_path=tiny_model_dir, worker_names=["zg-rollout-0"],
-            database_url=gateway[2], max_model_len=1024,
+            other, DatabaseConfig(url=gateway[2]), model_name="tiny", model_path=tiny_model_dir,
+            worker_names=["zg-rollout-0"], max_model_len=1024,
         )  # fmt: skip
 
 
