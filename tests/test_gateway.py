@@ -551,7 +551,10 @@ def test_the_ledger_holds_its_calls_through_a_database_outage_and_a_poisoned_cal
 
     async def scenario() -> dict[str, Any]:
         settings = GatewayConfig(flush_interval_s=3600, store_before_reply=True, store_timeout_s=2.0)
-        ledger = EpisodeLedger(settings, DatabaseConfig(url=url, connect_timeout_s=1))
+        # The URL as start_gateway resolves it: with the password from the environment (the test server's trust
+        # authentication ignores it); a restarted ledger reads its episodes back through it too.
+        with_password = sa.make_url(url).set(password="from-the-environment").render_as_string(hide_password=False)
+        ledger = EpisodeLedger(settings, DatabaseConfig(url=url, connect_timeout_s=1), with_password)
         before = [await ledger.record_call(f"o{i}", _served("buy")) for i in range(3)]
         assert all(answer["stored"] is True for answer in before), before
         postgres.stop()  # a clean stop: the test server acknowledges commits before they are on disk
