@@ -87,7 +87,7 @@ class EpisodeLedger:
         self._url = url or database.resolved_url().render_as_string(hide_password=False)
         self._recovered: dict[str, int] | None = None
         self._recovering = asyncio.Lock()
-        self._records = LedgerStore(self._url, database)
+        self._records = LedgerStore(self._url, database, settings.ledger_name)
         self._open: dict[str, Episode] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> final status
         self._candidates: dict[str, list[str]] = {}  # candidate group -> trajectory ids awaiting rewards

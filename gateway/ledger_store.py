@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from recorder.actor import RecorderMetrics
 from recorder.config import DatabaseConfig
 from recorder.errors import is_connectivity
 from recorder.records import Record, record_size
@@ -70,15 +71,17 @@ def _next_batch(held: list[Record]) -> list[Record]:
 class LedgerStore:
     """Holds records (`add`) until `flush` has written them. Used from one event loop."""
 
-    def __init__(self, url: str, database: DatabaseConfig) -> None:
+    def __init__(self, url: str, database: DatabaseConfig, name: str) -> None:
         """`url`: the database to write to, resolved where the settings were read (it may carry a password from
-        that environment); `database`: its timeouts."""
+        that environment); `database`: its timeouts; `name`: the `recorder` tag of its metrics (the recorder's:
+        rows written and rejected, failed transactions, rows waiting)."""
         self._url = url
         self._database = database
         self.held: list[Record] = []
         self._store: TrajectoryStore | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-store")
         self._writing = asyncio.Lock()
+        self._metrics = RecorderMetrics(name)
 
     def add(self, *records: Record) -> None:
         self.held.extend(records)
@@ -100,6 +103,8 @@ class LedgerStore:
                         asyncio.shield(write), max(0.0, deadline - time.monotonic())
                     )
                 except Exception as exc:
+                    self._metrics.db_errors.inc(1, tags=self._metrics.tags)
+                    self._metrics.pending.set(len(self.held), tags=self._metrics.tags)
                     if not is_connectivity(exc) or time.monotonic() + backoff > deadline:
                         raise
                     report.retries += 1
@@ -110,6 +115,10 @@ class LedgerStore:
                 report.writes += 1
                 report.written += result.written
                 report.rejected += len(result.rejected)
+                self._metrics.written.inc(result.written, tags=self._metrics.tags)
+                if result.rejected:
+                    self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
+                self._metrics.pending.set(len(self.held), tags=self._metrics.tags)
                 for position, reason in result.rejected:
                     log.error("the database refused gateway record %s: %s", _key(batch[position])[:3], reason[:300])
         return report

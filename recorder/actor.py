@@ -53,8 +53,9 @@ class RecorderBusy(RuntimeError):
     """The recorder's buffer stayed full for `buffer_wait_s`; nothing from the call was stored. Retry later."""
 
 
-class _RecorderMetrics:
-    """Custom metrics on Ray's metrics endpoint and dashboard (exported with a `ray_` prefix)."""
+class RecorderMetrics:
+    """Custom metrics on Ray's metrics endpoint and dashboard (exported with a `ray_` prefix); the gateway's ledger,
+    which writes its own records, reports under its name too."""
 
     def __init__(self, actor_name: str) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -110,7 +111,7 @@ class Recorder:
             "calls": 0, "written": 0, "rejected": 0, "transactions": 0, "db_errors": 0, "busy": 0, "timeouts": 0,
             "write_s": 0.0,
         }  # fmt: skip
-        self._metrics = _RecorderMetrics(settings.actor_name)
+        self._metrics = RecorderMetrics(settings.actor_name)
         self._started = time.time()
 
     def _lane(self, source: str | None) -> _Lane:

@@ -61,6 +61,27 @@ def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
         db.dispose()
 
 
+def _exported(metric: str, recorder: str, wait_s: float = 60.0) -> float:
+    """A counter's value on this Ray node's metrics endpoint, for the series tagged with `recorder` (0 if absent
+    after `wait_s`: Ray exports every few seconds)."""
+    import time
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + wait_s
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines()
+            if line.split("{", 1)[0] == metric and f'recorder="{recorder}"' in line
+        ]
+        if values or time.monotonic() > deadline:
+            return sum(values)
+        time.sleep(1)
+
+
 @contextmanager
 def _database(folder: Path) -> Iterator[str]:
     """A migrated SQLite database in `folder` for a ledger of its own (the ledger writes to it itself): its URL."""
@@ -617,7 +638,9 @@ def test_a_restarted_ledger_carries_on_with_the_episodes_it_had_open(ray_session
             call("end", "waiting")  # ended, its reward comes later
             call("record_call", "done", _served("x"))
             call("reward", "done", 1.0)
-            call("flush")
+            written = call("flush")["written"]
+            # the rows it writes show on Ray's metrics as the recorder's do, under the ledger's name
+            assert _exported("ray_ziggurat_recorder_rows_written_total", settings.ledger_name) >= max(written, 1)
 
             before = ray.get(ledger.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
             os.kill(before, signal.SIGKILL)
