@@ -414,16 +414,22 @@ class Gateway:
         # Parsed once: the tool-call ids the client receives are the ones the next turn is matched against.
         parse = self._tool_call_parse(call)
         replies = [reply_message(completion, parse) for completion in completions] if call["chat"] else []
-        recorded = await self._record(call, result["model_version"], completions, replies[:1])
+        recording = asyncio.ensure_future(self._record(call, result["model_version"], completions, replies[:1]))
+        await asyncio.sleep(0)  # the ledger gets the call now, and the reply is built while it stores it
         request = call["request"]
-        if call["chat"]:
-            body = chat_response(
-                call["id"], request.model, len(call["prompt"]), completions, request.logprobs, self.tokenizer, replies
-            )
-        else:
-            body = completion_response(
-                call["id"], request.model, len(call["prompt"]), completions, request.logprobs or 0, self.tokenizer
-            )
+        try:
+            if call["chat"]:
+                body = chat_response(
+                    call["id"], request.model, len(call["prompt"]), completions, request.logprobs, self.tokenizer,
+                    replies,
+                )  # fmt: skip
+            else:
+                body = completion_response(
+                    call["id"], request.model, len(call["prompt"]), completions, request.logprobs or 0, self.tokenizer
+                )
+            response = JSONResponse(body)
+        finally:
+            recorded = await recording
         headers = {**call["headers"], "X-Ziggurat-Step": str(recorded["step"]), "X-Ziggurat-Group": recorded["group"]}
         headers["X-Ziggurat-Version"] = str(result["model_version"])
         if recorded.get("stored") is not None:  # gateway.store_before_reply: stored, or held past its deadline
@@ -433,7 +439,8 @@ class Gateway:
         before, after = generating - call["arrived"], time.perf_counter() - generated
         timing = f"prepare;dur={before * 1000:.2f}, generate;dur={(generated - generating) * 1000:.2f}"
         headers["Server-Timing"] = f"{timing}, record;dur={after * 1000:.2f}"
-        return JSONResponse(body, headers=headers)
+        response.headers.update(headers)
+        return response
 
     async def _stream_chat(self, call: dict[str, Any], client: str) -> AsyncIterator[str]:
         request, model, n = call["request"], call["request"].model, call["request"].n
