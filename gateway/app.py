@@ -85,6 +85,10 @@ def _fields(method: str, data: dict[str, Any]) -> list[Any]:
             raise RequestProblem("observation must be a string", "observation")
         if action is not None and not isinstance(action, dict):
             raise RequestProblem("action must be an object", "action")
+        try:  # what the step's JSON column will hold (Python's JSON parser lets NaN and Infinity in)
+            json.dumps(action, allow_nan=False)
+        except ValueError:
+            raise RequestProblem("action must not hold NaN or Infinity; send null or a number", "action") from None
         return [observation, action, _number(data, "reward", required=False) or 0.0, bool(data.get("done", False))]
     return []
 

@@ -115,7 +115,8 @@ class LedgerStore:
                 report.writes += 1
                 report.written += result.written
                 report.rejected += len(result.rejected)
-                self._metrics.written.inc(result.written, tags=self._metrics.tags)
+                if result.written:  # Ray's counters refuse a zero increment
+                    self._metrics.written.inc(result.written, tags=self._metrics.tags)
                 if result.rejected:
                     self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
                 self._metrics.pending.set(len(self.held), tags=self._metrics.tags)

@@ -208,7 +208,8 @@ class Recorder:
         self._stats["transactions"] += 1
         self._stats["written"] += result.written
         self._stats["rejected"] += len(result.rejected)
-        self._metrics.written.inc(result.written, tags=self._metrics.tags)
+        if result.written:  # Ray's counters refuse a zero increment
+            self._metrics.written.inc(result.written, tags=self._metrics.tags)
         if result.rejected:
             self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
         self._metrics.pending.set(self._pending_records - size, tags=self._metrics.tags)

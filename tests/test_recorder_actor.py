@@ -138,6 +138,12 @@ def test_malformed_records_come_back_named_and_the_rest_is_stored(ray_session, d
     assert "step_index must be an integer >= 0" in report.rejected[0][1]
     assert "unknown" in report.rejected[1][1]
     assert _stored_steps(db_url) == [("t1", 0)] and not client.unacked
+    # A call whose every row is refused is answered as such: it does not stop the writer (Ray's counters take
+    # no zero increment, and a write of nothing used to raise there, leaving its caller waiting to its timeout).
+    lone = ray.get(recorder.write.remote([StepRecord("ghost", 1, "obs")], "lone"), timeout=settings.call_timeout_s)
+    assert lone.written == 0 and [position for position, _ in lone.rejected] == [0]
+    client.add(step("t1", 1))
+    assert client.flush().acknowledged == 1
     stop_recorder(recorder)
 
 
