@@ -22,12 +22,11 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from recorder.actor import RecorderMetrics
 from recorder.config import DatabaseConfig
 from recorder.errors import is_connectivity
-from recorder.records import Record, record_size
+from recorder.records import Record, leading_batch, record_key
 from recorder.store import TrajectoryStore, WriteResult
 
 log = logging.getLogger(__name__)
@@ -49,23 +48,6 @@ class StoreReport:
     """Transactions it took."""
     retries: int = 0
     """Writes tried again after the database did not answer."""
-
-
-def _key(record: Any) -> tuple[Any, ...]:
-    try:
-        return tuple(record.key)
-    except Exception:  # a record whose key fields are broken is named as well as it can be
-        return ("unknown", repr(record)[:80])
-
-
-def _next_batch(held: list[Record]) -> list[Record]:
-    size, count = 0, 0
-    for record in held[:MAX_RECORDS_PER_WRITE]:
-        size += record_size(record)
-        if count and size > MAX_BYTES_PER_WRITE:
-            break
-        count += 1
-    return held[:count]
 
 
 class LedgerStore:
@@ -96,15 +78,14 @@ class LedgerStore:
         async with self._writing:
             loop = asyncio.get_running_loop()
             while self.held:
-                batch = _next_batch(self.held)
+                batch = self.held[: leading_batch(self.held, MAX_BYTES_PER_WRITE, MAX_RECORDS_PER_WRITE)]
                 write = loop.run_in_executor(self._thread, self._write, batch)
                 try:  # shielded: at the deadline the write goes on in its thread, and this flush gives up
                     result: WriteResult = await asyncio.wait_for(
                         asyncio.shield(write), max(0.0, deadline - time.monotonic())
                     )
                 except Exception as exc:
-                    self._metrics.db_errors.inc(1, tags=self._metrics.tags)
-                    self._metrics.pending.set(len(self.held), tags=self._metrics.tags)
+                    self._metrics.failed(len(self.held))
                     if not is_connectivity(exc) or time.monotonic() + backoff > deadline:
                         raise
                     report.retries += 1
@@ -115,13 +96,11 @@ class LedgerStore:
                 report.writes += 1
                 report.written += result.written
                 report.rejected += len(result.rejected)
-                if result.written:  # Ray's counters refuse a zero increment
-                    self._metrics.written.inc(result.written, tags=self._metrics.tags)
-                if result.rejected:
-                    self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
-                self._metrics.pending.set(len(self.held), tags=self._metrics.tags)
+                self._metrics.wrote(result, len(self.held))
                 for position, reason in result.rejected:
-                    log.error("the database refused gateway record %s: %s", _key(batch[position])[:3], reason[:300])
+                    log.error(
+                        "the database refused gateway record %s: %s", record_key(batch[position])[:3], reason[:300]
+                    )
         return report
 
     def _write(self, batch: list[Record]) -> WriteResult:

@@ -68,6 +68,19 @@ class RecorderMetrics:
         self.busy = Counter("ziggurat_recorder_busy", "Calls refused because the buffer was full", tag_keys=keys)
         self.pending = Gauge("ziggurat_recorder_pending_rows", "Rows waiting for the database", tag_keys=keys)
 
+    def wrote(self, result: WriteResult, pending: int) -> None:
+        """One committed transaction, with the rows still waiting after it."""
+        if result.written:  # Ray's counters refuse a zero increment
+            self.written.inc(result.written, tags=self.tags)
+        if result.rejected:
+            self.rejected.inc(len(result.rejected), tags=self.tags)
+        self.pending.set(pending, tags=self.tags)
+
+    def failed(self, pending: int) -> None:
+        """One failed transaction, with the rows still waiting."""
+        self.db_errors.inc(1, tags=self.tags)
+        self.pending.set(pending, tags=self.tags)
+
 
 _Call = tuple[list[Record | EncodedRows], asyncio.Future[WriteResult]]
 
@@ -208,11 +221,7 @@ class Recorder:
         self._stats["transactions"] += 1
         self._stats["written"] += result.written
         self._stats["rejected"] += len(result.rejected)
-        if result.written:  # Ray's counters refuse a zero increment
-            self._metrics.written.inc(result.written, tags=self._metrics.tags)
-        if result.rejected:
-            self._metrics.rejected.inc(len(result.rejected), tags=self._metrics.tags)
-        self._metrics.pending.set(self._pending_records - size, tags=self._metrics.tags)
+        self._metrics.wrote(result, self._pending_records - size)
         self._resolve(batch, result)
 
     @staticmethod

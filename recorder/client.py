@@ -31,7 +31,8 @@ from recorder.records import (
     Record,
     StepRecord,
     TrajectoryRecord,
-    record_size,
+    leading_batch,
+    record_key,
     validate,
     validate_many,
 )
@@ -57,13 +58,6 @@ class FlushReport:
     """(record key, reason) for each record refused, here (validation) or by the recorder or the database;
     each is reported once and dropped from the client. The rest of the batch is stored."""
     retries: int = 0
-
-
-def _key(record: object) -> tuple[Any, ...]:
-    try:
-        return record.key  # type: ignore[attr-defined,no-any-return]
-    except Exception:  # not a record, or one whose key fields are broken
-        return ("unknown", repr(record)[:80])
 
 
 def _encode(
@@ -148,17 +142,14 @@ class RecorderClient:
         bad record never blocks the ones after it.
         """
         # Half the recorder's buffer at most: with a start for each, a call still fits (a larger one is refused).
-        size, records, most = 0, [], max(1, self.settings.max_buffer_records // 2)
-        for record in self.unacked[position:]:
-            size += record_size(record)
-            if records and (size > self.settings.max_call_bytes or len(records) >= most):
-                break
-            records.append(record)
+        most = max(1, self.settings.max_buffer_records // 2)
+        pending = self.unacked[position:]
+        records = pending[: leading_batch(pending, self.settings.max_call_bytes, most)]
         rejected, good = [], []
         for record, problem in zip(records, validate_many(records), strict=True):
             problem = problem or self._refused.get(id(record))
             if problem:
-                rejected.append((_key(record), problem))
+                rejected.append((record_key(record), problem))
             else:
                 good.append(record)
         own = {r.id for r in good if isinstance(r, TrajectoryRecord)}

@@ -173,6 +173,26 @@ def record_size(record: Record) -> int:
         return 200
 
 
+def leading_batch(records: Sequence[Record], max_bytes: int, max_count: int) -> int:
+    """How many of the leading `records` make one write of at most `max_count` records and about `max_bytes`
+    (`record_size`); at least one, so a record larger than that goes alone."""
+    size, count = 0, 0
+    for record in records[:max_count]:
+        size += record_size(record)
+        if count and size > max_bytes:
+            break
+        count += 1
+    return count
+
+
+def record_key(record: object) -> tuple[Any, ...]:
+    """A record's key for naming it in a report, or a stand-in for one whose key fields are broken."""
+    try:
+        return tuple(record.key)  # type: ignore[attr-defined]
+    except Exception:  # not a record, or one whose key fields are broken
+        return ("unknown", repr(record)[:80])
+
+
 _T, _C, _J = Trajectory.__table__.c, LlmCall.__table__.c, RewardJudgment.__table__.c
 
 

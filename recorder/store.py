@@ -123,7 +123,8 @@ def _sqlite_trajectory_upsert() -> Any:
 
 
 class TrajectoryStore:
-    """Owns a SQLAlchemy engine; `write` is the recorder's only path into the database."""
+    """Owns a SQLAlchemy engine; `write` is the only path records take into the database (the recorder actor's,
+    and the gateway ledger's for its calls)."""
 
     def __init__(
         self,
