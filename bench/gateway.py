@@ -122,6 +122,10 @@ def main() -> None:
         "--no-store-before-reply", dest="store_before_reply", action="store_false",
         help="answer calls before their records are stored (gateway.store_before_reply: false)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ledger-transport", choices=["socket", "ray"], default="socket",
+        help="how replicas reach the ledger (gateway.ledger_transport)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import httpx
@@ -158,7 +162,7 @@ def main() -> None:
     settings = GatewayConfig(
         enabled=True, port=port, auth="none", max_in_flight=4 * args.concurrency,
         max_concurrency_per_key=4 * args.concurrency, app_name="bench-gateway", ledger_name="bench-gateway-ledger",
-        store_before_reply=args.store_before_reply,
+        store_before_reply=args.store_before_reply, ledger_transport=args.ledger_transport,
     )  # fmt: skip
     base = start_gateway(
         settings, DatabaseConfig(url=url), model_name="bench", model_path=model_path,
@@ -228,6 +232,7 @@ def main() -> None:
     measured = asyncio.run(run())
     ledger = ray.get_actor(settings.ledger_name)
     ray.get(ledger.flush.remote(), timeout=120)
+    link_calls = ray.get(ledger.stats.remote(), timeout=120)["link_calls"]
     sent = args.rounds * args.requests + 2 * args.probes + 4
     failed = sum(r["failed"] for r in measured["gateway"])
     db = sa.create_engine(url)
@@ -285,6 +290,8 @@ def main() -> None:
         "replica_own_ms_p50": round(statistics.median(measured["replica_ms"]), 2),
         "record_ms_p50": round(statistics.median(measured["record_ms"]), 2),
         "store_before_reply": args.store_before_reply,
+        "ledger_transport": args.ledger_transport,
+        "ledger_link_calls": link_calls,
         "failed_requests": failed,
         "gateway_calls_sent": sent,
         "calls_recorded": stored,

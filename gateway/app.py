@@ -26,6 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from gateway.config import GatewayConfig
 from gateway.ledger import start_ledger
+from gateway.ledger_link import LedgerLink
 from gateway.prompts import extend_prompt, render_prompt
 from gateway.protocol import (
     ChatRequest,
@@ -137,6 +138,7 @@ class Gateway:
         self.tool_parser = VllmToolParser(settings.tool_parser, self.tokenizer) if settings.tool_parser else None
         self.namespace = namespace
         self.ledger = ray.get_actor(settings.ledger_name, namespace=namespace)
+        self.ledger_link = LedgerLink(self.ledger, settings.ledger_timeout_s, settings.ledger_transport == "socket")
         self.worker_names = list(worker_names)
         self._workers: dict[str, Any] = {}
         self._load: Counter[str] = Counter()  # requests this replica has in flight on each rollout actor
@@ -216,8 +218,8 @@ class Gateway:
 
     async def _ledger(self, method: str, *args: Any) -> dict[str, Any]:
         try:
-            answer = await asyncio.wait_for(getattr(self.ledger, method).remote(*args), self.settings.ledger_timeout_s)
-        except (TimeoutError, GetTimeoutError, RayActorError) as exc:
+            answer = await self.ledger_link.call(method, *args)
+        except (TimeoutError, GetTimeoutError, RayActorError, ConnectionError) as exc:
             raise RequestProblem(
                 f"the episode ledger did not answer ({type(exc).__name__}), so whether it recorded this is unknown; "
                 "retry (a repeated annotation is answered as the first)",

@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from gateway.config import GatewayConfig
+from gateway.ledger_link import LinkServer, serve_link
 from gateway.ledger_store import LedgerStore
 from gateway.recovery import LedgerState, read_ledger_state
 from recorder.config import DatabaseConfig
@@ -39,6 +40,10 @@ from recorder.records import LlmCallRecord, StepRecord, TrajectoryRecord
 log = logging.getLogger(__name__)
 
 ENVIRONMENT = "gateway"
+LINK_METHODS = frozenset(
+    {"open", "record_call", "annotate", "end", "reward", "reward_candidates", "context", "describe", "stats"}
+)
+"""What a replica may call over the ledger's socket (gateway.ledger_link)."""
 _CLOSED_REMEMBERED = 100_000  # closed episodes remembered, so a late reward gets "closed", not "unknown"
 
 
@@ -98,6 +103,8 @@ class EpisodeLedger:
         self._flushes = 0  # database writes
         self._tasks: list[asyncio.Task] = []
         self._recorded_calls = 0
+        self._link: LinkServer | None = None
+        self._linking = asyncio.Lock()
 
     def _background(self) -> None:
         if not self._tasks:
@@ -485,6 +492,16 @@ class EpisodeLedger:
             await asyncio.sleep(interval)
             await self.expire()
 
+    async def link(self) -> dict[str, Any]:
+        """Where this ledger's socket listens and its token (gateway.ledger_link), opened on first asking."""
+        async with self._linking:
+            if self._link is None:
+                answer = lambda method, args: getattr(self, method)(*args)  # noqa: E731
+                self._link = await serve_link(
+                    answer, LINK_METHODS, ray.util.get_node_ip_address(), self._settings.ledger_timeout_s
+                )
+        return self._link.address
+
     async def stats(self) -> dict[str, Any]:
         """Counts of what the ledger holds; the first call after a start reads the open episodes back."""
         if (refused := await self._ready()) is not None:
@@ -496,6 +513,7 @@ class EpisodeLedger:
             "calls_recorded": self._recorded_calls,
             "held_records": len(self._records.held),
             "flushes": self._flushes,
+            "link_calls": self._link.calls if self._link is not None else 0,
             "recovered": dict(self._recovered or {}),
         }
 
@@ -504,6 +522,8 @@ class EpisodeLedger:
         after it."""
         for task in self._tasks:
             task.cancel()
+        if self._link is not None:
+            self._link.close()
         for episode in self._open.values():
             self._close_step(episode)
         try:

@@ -813,9 +813,14 @@ def test_a_gateway_on_another_port_than_the_clusters_serve_is_refused(gateway, t
 
 def test_with_two_replicas_an_episode_continues_its_tokens_on_whichever_replica_serves_it(gateway):
     """The module's gateway runs 2 replicas. An episode's second turn that reaches the replica which did not serve
-    its first still continues the first call's exact tokens (from the ledger)."""
+    its first still continues the first call's exact tokens (from the ledger). Both replicas reach the ledger over
+    its socket (gateway.ledger_transport), the ledger's answers the same as through its actor."""
+    import ray
+
     from recorder.records import unpack_tokens
 
+    ledger = ray.get_actor(gateway[3].ledger_name)
+    over_socket = ray.get(ledger.stats.remote(), timeout=60)["link_calls"]
     hops = 0
     for index in range(12):
         client = _client(gateway, **{"X-Ziggurat-Episode": f"hop-{index}"})
@@ -826,6 +831,9 @@ def test_with_two_replicas_an_episode_continues_its_tokens_on_whichever_replica_
         second = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6)
         hops += first.headers["x-ziggurat-replica"] != second.headers["x-ziggurat-replica"]
     assert hops > 0, "every second turn reached the replica of its first: nothing crossed replicas"
+    # 24 record_call answers, and a context lookup per crossed second turn, each over the socket once a replica has
+    # it up (a replica that had not served before this test sends its first call through the actor)
+    assert ray.get(ledger.stats.remote(), timeout=60)["link_calls"] - over_socket >= 24 - 2
     _flush(gateway)
     for index in range(12):
         first, second = _calls(gateway, f"hop-{index}")
