@@ -219,7 +219,7 @@ class Gateway:
     async def _ledger(self, method: str, *args: Any) -> dict[str, Any]:
         try:
             answer = await self.ledger_link.call(method, *args)
-        except (TimeoutError, GetTimeoutError, RayActorError, ConnectionError) as exc:
+        except (TimeoutError, GetTimeoutError, RayActorError, OSError) as exc:
             raise RequestProblem(
                 f"the episode ledger did not answer ({type(exc).__name__}), so whether it recorded this is unknown; "
                 "retry (a repeated annotation is answered as the first)",

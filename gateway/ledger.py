@@ -495,6 +495,8 @@ class EpisodeLedger:
     async def link(self) -> dict[str, Any]:
         """Where this ledger's socket listens and its token (gateway.ledger_link), opened on first asking."""
         async with self._linking:
+            if self._link is not None and not self._link.server.is_serving():
+                raise RuntimeError("the episode ledger is closed")
             if self._link is None:
                 answer = lambda method, args: getattr(self, method)(*args)  # noqa: E731
                 self._link = await serve_link(

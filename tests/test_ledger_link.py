@@ -44,7 +44,7 @@ def test_calls_go_over_the_socket_once_it_is_up_and_through_the_actor_while_the_
         ledger = start_ledger(settings, DatabaseConfig(url=url))
         try:
 
-            async def before_the_kill() -> tuple[list[int], list[int], int]:
+            async def before_the_kill() -> tuple[list[int], list[dict[str, Any]], int]:
                 link = LedgerLink(ledger, settings.ledger_timeout_s)
                 first = await link.call("record_call", "solo", _served("a"))
                 await _connected(link)
@@ -52,17 +52,18 @@ def test_calls_go_over_the_socket_once_it_is_up_and_through_the_actor_while_the_
                 crowd = await asyncio.gather(*(link.call("record_call", f"e{i}", _served("b")) for i in range(40)))
                 over_socket = (await link.call("stats"))["link_calls"]
                 link.close()
-                return [first["step"]] + [a["step"] for a in sent], [a["step"] for a in crowd], over_socket
+                return [first["step"]] + [a["step"] for a in sent], crowd, over_socket
 
             steps, crowd, over_socket = asyncio.run(before_the_kill())
-            assert steps == [0, 1, 2, 3] and crowd == [0] * 40
+            assert steps == [0, 1, 2, 3]
+            assert [(a["episode"], a["step"]) for a in crowd] == [(f"e{i}", 0) for i in range(40)]  # each its own
             assert over_socket == 3 + 40  # the first call went through the actor, every later one not
 
             async def across_the_kill() -> tuple[type, dict[str, Any], int]:
                 link = LedgerLink(ledger, settings.ledger_timeout_s)
                 await link.call("stats")
                 await _connected(link)
-                pid = await ledger.__ray_call__.remote(lambda _: os.getpid())
+                pid = await asyncio.wait_for(ledger.__ray_call__.remote(lambda _: os.getpid()), 60)
                 # an annotation waits for its store; the ledger dies before or while answering it
                 in_flight = asyncio.ensure_future(link.call("annotate", "solo", "price 0.4", {"order": "buy"}, 0.25))
                 await asyncio.sleep(0)
@@ -72,7 +73,9 @@ def test_calls_go_over_the_socket_once_it_is_up_and_through_the_actor_while_the_
                     failed: type = type(None)
                 except Exception as exc:
                     failed = type(exc)
+                deadline = time.monotonic() + 120
                 while True:  # as a client would on its 503s: until the restarted ledger answers
+                    assert time.monotonic() < deadline, "the ledger did not come back"
                     try:
                         await link.call("stats")
                         break
@@ -87,17 +90,24 @@ def test_calls_go_over_the_socket_once_it_is_up_and_through_the_actor_while_the_
 
             failed, after, over_socket = asyncio.run(across_the_kill())
             assert failed in (ConnectionError, type(None)), failed  # answered before it died, or unknown
-            assert after["step"] == 4 + (failed is type(None)), after  # read back from the database: no step lost
+            assert after["step"] == 4, after  # the steps read back from the database: none lost, none doubled
             assert over_socket >= 1  # the new life's socket took the calls after it was found
         finally:
             ray.kill(ledger, no_restart=True)
 
 
 def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_callers():
-    """A wrong token, a request for a method the ledger does not offer, a frame of absurd size: each refused,
-    and the link serves on. Answers finish out of order and each reaches its caller; a call past its deadline
-    raises TimeoutError and closes that connection (the next calls go through the actor until it is back)."""
-    from gateway.ledger_link import MAX_FRAME_BYTES, LinkError, _Connection, _frame, _read_frame, serve_link
+    """A wrong token, a token frame of absurd size, a request for a method the ledger does not offer, a frame of
+    absurd size: each refused, and the link serves on. Answers finish out of order and each reaches its caller; a
+    call past its deadline raises TimeoutError, and its answer, arriving late, reaches no one."""
+    from gateway.ledger_link import (
+        MAX_FRAME_BYTES,
+        LinkError,
+        _Connection,
+        _frame,
+        _read_frame,
+        serve_link,
+    )  # fmt: skip
 
     answered: list[str] = []
 
@@ -118,24 +128,28 @@ def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_calle
         writer.write(_frame([1, "slow", [0, "intruder"]]))
         with pytest.raises(asyncio.IncompleteReadError):
             await asyncio.wait_for(_read_frame(reader), 5)  # closed without an answer
+        reader, writer = await asyncio.open_connection(link.host, link.port)  # a token frame of absurd size
+        writer.write((100_000).to_bytes(4, "big") + b"x" * 64)
+        # closed at once, not after waiting out the token's deadline (2 s) for the rest of the frame
+        assert await _closed(reader, within_s=1)
         reader, writer = await connect(link.token)
         writer.write((MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
         assert await asyncio.wait_for(_read_frame(reader), 5) == "ok"
-        assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed: the link does not wait for 256 MB
+        assert await _closed(reader, within_s=5)  # the link does not wait for 256 MB
 
         reader, writer = await connect(link.token)
         assert await _read_frame(reader) == "ok"
         connection = _Connection(reader, writer)
         calls = [(i, 0.3 - 0.1 * i, f"c{i}") for i in range(3)]  # the last sent finishes first
         answers = await asyncio.gather(
-            *(connection.call("slow", _frame([i, "slow", [delay, tag]]), i, 5) for i, delay, tag in calls)
+            *(connection.call(_frame([i, "slow", [delay, tag]]), i, 5) for i, delay, tag in calls)
         )
         assert answers == [{"echo": tag} for _, _, tag in calls] and answered == ["c2", "c1", "c0"]
         with pytest.raises(LinkError, match="'forbidden' is not a ledger call"):
-            await connection.call("forbidden", _frame([7, "forbidden", []]), 7, 5)
+            await connection.call(_frame([7, "forbidden", []]), 7, 5)
         with pytest.raises(TimeoutError):
-            await connection.call("slow", _frame([8, "slow", [1.0, "late"]]), 8, 0.2)
-        assert await connection.call("slow", _frame([9, "slow", [0, "next"]]), 9, 5) == {"echo": "next"}
+            await connection.call(_frame([8, "slow", [1.0, "late"]]), 8, 0.2)
+        assert await connection.call(_frame([9, "slow", [0, "next"]]), 9, 5) == {"echo": "next"}
         await asyncio.sleep(1.0)  # the late answer arrives for a caller that is gone, and is dropped
         assert not connection.closed and "late" in answered and "intruder" not in answered
         assert link.calls == 5
@@ -143,3 +157,92 @@ def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_calle
         link.close()
 
     asyncio.run(scenario())
+
+
+async def _closed(reader: asyncio.StreamReader, within_s: float) -> bool:
+    """Whether the other end closed the connection (an end with our bytes unread resets it) within the time."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within_s) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def slow_ledger(ray_session) -> Any:
+    """A Ray actor that serves the link as the ledger does, with one call, `slow(delay_s, tag)`, that answers the tag
+    after the delay and counts the calls that came through the actor rather than the socket."""
+    import ray
+
+    from gateway.ledger_link import serve_link
+
+    @ray.remote
+    class SlowLedger:
+        def __init__(self) -> None:
+            self.link_server: Any = None
+            self.through_actor = 0
+
+        async def link(self) -> dict[str, Any]:
+            if self.link_server is None:
+                answer = lambda method, args: self.answer(*args)  # noqa: E731
+                self.link_server = await serve_link(answer, frozenset({"slow"}), "127.0.0.1", 5)
+            return self.link_server.address
+
+        async def answer(self, delay_s: float, tag: str) -> str:
+            await asyncio.sleep(delay_s)
+            return tag
+
+        async def slow(self, delay_s: float, tag: str) -> str:
+            self.through_actor += 1
+            return await self.answer(delay_s, tag)
+
+        def counts(self) -> dict[str, int]:
+            return {"actor": self.through_actor, "socket": self.link_server.calls if self.link_server else 0}
+
+    actor = SlowLedger.options(max_concurrency=100).remote()
+    ray.get(actor.counts.remote(), timeout=60)  # started: the test's own deadlines are short
+    yield actor
+    ray.kill(actor)
+
+
+def test_a_call_past_its_deadline_sends_the_next_ones_through_the_actor_and_spares_the_calls_in_flight(
+    slow_ledger,
+):
+    """A ledger that stops answering one call over the socket: that call raises TimeoutError at its deadline, a
+    call already in flight on the same connection still gets its answer, the calls after it go through the actor,
+    and a new socket is asked for (the old one closes once its calls are done)."""
+    import ray
+
+    from gateway.ledger_link import LedgerLink
+
+    async def scenario() -> tuple[list[Any], dict[str, int], dict[str, int]]:
+        link = LedgerLink(slow_ledger, timeout_s=1.0)
+        await link.call("slow", 0, "first")  # through the actor; the socket connects meanwhile
+        deadline = time.monotonic() + 30
+        while not link.connected:
+            assert time.monotonic() < deadline, "the link did not connect"
+            await asyncio.sleep(0.05)
+        stuck = asyncio.ensure_future(link.call("slow", 5.0, "stuck"))
+        await asyncio.sleep(0.7)
+        in_flight = asyncio.ensure_future(link.call("slow", 0.6, "in flight"))  # answered after stuck's deadline
+        outcomes: list[Any] = []
+        try:
+            await stuck
+        except TimeoutError:
+            outcomes.append("timed out")
+        assert not link.connected
+        outcomes.append(await link.call("slow", 0, "after"))  # through the actor
+        outcomes.append(await in_flight)
+        before = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        while not link.connected:  # the link asks for a socket again
+            assert time.monotonic() < deadline + 30, "the link did not reconnect"
+            await link.call("slow", 0, "probe")
+            await asyncio.sleep(0.05)
+        outcomes.append(await link.call("slow", 0, "over the new socket"))
+        after = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        link.close()
+        return outcomes, before, after
+
+    outcomes, before, after = asyncio.run(scenario())
+    assert outcomes == ["timed out", "after", "in flight", "over the new socket"]
+    assert before == {"actor": 2, "socket": 1}  # "first" and "after" through the actor, "in flight" answered
+    assert after["socket"] >= 2 and ray.get(slow_ledger.counts.remote(), timeout=30)["socket"] == after["socket"]
