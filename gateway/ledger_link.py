@@ -37,8 +37,9 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 call that would exceed it through the actor."""
 MAX_TOKEN_FRAME_BYTES = 64
 """Before its token is accepted, a peer may send no frame larger than this."""
-MAX_UNAUTHENTICATED = 16
-"""Connections that have not yet sent their token, at once; more are closed at once."""
+MAX_UNAUTHENTICATED = 256
+"""Connections that have not yet sent their token, at once; more are closed at once (their replicas go through
+the actor and try again)."""
 MAX_IN_FLIGHT_PER_CONNECTION = 4096
 """Calls one connection may have running in the ledger; the link stops reading it until one finishes."""
 CONNECT_TIMEOUT_S = 2.0
@@ -166,7 +167,9 @@ async def serve_link(
             return
         try:
             frame = _frame(reply)
-        except Exception as exc:  # an answer msgpack cannot carry: say so rather than leave the caller waiting
+            if len(frame) - 4 > MAX_FRAME_BYTES:
+                raise ValueError(f"{len(frame) - 4} bytes, over the link's {MAX_FRAME_BYTES}")
+        except Exception as exc:  # an answer the link cannot carry: say so rather than leave the caller waiting
             frame = _frame([call_id, None, f"the ledger's answer cannot be sent ({type(exc).__name__}: {exc})"])
         try:
             writer.write(frame)
@@ -305,14 +308,20 @@ class LedgerLink:
             self._connecting = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
+        writer = None
         try:
             address = await asyncio.wait_for(self._ledger.link.remote(), self._timeout_s)
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(address["host"], address["port"])
+                _keep_alive(writer)
                 writer.write(_frame(address["token"]))
                 if await _read_frame(reader) != "ok":
                     raise ConnectionError("the ledger refused the token")
-        except Exception as exc:
+        except BaseException as exc:
+            if writer is not None:
+                writer.close()
+            if not isinstance(exc, Exception):  # cancelled by close()
+                raise
             first, most = RECONNECT_PAUSE_S
             pause = min(most, first * 2**self._failures)
             self._failures += 1
@@ -323,7 +332,6 @@ class LedgerLink:
                 type(exc).__name__, str(exc)[:300], pause,
             )  # fmt: skip
             return
-        _keep_alive(writer)
         self._failures = 0
         self._connection = _Connection(reader, writer)
         log.info("ledger link: connected to %s:%s", address["host"], address["port"])

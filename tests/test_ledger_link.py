@@ -5,6 +5,7 @@ be made to do on cue (answer late, or out of order)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -96,10 +97,12 @@ def test_calls_go_over_the_socket_once_it_is_up_and_through_the_actor_while_the_
             ray.kill(ledger, no_restart=True)
 
 
-def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_callers():
-    """A wrong token, a token frame of absurd size, a request for a method the ledger does not offer, a frame of
-    absurd size: each refused, and the link serves on. Answers finish out of order and each reaches its caller; a
-    call past its deadline raises TimeoutError, and its answer, arriving late, reaches no one."""
+def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_callers(monkeypatch):
+    """A wrong token, a token frame of absurd size, more connections than allowed that never send a token, a
+    request for a method the ledger does not offer, a frame of absurd size: each refused, and the link serves on.
+    Answers finish out of order and each reaches its caller; a call past its deadline raises TimeoutError, and its
+    answer, arriving late, reaches no one."""
+    from gateway import ledger_link
     from gateway.ledger_link import (
         MAX_FRAME_BYTES,
         LinkError,
@@ -115,6 +118,8 @@ def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_calle
         await asyncio.sleep(args[0])
         answered.append(args[1])
         return {"echo": args[1]}
+
+    monkeypatch.setattr(ledger_link, "MAX_UNAUTHENTICATED", 3)
 
     async def scenario() -> None:
         link = await serve_link(answer, frozenset({"slow"}), "127.0.0.1", write_timeout_s=5)
@@ -132,9 +137,19 @@ def test_a_foreign_peer_gets_nothing_and_late_answers_reach_only_their_own_calle
         writer.write((100_000).to_bytes(4, "big") + b"x" * 64)
         # closed at once, not after waiting out the token's deadline (2 s) for the rest of the frame
         assert await _closed(reader, within_s=1)
+        # connections that send no token take at most MAX_UNAUTHENTICATED places (3 here); a replica's gets in
+        # once one of them has gone
+        silent = [await asyncio.open_connection(link.host, link.port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        turned_away, _ = await connect(link.token)
+        assert await _closed(turned_away, within_s=1)
+        silent[0][1].close()
+        await asyncio.sleep(0.1)
         reader, writer = await connect(link.token)
-        writer.write((MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
         assert await asyncio.wait_for(_read_frame(reader), 5) == "ok"
+        for _, other in silent[1:]:
+            other.close()
+        writer.write((MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
         assert await _closed(reader, within_s=5)  # the link does not wait for 256 MB
 
         reader, writer = await connect(link.token)
@@ -205,44 +220,55 @@ def slow_ledger(ray_session) -> Any:
 
 
 def test_a_call_past_its_deadline_sends_the_next_ones_through_the_actor_and_spares_the_calls_in_flight(
-    slow_ledger,
+    slow_ledger, monkeypatch
 ):
     """A ledger that stops answering one call over the socket: that call raises TimeoutError at its deadline, a
     call already in flight on the same connection still gets its answer, the calls after it go through the actor,
-    and a new socket is asked for (the old one closes once its calls are done)."""
-    import ray
-
+    the old connection closes once its calls are done, and a new socket is asked for. A call too large for a
+    frame goes through the actor, and the socket stays up."""
+    from gateway import ledger_link
     from gateway.ledger_link import LedgerLink
 
-    async def scenario() -> tuple[list[Any], dict[str, int], dict[str, int]]:
-        link = LedgerLink(slow_ledger, timeout_s=1.0)
-        await link.call("slow", 0, "first")  # through the actor; the socket connects meanwhile
-        deadline = time.monotonic() + 30
-        while not link.connected:
+    async def connected(link: LedgerLink) -> None:
+        deadline = time.monotonic() + 60
+        while not link.connected:  # the link connects when asked to call
             assert time.monotonic() < deadline, "the link did not connect"
+            await link.call("slow", 0, "probe")
             await asyncio.sleep(0.05)
-        stuck = asyncio.ensure_future(link.call("slow", 5.0, "stuck"))
-        await asyncio.sleep(0.7)
-        in_flight = asyncio.ensure_future(link.call("slow", 0.6, "in flight"))  # answered after stuck's deadline
+
+    async def scenario() -> tuple[list[Any], list[dict[str, int]]]:
+        link = LedgerLink(slow_ledger, timeout_s=4.0)
+        await connected(link)
+        start = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        old = link._connection
+        assert old is not None
+        stuck = asyncio.ensure_future(link.call("slow", 600, "stuck"))
+        await asyncio.sleep(3.0)
+        in_flight = asyncio.ensure_future(link.call("slow", 2.0, "in flight"))  # answered 1 s after stuck's deadline
         outcomes: list[Any] = []
         try:
             await stuck
         except TimeoutError:
             outcomes.append("timed out")
-        assert not link.connected
+        assert not link.connected and not old.closed  # retired: "in flight" still waits on it
         outcomes.append(await link.call("slow", 0, "after"))  # through the actor
         outcomes.append(await in_flight)
-        before = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
-        while not link.connected:  # the link asks for a socket again
-            assert time.monotonic() < deadline + 30, "the link did not reconnect"
-            await link.call("slow", 0, "probe")
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        assert old.closed  # its last call answered
+        middle = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        await connected(link)
         outcomes.append(await link.call("slow", 0, "over the new socket"))
-        after = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        before_large = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
+        monkeypatch.setattr(ledger_link, "MAX_FRAME_BYTES", 1000)  # this side's limit only
+        outcomes.append(len(await link.call("slow", 0, "x" * 5000)))
+        assert link.connected
+        end = await asyncio.wait_for(slow_ledger.counts.remote(), 30)
         link.close()
-        return outcomes, before, after
+        return outcomes, [start, middle, before_large, end]
 
-    outcomes, before, after = asyncio.run(scenario())
-    assert outcomes == ["timed out", "after", "in flight", "over the new socket"]
-    assert before == {"actor": 2, "socket": 1}  # "first" and "after" through the actor, "in flight" answered
-    assert after["socket"] >= 2 and ray.get(slow_ledger.counts.remote(), timeout=30)["socket"] == after["socket"]
+    outcomes, counts = asyncio.run(scenario())
+    assert outcomes == ["timed out", "after", "in flight", "over the new socket", 5000]
+    moved = [(b["actor"] - a["actor"], b["socket"] - a["socket"]) for a, b in itertools.pairwise(counts)]
+    # "after" went through the actor and "in flight" was answered over the retired socket; "over the new socket"
+    # (and any probes through the actor while it was found); the large call through the actor
+    assert moved[0] == (1, 1) and moved[1][1] == 1 and moved[2] == (1, 0), moved
