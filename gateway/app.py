@@ -460,6 +460,7 @@ class Gateway:
         try:
             for index in range(n):
                 yield _sse(chat_chunk(call["id"], model, {"role": "assistant", "content": ""}, None, index=index))
+            last_sent = time.monotonic()
             async for delta in self._stream(call["prompt"], call["sampling"], call["version"]):
                 index = delta["index"]
                 sample = samples[index]
@@ -472,10 +473,15 @@ class Gateway:
                 if request.logprobs:
                     block = {"content": token_logprobs(self.tokenizer, delta)}
                 text, calls = splitters[index].feed(delta["text"]) if splitters else (delta["text"], [])
+                chunks = self._tool_call_chunks(call, calls, splitters, index)
                 if text or block:
-                    yield _sse(chat_chunk(call["id"], model, {"content": text}, None, block, index))
-                for chunk in self._tool_call_chunks(call, calls, splitters, index):
+                    chunks.insert(0, _sse(chat_chunk(call["id"], model, {"content": text}, None, block, index)))
+                if not chunks and time.monotonic() - last_sent >= self.settings.stream_keepalive_s:
+                    chunks = [": held\n\n"]  # text held back: an SSE comment keeps idle-timeout proxies off
+                for chunk in chunks:
                     yield chunk
+                if chunks:
+                    last_sent = time.monotonic()
             completions = [{**sample, "top_logprobs": sample["top_logprobs"] or None} for sample in samples]
             assert version is not None, "vLLM streamed no output"
             if splitters:

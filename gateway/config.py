@@ -99,6 +99,11 @@ class GatewayConfig(BaseModel):
     is offered them; it answers them well only in a format it was trained on, and the replies are parsed as
     `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks."""
 
+    stream_keepalive_s: float = Field(10.0, gt=0)
+    """While a streamed reply's text is held back (a tool call not closed yet; with `tool_parser`, the whole reply)
+    and nothing else has gone out for this long, an SSE comment line is sent, which clients skip (the SSE spec):
+    proxies that cut idle connections keep the stream."""
+
     tool_parser: str | None = None
     """vLLM's tool-call parser for the served model's format (`llama3_json`, `pythonic`, `mistral`, ... as
     `vllm serve --tool-call-parser` takes), when it is not the `<tool_call>` JSON of Hermes and Qwen that the

@@ -44,6 +44,7 @@ def gateway(ray_session, tiny_model_dir, tmp_path_factory, gateway_port):
         enabled=True, port=gateway_port, key_refresh_s=0.5, max_body_bytes=20_000, max_tokens_cap=160,
         default_max_tokens=32, flush_interval_s=0.2, ledger_name="zg-ledger", app_name="zg-gateway",
         max_concurrency_per_key=4, replicas=2, chat_template=HERMES,
+        stream_keepalive_s=0.001,  # every held-back delta sends a comment: the SDK tests read streams with them
     )  # fmt: skip
     config = serving_config(loop_config(url, tiny_model_dir, folder, "zg", min_groups=1))
     config = config.model_copy(
@@ -292,6 +293,35 @@ def test_a_streamed_tool_call_reaches_the_sdk_as_a_call_and_the_next_turn_contin
     prompt0, prompt1 = unpack_tokens(calls[0].prompt_token_ids), unpack_tokens(calls[1].prompt_token_ids)
     assert np.array_equal(prompt1[: len(prompt0) + len(completion)], np.concatenate([prompt0, completion]))
     assert calls[1].sampling_params["segment"] == "continued"
+
+
+def test_a_stream_holding_back_a_tool_call_sends_sse_comments_meanwhile(gateway):
+    """While a forced call's block is open its text is held: the stream carries SSE comments meanwhile (clients
+    skip them), and each `data:` line is still one whole chunk. The SDK's reading of such a stream is the test
+    above, on the same gateway."""
+    import httpx
+
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Snow or rain? Place an order."}],
+        "tools": [ORDER, WAIT], "tool_choice": "required", "max_tokens": 160, "stream": True,
+    }  # fmt: skip
+    headers = {"Authorization": f"Bearer {gateway[1]}", "X-Ziggurat-Episode": "tools-keepalive"}
+    with httpx.stream("POST", f"{gateway[0]}/v1/chat/completions", json=body, headers=headers, timeout=120) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    comments = [line for line in lines if line.startswith(":")]
+    data = [line.removeprefix("data: ") for line in lines if not line.startswith(":")]
+    assert comments and all(line == ": held" for line in comments), lines[:5]
+    assert data[-1] == "[DONE]" and all(line.startswith("data: ") for line in lines if not line.startswith(":"))
+    chunks = [json.loads(line) for line in data[:-1]]
+    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+    assert not any(delta.get("content") for delta in deltas)  # the held text never leaked as content
+    assert [c["finish_reason"] for c in chunks[-1]["choices"]] == ["tool_calls"]
+    # a comment goes out only while text is held: a stream without tools holds nothing and sends none
+    plain = {"model": MODEL, "messages": body["messages"], "max_tokens": 24, "stream": True}
+    with httpx.stream("POST", f"{gateway[0]}/v1/chat/completions", json=plain, headers=headers, timeout=120) as reply:
+        plain_lines = [line for line in reply.iter_lines() if line]
+    assert plain_lines[-1] == "data: [DONE]" and not any(line.startswith(":") for line in plain_lines)
 
 
 def test_streamed_and_concurrent_async_calls_record_exactly_what_the_client_received(gateway, tiny_model_dir):
