@@ -476,8 +476,9 @@ class Gateway:
                 chunks = self._tool_call_chunks(call, calls, splitters, index)
                 if text or block:
                     chunks.insert(0, _sse(chat_chunk(call["id"], model, {"content": text}, None, block, index)))
-                if not chunks and time.monotonic() - last_sent >= self.settings.stream_keepalive_s:
-                    chunks = [": held\n\n"]  # text held back: an SSE comment keeps idle-timeout proxies off
+                holding = splitters is not None and any(splitter.held for splitter in splitters)
+                if not chunks and holding and time.monotonic() - last_sent >= self.settings.stream_keepalive_s:
+                    chunks = [": held\n\n"]  # an SSE comment, which clients skip, keeps idle-timeout proxies off
                 for chunk in chunks:
                     yield chunk
                 if chunks:

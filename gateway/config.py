@@ -100,9 +100,9 @@ class GatewayConfig(BaseModel):
     `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks."""
 
     stream_keepalive_s: float = Field(10.0, gt=0)
-    """While a streamed reply's text is held back (a tool call not closed yet; with `tool_parser`, the whole reply)
-    and nothing else has gone out for this long, an SSE comment line is sent, which clients skip (the SSE spec):
-    proxies that cut idle connections keep the stream."""
+    """While a streamed reply's text is held back (a tool call not closed yet; with `tool_parser`, the whole reply),
+    the first token generated after this long without a chunk sends an SSE comment line instead, which clients
+    skip (the SSE spec): proxies that cut idle connections keep the stream."""
 
     tool_parser: str | None = None
     """vLLM's tool-call parser for the served model's format (`llama3_json`, `pythonic`, `mistral`, ... as
